@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs every Debian 12 package the build, the demo and the tests need.
+# Safe to run twice: apt-get skips what is already installed.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+$SUDO apt-get update -q
+$SUDO apt-get install -y -q --no-install-recommends \
+  build-essential cmake ninja-build ccache pkg-config git ca-certificates \
+  protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev libgrpc-dev \
+  libabsl-dev libre2-dev libssl-dev zlib1g-dev libc-ares-dev \
+  libtorch-dev libopenblas0-pthread libopenblas-dev \
+  libsqlite3-dev libgtest-dev libgmock-dev \
+  libcpp-httplib-dev nlohmann-json3-dev libyaml-cpp-dev \
+  bible-kjv python3 curl

@@ -1,0 +1,53 @@
+// The engine's entry point: run one JobSpec on one model, on one device.
+// No gRPC here: the worker agent and the local mode both call RunJob.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "compress/v1/compress.pb.h"
+
+namespace compress::engine {
+
+struct RunOptions {
+  std::string model_path;        // HF directory or a single .safetensors file
+  std::string output_dir;        // artifacts are written under here
+  std::string device = "cpu";    // "cpu", "cuda:N"
+  std::string calibration_path;  // optional
+};
+
+// Callbacks the engine calls while it runs; any may be empty.
+struct RunCallbacks {
+  // fraction of the whole job in [0, 1], nondecreasing.
+  std::function<void(double fraction, const std::string& stage, const std::string& message)>
+      on_progress;
+  std::function<void(const std::string& stage, const std::string& name, double value,
+                     const std::string& unit)>
+      on_metric;
+  std::function<void(const std::string& level, const std::string& text)> on_log;
+  // Polled between tensors; true stops the run with CANCELLED.
+  std::function<bool()> is_cancelled;
+};
+
+struct ProducedArtifact {
+  std::string name;          // path relative to output_dir, e.g. "packed/model.safetensors"
+  compress::v1::OutputFormat format = compress::v1::OUTPUT_FORMAT_UNSPECIFIED;
+  int64_t size_bytes = 0;
+  std::string sha256;
+};
+
+struct RunResult {
+  compress::v1::JobReport report;
+  std::vector<ProducedArtifact> artifacts;  // every file written, report.json included
+};
+
+// Runs the stages in order and writes the requested outputs. Every file is
+// written atomically. Errors: INVALID_ARGUMENT for a bad spec or a malformed
+// model (the message names the file and tensor), CANCELLED, INTERNAL for a
+// LibTorch failure (caught here, never thrown past this boundary).
+absl::StatusOr<RunResult> RunJob(const compress::v1::JobSpec& spec, const RunOptions& options,
+                                 const RunCallbacks& callbacks);
+
+}  // namespace compress::engine
