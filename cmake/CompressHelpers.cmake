@@ -10,12 +10,17 @@ function(compress_library name)
   target_link_libraries(${name} PUBLIC ${ARG_PUBLIC} PRIVATE ${ARG_PRIVATE})
 endfunction()
 
-# compress_test(NAME SOURCES ... [LIBS ...]): a GoogleTest binary whose tests
-# ctest discovers one by one.
+# compress_test(NAME [SERIAL] SOURCES ... [LIBS ...]): a GoogleTest binary
+# whose tests ctest discovers one by one. SERIAL tests (timing-sensitive
+# multi-process ones) run alone even under `ctest -j`.
 function(compress_test name)
-  cmake_parse_arguments(ARG "" "" "SOURCES;LIBS" ${ARGN})
+  cmake_parse_arguments(ARG "SERIAL" "" "SOURCES;LIBS" ${ARGN})
   add_executable(${name} ${ARG_SOURCES})
   target_link_libraries(${name} PRIVATE ${ARG_LIBS} GTest::gtest GTest::gmock GTest::gtest_main)
-  gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60 PROPERTIES TIMEOUT 600
+  set(properties TIMEOUT 600)
+  if(ARG_SERIAL)
+    list(APPEND properties RUN_SERIAL TRUE)
+  endif()
+  gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60 PROPERTIES ${properties}
                        WORKING_DIRECTORY ${PROJECT_BINARY_DIR})
 endfunction()

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Configures and builds everything into ./build (ccache makes rebuilds fast).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CCACHE_DIR="${CCACHE_DIR:-$HOME/.cache/ccache}"
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release "$@"
+ninja -C build -j"$(nproc)"

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The README's demo: install, build, start a server and a worker on loopback,
+# compress a small model, show progress, the report and the fetched files.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+bash scripts/build.sh
+
+DEMO=build/demo
+PORT="${DEMO_PORT:-50551}"
+BIN=build
+rm -rf "$DEMO" && mkdir -p "$DEMO/models"
+export COMPRESS_SERVER="127.0.0.1:$PORT"
+
+echo "== a Llama-shaped model with random weights (4 blocks, hidden 512)"
+"$BIN/worker/compress-worker" make-random-model --out "$DEMO/models/llama" \
+  --layers 4 --hidden 512 --intermediate 1536 --heads 8 --kv-heads 4 --vocab 2048
+
+"$BIN/server/compress-server" --listen "127.0.0.1:$PORT" --metrics-listen 127.0.0.1:0 \
+  --data-dir "$DEMO/data" --model-root "$DEMO/models" >"$DEMO/server.log" 2>&1 &
+SERVER_PID=$!
+"$BIN/worker/compress-worker" --server "127.0.0.1:$PORT" --work-dir "$DEMO/work" \
+  >"$DEMO/worker.log" 2>&1 &
+WORKER_PID=$!
+trap 'kill $WORKER_PID $SERVER_PID 2>/dev/null || true' EXIT
+for _ in $(seq 50); do grep -q grpc_port "$DEMO/server.log" && break; sleep 0.1; done
+
+echo "== submit examples/w4-rtn.yaml and watch it"
+"$BIN/client/compressctl" submit --recipe examples/w4-rtn.yaml --watch | tee "$DEMO/submit.out"
+JOB=$(grep -o 'job-[0-9a-f]*' "$DEMO/submit.out" | head -1)
+
+echo "== the report"
+"$BIN/client/compressctl" get "$JOB"
+
+echo "== fetch the artifacts (sha256 verified)"
+"$BIN/client/compressctl" fetch "$JOB" --out "$DEMO/out"
+find "$DEMO/out" -type f | sort | xargs ls -l
+echo "== server metrics: $(grep -o 'metrics_port=[0-9]*' "$DEMO/server.log")"

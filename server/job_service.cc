@@ -1,0 +1,273 @@
+#include "server/job_service.h"
+
+#include <fstream>
+#include <memory>
+#include <mutex>
+
+#include "absl/strings/str_cat.h"
+#include "server/rpc_util.h"
+
+namespace compress::server {
+namespace {
+
+using compress::v1::ArtifactChunk;
+using compress::v1::JobEvent;
+
+constexpr int kEventBatch = 256;
+constexpr size_t kChunkBytes = 1 << 20;
+
+// Streams a job's events from `from_sequence`, then follows new ones until
+// the job ends. One write in flight at a time; new events wake it through
+// the scheduler's listener. The shared Guard outlives the reactor so a late
+// wake-up after OnDone finds no reactor instead of a dangling pointer.
+class WatchReactor : public grpc::ServerWriteReactor<JobEvent> {
+ public:
+  struct Guard : EventListener {
+    std::mutex mu;
+    WatchReactor* reactor = nullptr;
+    void OnNewEvents() override { WatchReactor::Pump(this); }
+  };
+
+  WatchReactor(Scheduler* scheduler, ServerMetrics* metrics, std::string tenant,
+               std::string job_id, int64_t from_sequence)
+      : scheduler_(scheduler),
+        metrics_(metrics),
+        tenant_(std::move(tenant)),
+        job_id_(std::move(job_id)),
+        next_sequence_(std::max<int64_t>(1, from_sequence)),
+        guard_(std::make_shared<Guard>()) {
+    guard_->reactor = this;
+    absl::StatusOr<int64_t> subscription = scheduler_->Subscribe(tenant_, job_id_, guard_);
+    if (!subscription.ok()) {
+      finished_ = true;
+      CountRpc(metrics_, "WatchJob", subscription.status());
+      Finish(ToGrpcStatus(subscription.status()));
+      return;
+    }
+    subscription_ = *subscription;
+    Pump(guard_.get());
+  }
+
+  void OnWriteDone(bool ok) override {
+    {
+      std::lock_guard<std::mutex> lock(guard_->mu);
+      writing_ = false;
+      if (!ok) client_gone_ = true;
+    }
+    Pump(guard_.get());
+  }
+
+  void OnCancel() override {
+    {
+      std::lock_guard<std::mutex> lock(guard_->mu);
+      client_gone_ = true;
+    }
+    Pump(guard_.get());
+  }
+
+  void OnDone() override {
+    if (subscription_ != 0) scheduler_->Unsubscribe(job_id_, subscription_);
+    {
+      std::lock_guard<std::mutex> lock(guard_->mu);
+      guard_->reactor = nullptr;
+    }
+    delete this;
+  }
+
+  // Decides the next step under the lock, then starts it with the lock
+  // released (gRPC may run OnWriteDone inline). Nothing touches the reactor
+  // after StartWrite/Finish: it may be gone by then.
+  static void Pump(Guard* guard) {
+    std::unique_lock<std::mutex> lock(guard->mu);
+    WatchReactor* self = guard->reactor;
+    if (self == nullptr || self->writing_ || self->finished_) return;
+    if (self->client_gone_) {
+      self->finished_ = true;
+      lock.unlock();
+      CountRpc(self->metrics_, "WatchJob", absl::CancelledError());
+      self->Finish(grpc::Status::CANCELLED);
+      return;
+    }
+    if (self->buffer_index_ >= self->buffer_.size()) {
+      absl::StatusOr<EventBatch> batch =
+          self->scheduler_->ReadEvents(self->tenant_, self->job_id_, self->next_sequence_, kEventBatch);
+      if (!batch.ok()) {
+        self->finished_ = true;
+        lock.unlock();
+        CountRpc(self->metrics_, "WatchJob", batch.status());
+        self->Finish(ToGrpcStatus(batch.status()));
+        return;
+      }
+      self->buffer_ = std::move(batch->events);
+      self->buffer_index_ = 0;
+      if (self->buffer_.empty()) {
+        if (batch->job_ended && self->next_sequence_ > batch->last_sequence) {
+          self->finished_ = true;
+          lock.unlock();
+          CountRpc(self->metrics_, "WatchJob", absl::OkStatus());
+          self->Finish(grpc::Status::OK);
+        }
+        return;  // wait for the listener
+      }
+    }
+    self->current_ = std::move(self->buffer_[self->buffer_index_++]);
+    self->next_sequence_ = self->current_.sequence() + 1;
+    self->writing_ = true;
+    lock.unlock();
+    self->StartWrite(&self->current_);
+  }
+
+ private:
+  Scheduler* const scheduler_;
+  ServerMetrics* const metrics_;
+  const std::string tenant_;
+  const std::string job_id_;
+  int64_t next_sequence_;
+  std::shared_ptr<Guard> guard_;
+  int64_t subscription_ = 0;
+  // Guarded by guard_->mu.
+  std::vector<JobEvent> buffer_;
+  size_t buffer_index_ = 0;
+  JobEvent current_;
+  bool writing_ = false;
+  bool finished_ = false;
+  bool client_gone_ = false;
+};
+
+// Sends one artifact in 1 MiB chunks from the requested offset.
+class DownloadReactor : public grpc::ServerWriteReactor<ArtifactChunk> {
+ public:
+  DownloadReactor(ServerMetrics* metrics, ArtifactLocation location, int64_t offset)
+      : metrics_(metrics), location_(std::move(location)), offset_(offset) {
+    in_.open(location_.path, std::ios::binary);
+    if (!in_) {
+      FinishWith(absl::DataLossError(absl::StrCat("artifact ", location_.artifact.name(),
+                                                  " is recorded but its file is missing")));
+      return;
+    }
+    in_.seekg(offset_);
+    NextChunk();
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      FinishWith(absl::CancelledError("client went away"));
+      return;
+    }
+    metrics_->artifact_bytes_served.Increment(static_cast<double>(chunk_.data().size()));
+    NextChunk();
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void NextChunk() {
+    int64_t total = location_.artifact.size_bytes();
+    if (offset_ >= total) {
+      FinishWith(absl::OkStatus());
+      return;
+    }
+    size_t want = static_cast<size_t>(std::min<int64_t>(kChunkBytes, total - offset_));
+    std::string data(want, '\0');
+    in_.read(data.data(), static_cast<std::streamsize>(want));
+    if (static_cast<size_t>(in_.gcount()) != want) {
+      FinishWith(absl::DataLossError(absl::StrCat("artifact ", location_.artifact.name(),
+                                                  " is shorter than recorded")));
+      return;
+    }
+    chunk_.Clear();
+    chunk_.set_offset(offset_);
+    chunk_.set_total_size(total);
+    chunk_.set_sha256(location_.artifact.sha256());
+    *chunk_.mutable_data() = std::move(data);
+    offset_ += static_cast<int64_t>(want);
+    StartWrite(&chunk_);
+  }
+
+  void FinishWith(const absl::Status& status) {
+    CountRpc(metrics_, "DownloadArtifact", status);
+    Finish(ToGrpcStatus(status));
+  }
+
+  ServerMetrics* const metrics_;
+  const ArtifactLocation location_;
+  int64_t offset_;
+  std::ifstream in_;
+  ArtifactChunk chunk_;
+};
+
+// A stream that fails before it starts.
+template <typename T>
+class FailedStream : public grpc::ServerWriteReactor<T> {
+ public:
+  explicit FailedStream(const grpc::Status& status) { this->Finish(status); }
+  void OnDone() override { delete this; }
+};
+
+}  // namespace
+
+std::string TenantOf(const grpc::CallbackServerContext* /*context*/) { return "default"; }
+
+grpc::ServerUnaryReactor* JobServiceImpl::SubmitJob(grpc::CallbackServerContext* context,
+                                                    const compress::v1::SubmitJobRequest* request,
+                                                    compress::v1::SubmitJobResponse* response) {
+  absl::StatusOr<compress::v1::SubmitJobResponse> result =
+      scheduler_->SubmitJob(TenantOf(context), *request);
+  if (result.ok()) *response = std::move(*result);
+  return FinishUnary(context, metrics_, "SubmitJob", result.status());
+}
+
+grpc::ServerUnaryReactor* JobServiceImpl::GetJob(grpc::CallbackServerContext* context,
+                                                 const compress::v1::GetJobRequest* request,
+                                                 compress::v1::Job* response) {
+  absl::StatusOr<compress::v1::Job> job = scheduler_->GetJob(TenantOf(context), request->job_id());
+  if (job.ok()) *response = std::move(*job);
+  return FinishUnary(context, metrics_, "GetJob", job.status());
+}
+
+grpc::ServerUnaryReactor* JobServiceImpl::ListJobs(grpc::CallbackServerContext* context,
+                                                   const compress::v1::ListJobsRequest* request,
+                                                   compress::v1::ListJobsResponse* response) {
+  absl::StatusOr<compress::v1::ListJobsResponse> page =
+      scheduler_->ListJobs(TenantOf(context), *request);
+  if (page.ok()) *response = std::move(*page);
+  return FinishUnary(context, metrics_, "ListJobs", page.status());
+}
+
+grpc::ServerUnaryReactor* JobServiceImpl::CancelJob(grpc::CallbackServerContext* context,
+                                                    const compress::v1::CancelJobRequest* request,
+                                                    compress::v1::Job* response) {
+  absl::StatusOr<compress::v1::Job> job =
+      scheduler_->CancelJob(TenantOf(context), request->job_id());
+  if (job.ok()) *response = std::move(*job);
+  return FinishUnary(context, metrics_, "CancelJob", job.status());
+}
+
+grpc::ServerWriteReactor<JobEvent>* JobServiceImpl::WatchJob(
+    grpc::CallbackServerContext* context, const compress::v1::WatchJobRequest* request) {
+  if (request->from_sequence() < 0) {
+    CountRpc(metrics_, "WatchJob", absl::InvalidArgumentError(""));
+    return new FailedStream<JobEvent>(
+        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "from_sequence: must not be negative"));
+  }
+  return new WatchReactor(scheduler_, metrics_, TenantOf(context), request->job_id(),
+                          request->from_sequence());
+}
+
+grpc::ServerWriteReactor<ArtifactChunk>* JobServiceImpl::DownloadArtifact(
+    grpc::CallbackServerContext* context, const compress::v1::DownloadArtifactRequest* request) {
+  absl::StatusOr<ArtifactLocation> location =
+      scheduler_->FindArtifact(TenantOf(context), request->job_id(), request->name());
+  absl::Status status = location.status();
+  if (status.ok() && (request->offset() < 0 || request->offset() > location->artifact.size_bytes())) {
+    status = absl::OutOfRangeError(absl::StrCat("offset ", request->offset(), " is outside 0..",
+                                                location->artifact.size_bytes()));
+  }
+  if (!status.ok()) {
+    CountRpc(metrics_, "DownloadArtifact", status);
+    return new FailedStream<ArtifactChunk>(ToGrpcStatus(status));
+  }
+  return new DownloadReactor(metrics_, std::move(*location), request->offset());
+}
+
+}  // namespace compress::server

@@ -1,0 +1,49 @@
+// compress-server: the scheduler. See README.md for the flags.
+#include <csignal>
+#include <cstdio>
+#include <thread>
+
+#include "common/flags.h"
+#include "common/log.h"
+#include "server/server.h"
+
+namespace {
+volatile std::sig_atomic_t g_stop = 0;
+void OnSignal(int) { g_stop = 1; }
+}  // namespace
+
+int main(int argc, char** argv) {
+  compress::SetLogComponent("server");
+  compress::server::ServerConfig config;
+  compress::FlagSet flags("compress-server");
+  flags.Add("listen", &config.listen, "gRPC address host:port (port 0 picks one)");
+  flags.Add("metrics-listen", &config.metrics_listen, "HTTP address for /metrics and /healthz ('' disables)");
+  flags.Add("data-dir", &config.data_dir, "job store (SQLite) and artifact folder");
+  flags.Add("model-root", &config.model_roots, "folder models may be read from (repeatable)");
+  flags.Add("lease-seconds", &config.lease_seconds, "a worker that does not renew for this long loses its task");
+  flags.Add("max-attempts", &config.max_attempts, "dispatches before a job fails");
+  absl::Status parsed = flags.Parse(argc, argv);
+  if (!parsed.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(parsed.message()).c_str());
+    return parsed.code() == absl::StatusCode::kFailedPrecondition ? 0 : 1;
+  }
+  if (config.model_roots.empty()) {
+    std::fprintf(stderr, "compress-server: at least one --model-root is required\n");
+    return 1;
+  }
+  compress::server::CompressServer server(config);
+  absl::Status started = server.Start();
+  if (!started.ok()) {
+    LOG_ERROR("cannot start", {{"error", started.ToString()}});
+    return 1;
+  }
+  // Ports are printed on stdout so scripts and tests can read them.
+  std::printf("grpc_port=%d metrics_port=%d\n", server.grpc_port(), server.metrics_port());
+  std::fflush(stdout);
+  std::signal(SIGINT, OnSignal);
+  std::signal(SIGTERM, OnSignal);
+  while (!g_stop) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  LOG_INFO("shutting down");
+  server.Shutdown();
+  return 0;
+}

@@ -1,0 +1,72 @@
+#include "server/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "common/files.h"
+#include "common/log.h"
+#include "common/status_macros.h"
+
+namespace compress::server {
+
+CompressServer::CompressServer(ServerConfig config)
+    : config_(std::move(config)), metrics_(registry_) {}
+
+CompressServer::~CompressServer() { Shutdown(); }
+
+absl::Status CompressServer::Start() {
+  namespace fs = std::filesystem;
+  RETURN_IF_ERROR(MakeDirs(config_.data_dir));
+  std::string artifact_dir = (fs::path(config_.data_dir) / "artifacts").string();
+  RETURN_IF_ERROR(MakeDirs(artifact_dir));
+  ASSIGN_OR_RETURN(std::unique_ptr<JobStore> store,
+                   OpenSqliteJobStore((fs::path(config_.data_dir) / "jobs.db").string()));
+  SchedulerConfig scheduler_config;
+  scheduler_config.model_roots = config_.model_roots;
+  scheduler_config.artifact_dir = artifact_dir;
+  scheduler_config.lease_timeout = absl::Seconds(config_.lease_seconds);
+  scheduler_config.max_attempts = config_.max_attempts;
+  ASSIGN_OR_RETURN(scheduler_, Scheduler::Create(scheduler_config, std::move(store), &metrics_));
+  job_service_ = std::make_unique<JobServiceImpl>(scheduler_.get(), &metrics_);
+  worker_service_ = std::make_unique<WorkerServiceImpl>(scheduler_.get(), &metrics_);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(config_.listen, grpc::InsecureServerCredentials(), &grpc_port_);
+  builder.SetMaxReceiveMessageSize(config_.max_message_bytes);
+  builder.SetMaxSendMessageSize(config_.max_message_bytes);
+  builder.RegisterService(job_service_.get());
+  builder.RegisterService(worker_service_.get());
+  grpc_server_ = builder.BuildAndStart();
+  if (grpc_server_ == nullptr || grpc_port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", config_.listen));
+  }
+  scheduler_->Start();
+
+  if (!config_.metrics_listen.empty()) {
+    http_.HandleMetrics(registry_);
+    http_.Handle("/healthz", [] { return HttpResponse{200, "text/plain; charset=utf-8", "ok\n"}; });
+    ASSIGN_OR_RETURN(metrics_port_, http_.Start(config_.metrics_listen));
+  }
+  LOG_INFO("serving", {{"grpc_port", std::to_string(grpc_port_)},
+                       {"metrics_port", std::to_string(metrics_port_)},
+                       {"data_dir", config_.data_dir}});
+  return absl::OkStatus();
+}
+
+void CompressServer::Shutdown() {
+  if (scheduler_) scheduler_->Stop();  // ends waiting long polls first
+  if (grpc_server_) grpc_server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  http_.Stop();
+}
+
+void CompressServer::Wait() {
+  if (grpc_server_) grpc_server_->Wait();
+}
+
+}  // namespace compress::server

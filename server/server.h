@@ -1,0 +1,61 @@
+// compress-server assembled: job store, scheduler, both gRPC services, the
+// health and reflection services, and the /metrics + /healthz HTTP endpoint.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "common/http_server.h"
+#include "common/metrics.h"
+#include "server/job_service.h"
+#include "server/scheduler.h"
+#include "server/worker_service.h"
+
+namespace grpc {
+class Server;
+}
+
+namespace compress::server {
+
+struct ServerConfig {
+  std::string listen = "127.0.0.1:50051";
+  std::string metrics_listen = "127.0.0.1:9464";  // empty: no HTTP endpoint
+  std::string data_dir = "./compress-data";
+  std::vector<std::string> model_roots;
+  int lease_seconds = 15;
+  int max_attempts = 5;
+  int max_message_bytes = 8 << 20;
+};
+
+class CompressServer {
+ public:
+  explicit CompressServer(ServerConfig config);
+  ~CompressServer();
+
+  // Opens the store, recovers state and starts serving. Ports of 0 pick a
+  // free port; the bound ones are reported below.
+  absl::Status Start();
+  void Shutdown();
+  void Wait();
+
+  int grpc_port() const { return grpc_port_; }
+  int metrics_port() const { return metrics_port_; }
+  Scheduler* scheduler() { return scheduler_.get(); }
+
+ private:
+  ServerConfig config_;
+  metrics::Registry registry_;
+  ServerMetrics metrics_;
+  std::unique_ptr<Scheduler> scheduler_;
+  std::unique_ptr<JobServiceImpl> job_service_;
+  std::unique_ptr<WorkerServiceImpl> worker_service_;
+  std::unique_ptr<grpc::Server> grpc_server_;
+  HttpServer http_;
+  int grpc_port_ = 0;
+  int metrics_port_ = 0;
+};
+
+}  // namespace compress::server

@@ -1,0 +1,151 @@
+#include "server/worker_service.h"
+
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+#include "common/files.h"
+#include "common/sha256.h"
+#include "server/rpc_util.h"
+
+namespace compress::server {
+namespace {
+
+using compress::v1::UploadArtifactRequest;
+
+// Receives one artifact: the first message names it, every message may carry
+// data. Bytes go to a temp file that becomes the artifact only when the size
+// and sha256 match what the worker declared.
+class UploadReactor : public grpc::ServerReadReactor<UploadArtifactRequest> {
+ public:
+  UploadReactor(Scheduler* scheduler, ServerMetrics* metrics,
+                compress::v1::UploadArtifactResponse* response)
+      : scheduler_(scheduler), metrics_(metrics), response_(response) {
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // client finished sending
+      FinishWith(Complete());
+      return;
+    }
+    absl::Status status = Consume();
+    if (!status.ok()) {
+      FinishWith(status);
+      return;
+    }
+    StartRead(&request_);
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  absl::Status Consume() {
+    if (!writer_.has_value()) {
+      worker_id_ = request_.worker_id();
+      task_id_ = request_.task_id();
+      artifact_ = request_.artifact();
+      absl::StatusOr<std::string> path =
+          scheduler_->BeginArtifactUpload(worker_id_, task_id_, artifact_);
+      if (!path.ok()) return path.status();
+      absl::StatusOr<AtomicFileWriter> writer = AtomicFileWriter::Open(*path);
+      if (!writer.ok()) return writer.status();
+      writer_.emplace(std::move(*writer));
+    }
+    const std::string& data = request_.data();
+    if (writer_->bytes_written() + static_cast<int64_t>(data.size()) > artifact_.size_bytes()) {
+      return absl::InvalidArgumentError(absl::StrCat("artifact ", artifact_.name(),
+                                                     ": more bytes than the declared ",
+                                                     artifact_.size_bytes()));
+    }
+    hash_.Update(data);
+    return writer_->Write(data);
+  }
+
+  absl::Status Complete() {
+    if (!writer_.has_value()) return absl::InvalidArgumentError("upload carried no header");
+    if (writer_->bytes_written() != artifact_.size_bytes()) {
+      return absl::DataLossError(absl::StrCat("artifact ", artifact_.name(), ": received ",
+                                              writer_->bytes_written(), " of ",
+                                              artifact_.size_bytes(), " bytes"));
+    }
+    std::string sha = hash_.Hex();
+    if (sha != artifact_.sha256()) {
+      return absl::DataLossError(absl::StrCat("artifact ", artifact_.name(), ": sha256 ", sha,
+                                              " does not match the declared ", artifact_.sha256()));
+    }
+    absl::Status committed = writer_->Commit();
+    if (!committed.ok()) return committed;
+    absl::Status recorded = scheduler_->RecordArtifact(worker_id_, task_id_, artifact_);
+    if (recorded.ok()) *response_->mutable_artifact() = artifact_;
+    return recorded;
+  }
+
+  void FinishWith(const absl::Status& status) {
+    writer_.reset();  // an unfinished upload leaves no file behind
+    CountRpc(metrics_, "UploadArtifact", status);
+    Finish(ToGrpcStatus(status));
+  }
+
+  Scheduler* const scheduler_;
+  ServerMetrics* const metrics_;
+  compress::v1::UploadArtifactResponse* const response_;
+  UploadArtifactRequest request_;
+  std::string worker_id_;
+  std::string task_id_;
+  compress::v1::Artifact artifact_;
+  std::optional<AtomicFileWriter> writer_;
+  Sha256 hash_;
+};
+
+}  // namespace
+
+grpc::ServerUnaryReactor* WorkerServiceImpl::RegisterWorker(
+    grpc::CallbackServerContext* context, const compress::v1::RegisterWorkerRequest* request,
+    compress::v1::RegisterWorkerResponse* response) {
+  absl::StatusOr<compress::v1::RegisterWorkerResponse> result = scheduler_->RegisterWorker(*request);
+  if (result.ok()) *response = std::move(*result);
+  return FinishUnary(context, metrics_, "RegisterWorker", result.status());
+}
+
+grpc::ServerUnaryReactor* WorkerServiceImpl::AcquireTask(
+    grpc::CallbackServerContext* context, const compress::v1::AcquireTaskRequest* request,
+    compress::v1::AcquireTaskResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  ServerMetrics* metrics = metrics_;
+  scheduler_->AcquireTask(
+      *request, [reactor, response, metrics](absl::StatusOr<compress::v1::AcquireTaskResponse> r) {
+        if (r.ok()) *response = std::move(*r);
+        CountRpc(metrics, "AcquireTask", r.status());
+        reactor->Finish(ToGrpcStatus(r.status()));
+      });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* WorkerServiceImpl::RenewLease(grpc::CallbackServerContext* context,
+                                                        const compress::v1::RenewLeaseRequest* request,
+                                                        compress::v1::RenewLeaseResponse* response) {
+  absl::StatusOr<bool> cancelled = scheduler_->RenewLease(request->worker_id(), request->task_id());
+  if (cancelled.ok()) response->set_cancelled(*cancelled);
+  return FinishUnary(context, metrics_, "RenewLease", cancelled.status());
+}
+
+grpc::ServerUnaryReactor* WorkerServiceImpl::ReportEvents(
+    grpc::CallbackServerContext* context, const compress::v1::ReportEventsRequest* request,
+    compress::v1::ReportEventsResponse* response) {
+  absl::StatusOr<bool> cancelled = scheduler_->ReportEvents(*request);
+  if (cancelled.ok()) response->set_cancelled(*cancelled);
+  return FinishUnary(context, metrics_, "ReportEvents", cancelled.status());
+}
+
+grpc::ServerReadReactor<UploadArtifactRequest>* WorkerServiceImpl::UploadArtifact(
+    grpc::CallbackServerContext* /*context*/, compress::v1::UploadArtifactResponse* response) {
+  return new UploadReactor(scheduler_, metrics_, response);
+}
+
+grpc::ServerUnaryReactor* WorkerServiceImpl::CompleteTask(
+    grpc::CallbackServerContext* context, const compress::v1::CompleteTaskRequest* request,
+    compress::v1::CompleteTaskResponse* /*response*/) {
+  return FinishUnary(context, metrics_, "CompleteTask", scheduler_->CompleteTask(*request));
+}
+
+}  // namespace compress::server

@@ -1,0 +1,324 @@
+// The whole service as a user runs it: a real compress-server and two real
+// compress-worker processes on loopback ports, driven through the public API
+// and the CLI. Models are random Llama-shaped checkpoints the worker writes.
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "common/recipe.h"
+#include "common/safetensors_header.h"
+#include "common/sha256.h"
+#include "compress/v1/compress.grpc.pb.h"
+#include "tests/testing/subprocess.h"
+#include "tests/testing/temp_dir.h"
+
+namespace compress {
+namespace {
+
+using compress::v1::Job;
+using compress::v1::JobEvent;
+using compress::v1::JobService;
+using testing::Subprocess;
+namespace fs = std::filesystem;
+
+class EndToEndTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string output;
+    ASSERT_EQ(testing::RunCommand({COMPRESS_WORKER_BIN, "make-random-model", "--out",
+                                   dir_.Sub("models/llama"), "--layers", "2", "--hidden", "256",
+                                   "--intermediate", "512", "--heads", "4", "--kv-heads", "2",
+                                   "--vocab", "512"},
+                                  &output),
+              0)
+        << output;
+    port_ = testing::PickFreePort();
+    StartServer();
+    StartWorker("worker-a");
+    StartWorker("worker-b");
+  }
+
+  void StartServer() {
+    server_ = std::make_unique<Subprocess>(
+        std::vector<std::string>{COMPRESS_SERVER_BIN, "--listen", absl::StrCat("127.0.0.1:", port_),
+                                 "--metrics-listen", "127.0.0.1:0", "--data-dir", dir_.Sub("data"),
+                                 "--model-root", dir_.Sub("models"), "--lease-seconds", "2"},
+        dir_.Sub("server.log"));
+    ASSERT_GT(server_->WaitForNumber("grpc_port"), 0) << server_->Log();
+    auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_),
+                                       grpc::InsecureChannelCredentials());
+    jobs_ = JobService::NewStub(channel);
+  }
+
+  void StartWorker(const std::string& id) {
+    workers_[id] = std::make_unique<Subprocess>(
+        std::vector<std::string>{COMPRESS_WORKER_BIN, "--server", absl::StrCat("127.0.0.1:", port_),
+                                 "--worker-id", id, "--work-dir", dir_.Sub("work-" + id),
+                                 "--poll-millis", "500"},
+        dir_.Sub(id + ".log"));
+  }
+
+  std::string Submit(const std::string& recipe) {
+    absl::StatusOr<v1::JobSpec> spec = ParseRecipe(recipe);
+    EXPECT_TRUE(spec.ok()) << spec.status();
+    v1::SubmitJobRequest request;
+    *request.mutable_spec() = *spec;
+    v1::SubmitJobResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = jobs_->SubmitJob(&context, request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response.job().id();
+  }
+
+  grpc::Status SubmitStatus(const std::string& recipe) {
+    v1::SubmitJobRequest request;
+    absl::StatusOr<v1::JobSpec> spec = ParseRecipe(recipe);
+    if (spec.ok()) *request.mutable_spec() = *spec;
+    v1::SubmitJobResponse response;
+    grpc::ClientContext context;
+    return jobs_->SubmitJob(&context, request, &response);
+  }
+
+  absl::StatusOr<Job> Get(const std::string& id) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    v1::GetJobRequest request;
+    request.set_job_id(id);
+    Job job;
+    grpc::Status status = jobs_->GetJob(&context, request, &job);
+    if (!status.ok()) return absl::UnavailableError(status.error_message());
+    return job;
+  }
+
+  // Polls until the job ends (tolerating a restarting server).
+  Job WaitForEnd(const std::string& id, int timeout_seconds = 120) {
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_seconds);
+    Job last;
+    while (std::chrono::steady_clock::now() < deadline) {
+      absl::StatusOr<Job> job = Get(id);
+      if (job.ok()) {
+        last = *job;
+        if (last.state() >= v1::SUCCEEDED) return last;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    ADD_FAILURE() << "job " << id << " did not end; last state " << v1::JobState_Name(last.state())
+                  << "\nserver log:\n" << server_->Log();
+    return last;
+  }
+
+  bool WaitForState(const std::string& id, v1::JobState state, int timeout_seconds = 60) {
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_seconds);
+    while (std::chrono::steady_clock::now() < deadline) {
+      absl::StatusOr<Job> job = Get(id);
+      if (job.ok() && job->state() == state) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return false;
+  }
+
+  std::vector<JobEvent> WatchAll(const std::string& id) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+    v1::WatchJobRequest request;
+    request.set_job_id(id);
+    auto reader = jobs_->WatchJob(&context, request);
+    std::vector<JobEvent> events;
+    JobEvent event;
+    while (reader->Read(&event)) events.push_back(event);
+    grpc::Status status = reader->Finish();
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return events;
+  }
+
+  std::string Download(const std::string& id, const std::string& name) {
+    grpc::ClientContext context;
+    v1::DownloadArtifactRequest request;
+    request.set_job_id(id);
+    request.set_name(name);
+    auto reader = jobs_->DownloadArtifact(&context, request);
+    std::string data;
+    v1::ArtifactChunk chunk;
+    while (reader->Read(&chunk)) data += chunk.data();
+    EXPECT_TRUE(reader->Finish().ok());
+    return data;
+  }
+
+  static std::string SleepRecipe(int millis_per_tensor) {
+    return absl::StrCat("model: {path: llama}\nstages:\n  - sleep: {millis_per_tensor: ",
+                        millis_per_tensor, "}\n");
+  }
+
+  testing::TempDir dir_{"e2e"};
+  int port_ = 0;
+  std::unique_ptr<Subprocess> server_;
+  std::map<std::string, std::unique_ptr<Subprocess>> workers_;
+  std::unique_ptr<JobService::Stub> jobs_;
+};
+
+void ExpectGapFree(const std::vector<JobEvent>& events) {
+  for (size_t i = 0; i < events.size(); ++i) {
+    ASSERT_EQ(events[i].sequence(), static_cast<int64_t>(i) + 1);
+  }
+}
+
+TEST_F(EndToEndTest, SubmitWatchFetchAndVerify) {
+  std::string id = Submit(R"(
+name: llama-w4
+model: {path: llama}
+stages:
+  - rtn: {bits: 4, group_size: 128, symmetric: false}
+outputs: [dequantized_safetensors, packed_safetensors]
+)");
+  std::vector<JobEvent> events = WatchAll(id);
+  ExpectGapFree(events);
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back().state().state(), v1::SUCCEEDED) << events.back().state().reason();
+  int progress = 0, metrics = 0;
+  double last_fraction = 0;
+  for (const JobEvent& e : events) {
+    if (e.has_progress()) {
+      ++progress;
+      EXPECT_GE(e.progress().fraction(), last_fraction);
+      last_fraction = e.progress().fraction();
+    }
+    if (e.has_metric()) ++metrics;
+  }
+  EXPECT_GE(progress, 14) << "one progress event per quantized tensor (2 blocks x 7 linears)";
+  EXPECT_GE(metrics, 4) << "seconds, bytes in, bytes out, mean relative error";
+
+  absl::StatusOr<Job> job = Get(id);
+  ASSERT_TRUE(job.ok());
+  EXPECT_LT(job->report().size_after_bytes(), job->report().size_before_bytes());
+  EXPECT_GT(job->report().bits_per_weight(), 4.0);
+  EXPECT_LT(job->report().bits_per_weight(), 5.0);
+
+  std::map<std::string, std::string> files;
+  for (const v1::Artifact& artifact : job->artifacts()) {
+    std::string data = Download(id, artifact.name());
+    EXPECT_EQ(static_cast<int64_t>(data.size()), artifact.size_bytes());
+    EXPECT_EQ(Sha256Hex(data), artifact.sha256()) << artifact.name();
+    files[artifact.name()] = data;
+  }
+  ASSERT_TRUE(files.count("dequantized/model.safetensors"));
+  ASSERT_TRUE(files.count("packed/model.safetensors"));
+
+  // The dequantized checkpoint has the input's names, shapes and dtypes.
+  absl::StatusOr<SafetensorsHeader> input =
+      ReadSafetensorsHeader(dir_.Sub("models/llama/model.safetensors"));
+  const std::string& dequantized = files["dequantized/model.safetensors"];
+  absl::StatusOr<SafetensorsHeader> output =
+      ParseSafetensorsHeader(dequantized, dequantized.size(), "dequantized/model.safetensors");
+  ASSERT_TRUE(input.ok() && output.ok());
+  ASSERT_EQ(input->tensors.size(), output->tensors.size());
+  for (const SafetensorsTensorInfo& t : input->tensors) {
+    const SafetensorsTensorInfo* o = output->Find(t.name);
+    ASSERT_NE(o, nullptr) << t.name;
+    EXPECT_EQ(o->shape, t.shape) << t.name;
+    EXPECT_EQ(o->dtype, t.dtype) << t.name;
+  }
+  // The packed checkpoint holds int32 codes for the quantized linears.
+  const std::string& packed = files["packed/model.safetensors"];
+  absl::StatusOr<SafetensorsHeader> packed_header =
+      ParseSafetensorsHeader(packed, packed.size(), "packed/model.safetensors");
+  ASSERT_TRUE(packed_header.ok());
+  const SafetensorsTensorInfo* qweight =
+      packed_header->Find("model.layers.0.self_attn.q_proj.qweight");
+  ASSERT_NE(qweight, nullptr);
+  EXPECT_EQ(qweight->dtype, SafetensorsDtype::kI32);
+  ASSERT_TRUE(files.count("packed/config.json"));
+  EXPECT_NE(files["packed/config.json"].find("quantization_config"), std::string::npos);
+}
+
+TEST_F(EndToEndTest, JobsFinishAcrossAServerRestart) {
+  std::vector<std::string> ids;
+  for (int i = 0; i < 4; ++i) ids.push_back(Submit(SleepRecipe(60)));
+  ASSERT_TRUE(WaitForState(ids[0], v1::RUNNING));
+  server_->Kill();  // SIGKILL: no chance to clean up
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  StartServer();
+  for (const std::string& id : ids) {
+    Job job = WaitForEnd(id);
+    EXPECT_EQ(job.state(), v1::SUCCEEDED) << id << ": " << job.message();
+    std::vector<JobEvent> events = WatchAll(id);
+    ExpectGapFree(events);
+  }
+}
+
+TEST_F(EndToEndTest, AKilledWorkersJobFinishesOnTheOther) {
+  // 2 blocks x 7 linears x 250 ms: long enough to kill mid-job.
+  std::string id = Submit(SleepRecipe(250));
+  ASSERT_TRUE(WaitForState(id, v1::RUNNING));
+  absl::StatusOr<Job> running = Get(id);
+  ASSERT_TRUE(running.ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  workers_.at(running->worker_id())->Kill();
+  Job job = WaitForEnd(id);
+  EXPECT_EQ(job.state(), v1::SUCCEEDED) << job.message();
+  EXPECT_EQ(job.attempts(), 2);
+  EXPECT_NE(job.worker_id(), running->worker_id());
+  std::vector<JobEvent> events = WatchAll(id);
+  ExpectGapFree(events);
+  bool requeued = false;
+  for (const JobEvent& e : events) {
+    if (e.has_state() && e.state().state() == v1::QUEUED &&
+        e.state().reason().find("lease") != std::string::npos) {
+      requeued = true;
+    }
+  }
+  EXPECT_TRUE(requeued);
+}
+
+TEST_F(EndToEndTest, BadRequestsAreRefusedAndTheServerKeepsServing) {
+  EXPECT_EQ(SubmitStatus("model: {path: llama}\nstages: [{name: nothing}]\n").error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(SubmitStatus("model: {path: /etc}\nstages: [{rtn: {bits: 4}}]\n").error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(SubmitStatus("model: {path: no-such-model}\nstages: [{rtn: {bits: 4}}]\n").error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(SubmitStatus("model: {path: llama}\nstages: [{rtn: {bits: -3}}]\n").error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  // A group size that does not divide the rows is caught by the worker.
+  std::string id = Submit("model: {path: llama}\nstages: [{rtn: {bits: 4, group_size: 100}}]\n");
+  Job failed = WaitForEnd(id);
+  EXPECT_EQ(failed.state(), v1::FAILED);
+  EXPECT_NE(failed.message().find("INVALID_ARGUMENT"), std::string::npos) << failed.message();
+  EXPECT_TRUE(server_->Running());
+  Job ok = WaitForEnd(Submit("model: {path: llama}\nstages: [{rtn: {bits: 8}}]\n"));
+  EXPECT_EQ(ok.state(), v1::SUCCEEDED) << ok.message();
+}
+
+TEST_F(EndToEndTest, TheCliSubmitsWatchesAndFetches) {
+  std::string server = absl::StrCat("127.0.0.1:", port_);
+  std::string output;
+  int rc = testing::RunCommand({COMPRESSCTL_BIN, "--server", server, "submit", "--model", "llama",
+                                "--method", "rtn", "--bits", "4", "--group-size", "128",
+                                "--output", "dequantized,packed", "--watch", "--json"},
+                               &output);
+  ASSERT_EQ(rc, 0) << output;
+  // The job id is the first job-... token printed.
+  size_t at = output.find("job-");
+  ASSERT_NE(at, std::string::npos) << output;
+  std::string id = output.substr(at, 20);
+  rc = testing::RunCommand({COMPRESSCTL_BIN, "--server", server, "fetch", id, "--out",
+                            dir_.Sub("fetched")},
+                           &output);
+  ASSERT_EQ(rc, 0) << output;
+  absl::StatusOr<Job> job = Get(id);
+  ASSERT_TRUE(job.ok());
+  for (const v1::Artifact& artifact : job->artifacts()) {
+    absl::StatusOr<std::string> sha = Sha256OfFile(dir_.Sub("fetched/" + artifact.name()));
+    ASSERT_TRUE(sha.ok()) << artifact.name();
+    EXPECT_EQ(*sha, artifact.sha256());
+  }
+  rc = testing::RunCommand({COMPRESSCTL_BIN, "--server", server, "get", "job-missing"}, &output);
+  EXPECT_EQ(rc, 2) << output;
+  EXPECT_NE(output.find("NOT_FOUND"), std::string::npos) << output;
+}
+
+}  // namespace
+}  // namespace compress

@@ -1,0 +1,473 @@
+// compress-server in-process on a loopback port, driven through the real
+// gRPC stubs: a test client on JobService and a scripted worker on
+// WorkerService.
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <httplib.h>
+
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "common/safetensors_header.h"
+#include "common/sha256.h"
+#include "compress/v1/compress.grpc.pb.h"
+#include "server/server.h"
+#include "tests/testing/temp_dir.h"
+
+namespace compress::server {
+namespace {
+
+using compress::v1::JobEvent;
+using compress::v1::JobService;
+using compress::v1::WorkerService;
+namespace fs = std::filesystem;
+
+// A valid one-tensor checkpoint: the server reads headers at submit.
+void WriteTinySafetensors(const std::string& path) {
+  absl::StatusOr<SafetensorsHeader> header =
+      LayoutSafetensors({{"w", SafetensorsDtype::kF32, {2, 2}}}, {});
+  ASSERT_TRUE(header.ok());
+  absl::StatusOr<std::string> bytes = SerializeSafetensorsHeader(&*header);
+  ASSERT_TRUE(bytes.ok());
+  std::ofstream(path, std::ios::binary) << *bytes << std::string(16, '\0');
+}
+
+class ServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    fs::create_directories(models_.Sub("tiny"));
+    WriteTinySafetensors(models_.Sub("tiny/model.safetensors"));
+    WriteTinySafetensors(outside_.Sub("model.safetensors"));
+    StartServer(/*lease_seconds=*/30);
+  }
+
+  void StartServer(int lease_seconds) {
+    ServerConfig config;
+    config.listen = "127.0.0.1:0";
+    config.metrics_listen = "127.0.0.1:0";
+    config.data_dir = data_.path();
+    config.model_roots = {models_.path()};
+    config.lease_seconds = lease_seconds;
+    server_ = std::make_unique<CompressServer>(config);
+    ASSERT_TRUE(server_->Start().ok());
+    auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", server_->grpc_port()),
+                                       grpc::InsecureChannelCredentials());
+    jobs_ = JobService::NewStub(channel);
+    workers_ = WorkerService::NewStub(channel);
+  }
+
+  void RestartServer(int lease_seconds) {
+    server_->Shutdown();
+    server_.reset();
+    StartServer(lease_seconds);
+  }
+
+  compress::v1::SubmitJobRequest RtnRequest(const std::string& model = "tiny", int bits = 4) {
+    compress::v1::SubmitJobRequest request;
+    request.mutable_spec()->mutable_model()->set_path(model);
+    auto* rtn = request.mutable_spec()->add_stages()->mutable_rtn();
+    rtn->set_bits(bits);
+    rtn->set_group_size(128);
+    return request;
+  }
+
+  grpc::Status Submit(const compress::v1::SubmitJobRequest& request,
+                      compress::v1::SubmitJobResponse* response) {
+    grpc::ClientContext context;
+    return jobs_->SubmitJob(&context, request, response);
+  }
+
+  std::string SubmitOk(const compress::v1::SubmitJobRequest& request) {
+    compress::v1::SubmitJobResponse response;
+    grpc::Status status = Submit(request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response.job().id();
+  }
+
+  compress::v1::Job Get(const std::string& id) {
+    grpc::ClientContext context;
+    compress::v1::GetJobRequest request;
+    request.set_job_id(id);
+    compress::v1::Job job;
+    grpc::Status status = jobs_->GetJob(&context, request, &job);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return job;
+  }
+
+  std::string Register(const std::string& worker_id) {
+    grpc::ClientContext context;
+    compress::v1::RegisterWorkerRequest request;
+    request.set_worker_id(worker_id);
+    request.set_device("cpu");
+    compress::v1::RegisterWorkerResponse response;
+    EXPECT_TRUE(workers_->RegisterWorker(&context, request, &response).ok());
+    return response.worker_id();
+  }
+
+  compress::v1::AcquireTaskResponse Acquire(const std::string& worker_id, int wait_millis = 2000) {
+    grpc::ClientContext context;
+    compress::v1::AcquireTaskRequest request;
+    request.set_worker_id(worker_id);
+    request.set_wait_millis(wait_millis);
+    compress::v1::AcquireTaskResponse response;
+    grpc::Status status = workers_->AcquireTask(&context, request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response;
+  }
+
+  grpc::Status Report(const std::string& worker_id, const std::string& task_id, double fraction,
+                      bool* cancelled = nullptr) {
+    grpc::ClientContext context;
+    compress::v1::ReportEventsRequest request;
+    request.set_worker_id(worker_id);
+    request.set_task_id(task_id);
+    JobEvent* event = request.add_events();
+    event->mutable_progress()->set_fraction(fraction);
+    event->mutable_progress()->set_message(absl::StrCat("at ", fraction));
+    compress::v1::ReportEventsResponse response;
+    grpc::Status status = workers_->ReportEvents(&context, request, &response);
+    if (cancelled) *cancelled = response.cancelled();
+    return status;
+  }
+
+  grpc::Status Upload(const std::string& worker_id, const std::string& task_id,
+                      const std::string& name, const std::string& data,
+                      const std::string& declared_sha256) {
+    grpc::ClientContext context;
+    compress::v1::UploadArtifactResponse response;
+    auto writer = workers_->UploadArtifact(&context, &response);
+    compress::v1::UploadArtifactRequest request;
+    request.set_worker_id(worker_id);
+    request.set_task_id(task_id);
+    request.mutable_artifact()->set_name(name);
+    request.mutable_artifact()->set_size_bytes(static_cast<int64_t>(data.size()));
+    request.mutable_artifact()->set_sha256(declared_sha256);
+    // Two messages, to exercise reassembly.
+    size_t half = data.size() / 2;
+    request.set_data(data.substr(0, half));
+    writer->Write(request);
+    request.clear_artifact();
+    request.set_data(data.substr(half));
+    writer->Write(request);
+    writer->WritesDone();
+    return writer->Finish();
+  }
+
+  grpc::Status Complete(const std::string& worker_id, const std::string& task_id, bool success,
+                        const std::string& error = "") {
+    grpc::ClientContext context;
+    compress::v1::CompleteTaskRequest request;
+    request.set_worker_id(worker_id);
+    request.set_task_id(task_id);
+    request.set_success(success);
+    request.set_error(error);
+    request.set_error_code(success ? 0 : 3);
+    request.mutable_report()->set_bits_per_weight(4.25);
+    compress::v1::CompleteTaskResponse response;
+    return workers_->CompleteTask(&context, request, &response);
+  }
+
+  std::vector<JobEvent> WatchAll(const std::string& id, int64_t from = 0) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    compress::v1::WatchJobRequest request;
+    request.set_job_id(id);
+    request.set_from_sequence(from);
+    auto reader = jobs_->WatchJob(&context, request);
+    std::vector<JobEvent> events;
+    JobEvent event;
+    while (reader->Read(&event)) events.push_back(event);
+    grpc::Status status = reader->Finish();
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return events;
+  }
+
+  testing::TempDir data_{"data"};
+  testing::TempDir models_{"models"};
+  testing::TempDir outside_{"outside"};
+  std::unique_ptr<CompressServer> server_;
+  std::unique_ptr<JobService::Stub> jobs_;
+  std::unique_ptr<WorkerService::Stub> workers_;
+};
+
+void ExpectGapFree(const std::vector<JobEvent>& events, int64_t first = 1) {
+  for (size_t i = 0; i < events.size(); ++i) {
+    EXPECT_EQ(events[i].sequence(), first + static_cast<int64_t>(i));
+  }
+}
+
+TEST_F(ServerTest, SubmitGetAndListWithPagingAndLabels) {
+  std::vector<std::string> ids;
+  for (int i = 0; i < 5; ++i) {
+    auto request = RtnRequest();
+    (*request.mutable_spec()->mutable_labels())["team"] = i % 2 ? "odd" : "even";
+    ids.push_back(SubmitOk(request));
+  }
+  compress::v1::Job job = Get(ids[0]);
+  EXPECT_EQ(job.state(), compress::v1::QUEUED);
+  EXPECT_EQ(job.spec().stages(0).rtn().bits(), 4);
+
+  std::vector<std::string> seen;
+  std::string token;
+  do {
+    grpc::ClientContext context;
+    compress::v1::ListJobsRequest request;
+    request.set_page_size(2);
+    request.set_page_token(token);
+    compress::v1::ListJobsResponse page;
+    ASSERT_TRUE(jobs_->ListJobs(&context, request, &page).ok());
+    EXPECT_LE(page.jobs_size(), 2);
+    for (const auto& j : page.jobs()) seen.push_back(j.id());
+    token = page.next_page_token();
+  } while (!token.empty());
+  std::vector<std::string> newest_first(ids.rbegin(), ids.rend());
+  EXPECT_EQ(seen, newest_first);
+
+  grpc::ClientContext context;
+  compress::v1::ListJobsRequest request;
+  (*request.mutable_labels())["team"] = "odd";
+  compress::v1::ListJobsResponse page;
+  ASSERT_TRUE(jobs_->ListJobs(&context, request, &page).ok());
+  EXPECT_EQ(page.jobs_size(), 2);
+}
+
+TEST_F(ServerTest, SubmitIsIdempotentOnRequestId) {
+  auto request = RtnRequest();
+  request.set_request_id("pipeline-run-7");
+  compress::v1::SubmitJobResponse first, second, third;
+  ASSERT_TRUE(Submit(request, &first).ok());
+  ASSERT_TRUE(Submit(request, &second).ok());
+  EXPECT_TRUE(first.created());
+  EXPECT_FALSE(second.created());
+  EXPECT_EQ(first.job().id(), second.job().id());
+  request.mutable_spec()->mutable_stages(0)->mutable_rtn()->set_bits(8);
+  EXPECT_EQ(Submit(request, &third).error_code(), grpc::StatusCode::ALREADY_EXISTS);
+}
+
+TEST_F(ServerTest, BadRequestsGetClearCodesAndTheServerKeepsServing) {
+  compress::v1::SubmitJobResponse response;
+  auto no_method = RtnRequest();
+  no_method.mutable_spec()->mutable_stages(0)->clear_method();
+  EXPECT_EQ(Submit(no_method, &response).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+
+  auto negative_bits = RtnRequest("tiny", -4);
+  grpc::Status bits_status = Submit(negative_bits, &response);
+  EXPECT_EQ(bits_status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(bits_status.error_message().find("bits"), std::string::npos);
+
+  grpc::Status outside = Submit(RtnRequest(outside_.Sub("model.safetensors")), &response);
+  EXPECT_EQ(outside.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(outside.error_message().find("outside"), std::string::npos);
+
+  EXPECT_EQ(Submit(RtnRequest("tiny/../../etc"), &response).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Submit(RtnRequest("missing"), &response).error_code(), grpc::StatusCode::NOT_FOUND);
+
+  fs::create_directories(models_.Sub("broken"));
+  std::ofstream(models_.Sub("broken/model.safetensors")) << "not a safetensors file";
+  grpc::Status broken = Submit(RtnRequest("broken"), &response);
+  EXPECT_EQ(broken.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(broken.error_message().find("model.safetensors"), std::string::npos)
+      << broken.error_message();
+
+  // A symlink inside the root that points outside it is still outside.
+  fs::create_directory_symlink(outside_.path(), models_.Sub("escape"));
+  EXPECT_EQ(Submit(RtnRequest("escape/model.safetensors"), &response).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+
+  grpc::ClientContext context;
+  compress::v1::GetJobRequest get;
+  get.set_job_id("job-does-not-exist");
+  compress::v1::Job job;
+  EXPECT_EQ(jobs_->GetJob(&context, get, &job).error_code(), grpc::StatusCode::NOT_FOUND);
+
+  EXPECT_FALSE(SubmitOk(RtnRequest()).empty());  // still serving
+}
+
+TEST_F(ServerTest, WorkerLifecycleEventsArtifactAndResumableDownload) {
+  std::string id = SubmitOk(RtnRequest());
+  std::string worker = Register("w1");
+  auto acquired = Acquire(worker);
+  ASSERT_TRUE(acquired.has_task());
+  const auto& task = acquired.task();
+  EXPECT_EQ(task.job_id(), id);
+  EXPECT_EQ(task.model_path(), fs::canonical(models_.Sub("tiny")).string());
+  EXPECT_EQ(Get(id).state(), compress::v1::RUNNING);
+
+  ASSERT_TRUE(Report(worker, task.task_id(), 0.5).ok());
+  EXPECT_DOUBLE_EQ(Get(id).progress(), 0.5);
+
+  std::string data(3 << 20, '\0');
+  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<char>(i * 7 + 3);
+  ASSERT_TRUE(Upload(worker, task.task_id(), "packed/model.safetensors", data, Sha256Hex(data)).ok());
+  ASSERT_TRUE(Complete(worker, task.task_id(), true).ok());
+
+  compress::v1::Job job = Get(id);
+  EXPECT_EQ(job.state(), compress::v1::SUCCEEDED);
+  ASSERT_EQ(job.artifacts_size(), 1);
+  EXPECT_EQ(job.artifacts(0).sha256(), Sha256Hex(data));
+  EXPECT_DOUBLE_EQ(job.report().bits_per_weight(), 4.25);
+
+  std::vector<JobEvent> events = WatchAll(id);
+  ExpectGapFree(events);
+  ASSERT_GE(events.size(), 5u);  // queued, running, progress, artifact, succeeded
+  EXPECT_EQ(events.front().state().state(), compress::v1::QUEUED);
+  EXPECT_EQ(events.back().state().state(), compress::v1::SUCCEEDED);
+  EXPECT_EQ(events.back().sequence(), job.last_sequence());
+
+  std::vector<JobEvent> tail = WatchAll(id, 3);
+  ASSERT_FALSE(tail.empty());
+  EXPECT_EQ(tail.front().sequence(), 3);
+
+  // Resume a download from the middle.
+  const int64_t offset = 1234567;
+  grpc::ClientContext context;
+  compress::v1::DownloadArtifactRequest download;
+  download.set_job_id(id);
+  download.set_name("packed/model.safetensors");
+  download.set_offset(offset);
+  auto reader = jobs_->DownloadArtifact(&context, download);
+  std::string received;
+  compress::v1::ArtifactChunk chunk;
+  while (reader->Read(&chunk)) {
+    EXPECT_EQ(chunk.offset(), offset + static_cast<int64_t>(received.size()));
+    received += chunk.data();
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(received, data.substr(offset));
+}
+
+TEST_F(ServerTest, WatchFollowsLiveEventsUntilTheJobEnds) {
+  std::string id = SubmitOk(RtnRequest());
+  std::string worker = Register("w1");
+  auto task = Acquire(worker).task();
+  std::thread producer([&] {
+    for (int i = 1; i <= 20; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      Report(worker, task.task_id(), i / 20.0);
+    }
+    Complete(worker, task.task_id(), false, "engine said no");
+  });
+  std::vector<JobEvent> events = WatchAll(id);
+  producer.join();
+  ExpectGapFree(events);
+  ASSERT_EQ(events.size(), 2u + 20u + 1u);
+  EXPECT_EQ(events.back().state().state(), compress::v1::FAILED);
+  EXPECT_NE(events.back().state().reason().find("engine said no"), std::string::npos);
+}
+
+TEST_F(ServerTest, ALapsedLeaseRequeuesTheJobAndRefusesTheLateWorker) {
+  RestartServer(/*lease_seconds=*/1);
+  std::string id = SubmitOk(RtnRequest());
+  std::string slow = Register("slow");
+  auto first = Acquire(slow).task();
+  EXPECT_EQ(first.attempt(), 1);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1600));
+  EXPECT_EQ(Get(id).state(), compress::v1::QUEUED);
+
+  std::string fast = Register("fast");
+  auto second = Acquire(fast).task();
+  EXPECT_EQ(second.job_id(), id);
+  EXPECT_EQ(second.attempt(), 2);
+  EXPECT_EQ(Report(slow, first.task_id(), 0.9).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(Upload(slow, first.task_id(), "x.bin", "late", Sha256Hex("late")).error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(Complete(slow, first.task_id(), true).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  ASSERT_TRUE(Complete(fast, second.task_id(), true).ok());
+  EXPECT_EQ(Get(id).state(), compress::v1::SUCCEEDED);
+  EXPECT_EQ(Get(id).attempts(), 2);
+}
+
+TEST_F(ServerTest, CancelStopsQueuedAndTellsTheRunningWorker) {
+  std::string running = SubmitOk(RtnRequest());
+  std::string worker = Register("w1");
+  auto task = Acquire(worker).task();
+  std::string queued = SubmitOk(RtnRequest());
+  for (const std::string& id : {queued, running}) {
+    grpc::ClientContext context;
+    compress::v1::CancelJobRequest request;
+    request.set_job_id(id);
+    compress::v1::Job job;
+    ASSERT_TRUE(jobs_->CancelJob(&context, request, &job).ok());
+    EXPECT_EQ(job.state(), compress::v1::CANCELLED);
+  }
+  bool cancelled = false;
+  ASSERT_TRUE(Report(worker, task.task_id(), 0.3, &cancelled).ok());
+  EXPECT_TRUE(cancelled);
+  // The queued one is never dispatched.
+  EXPECT_FALSE(Acquire(worker, 300).has_task());
+  grpc::ClientContext context;
+  compress::v1::CancelJobRequest again;
+  again.set_job_id(queued);
+  compress::v1::Job job;
+  EXPECT_EQ(jobs_->CancelJob(&context, again, &job).error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);
+}
+
+TEST_F(ServerTest, AnUploadWhoseChecksumDiffersLeavesNothingBehind) {
+  std::string id = SubmitOk(RtnRequest());
+  std::string worker = Register("w1");
+  auto task = Acquire(worker).task();
+  grpc::Status status = Upload(worker, task.task_id(), "out/model.safetensors", "abcdef",
+                               Sha256Hex("something else"));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DATA_LOSS);
+  EXPECT_EQ(Get(id).artifacts_size(), 0);
+  std::vector<std::string> files;
+  for (const auto& entry : fs::recursive_directory_iterator(data_.Sub("artifacts"))) {
+    if (entry.is_regular_file()) files.push_back(entry.path().string());
+  }
+  EXPECT_TRUE(files.empty()) << files.front();
+  EXPECT_EQ(Upload(worker, task.task_id(), "../escape", "x", Sha256Hex("x")).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+TEST_F(ServerTest, ARestartKeepsJobsEventsAndRunningLeases) {
+  std::string queued = SubmitOk(RtnRequest());
+  std::string worker = Register("w1");
+  auto task = Acquire(worker).task();  // takes `queued`
+  ASSERT_TRUE(Report(worker, task.task_id(), 0.25).ok());
+  std::string still_queued = SubmitOk(RtnRequest());
+  int64_t last = Get(queued).last_sequence();
+
+  RestartServer(/*lease_seconds=*/30);
+  EXPECT_EQ(Get(queued).state(), compress::v1::RUNNING);
+  EXPECT_EQ(Get(queued).last_sequence(), last);
+  EXPECT_EQ(Get(still_queued).state(), compress::v1::QUEUED);
+  // The worker carries on with its lease after the restart.
+  ASSERT_TRUE(Report(worker, task.task_id(), 0.75).ok());
+  ASSERT_TRUE(Complete(worker, task.task_id(), true).ok());
+  std::vector<JobEvent> events = WatchAll(queued);
+  ExpectGapFree(events);
+  EXPECT_EQ(events.back().state().state(), compress::v1::SUCCEEDED);
+  // Unknown to the restarted server until it registers again.
+  grpc::ClientContext context;
+  compress::v1::AcquireTaskRequest acquire;
+  acquire.set_worker_id("w1");
+  compress::v1::AcquireTaskResponse response;
+  EXPECT_EQ(workers_->AcquireTask(&context, acquire, &response).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  Register("w1");
+  EXPECT_EQ(Acquire("w1").task().job_id(), still_queued);
+}
+
+TEST_F(ServerTest, MetricsAndHealthAreServedOverHttp) {
+  SubmitOk(RtnRequest());
+  httplib::Client http("127.0.0.1", server_->metrics_port());
+  auto health = http.Get("/healthz");
+  ASSERT_TRUE(health);
+  EXPECT_EQ(health->status, 200);
+  std::this_thread::sleep_for(std::chrono::milliseconds(250));  // one dispatcher tick for gauges
+  auto page = http.Get("/metrics");
+  ASSERT_TRUE(page);
+  EXPECT_NE(page->body.find("compress_jobs_submitted_total{tenant=\"default\"} 1"), std::string::npos)
+      << page->body;
+  EXPECT_NE(page->body.find("compress_queue_depth 1"), std::string::npos) << page->body;
+  EXPECT_NE(page->body.find("compress_rpcs_total{code=\"OK\",method=\"SubmitJob\"} 1"),
+            std::string::npos)
+      << page->body;
+}
+
+}  // namespace
+}  // namespace compress::server

@@ -1,0 +1,51 @@
+// The worker agent: dials the server, takes one task at a time, runs the
+// engine on its device, streams events and artifacts back.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "compress/v1/compress.grpc.pb.h"
+#include "worker/worker_metrics.h"
+
+namespace compress::worker {
+
+struct WorkerConfig {
+  std::string server = "127.0.0.1:50051";
+  std::string device = "cpu";
+  std::string worker_id;                 // empty: host-pid
+  std::string work_dir = "./compress-work";
+  std::string metrics_listen;            // empty: no HTTP endpoint
+  int64_t memory_bytes = 0;              // 0: detect
+  int poll_millis = 5000;                // long-poll wait for a task
+};
+
+class WorkerAgent {
+ public:
+  WorkerAgent(WorkerConfig config, std::unique_ptr<compress::v1::WorkerService::StubInterface> stub,
+              WorkerMetrics* metrics);
+
+  // Serves until *stop becomes true. Survives server restarts.
+  void Run(const std::atomic<bool>* stop);
+
+ private:
+  absl::Status Register(const std::atomic<bool>* stop);
+  void RunTask(const compress::v1::Task& task);
+  absl::Status UploadArtifact(const compress::v1::Task& task, const std::string& path,
+                              const compress::v1::Artifact& artifact);
+
+  WorkerConfig config_;
+  std::unique_ptr<compress::v1::WorkerService::StubInterface> stub_;
+  WorkerMetrics* metrics_;
+  std::string worker_id_;
+  int lease_seconds_ = 15;
+};
+
+// Total physical memory, from /proc/meminfo.
+int64_t DetectMemoryBytes();
+// Resident set size of this process, from /proc/self/statm.
+int64_t ResidentMemoryBytes();
+
+}  // namespace compress::worker
