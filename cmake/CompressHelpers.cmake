@@ -21,6 +21,7 @@ function(compress_test name)
   if(ARG_SERIAL)
     list(APPEND properties RUN_SERIAL TRUE)
   endif()
-  gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60 PROPERTIES ${properties}
+  gtest_discover_tests(${name} TEST_PREFIX "${name}." DISCOVERY_TIMEOUT 60
+                       PROPERTIES ${properties}
                        WORKING_DIRECTORY ${PROJECT_BINARY_DIR})
 endfunction()

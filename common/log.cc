@@ -34,10 +34,18 @@ const char* LevelName(LogLevel level) {
 std::string Quote(absl::string_view v) {
   bool plain = !v.empty();
   for (char c : v) {
-    if (c == ' ' || c == '"' || c == '=' || c == '\n' || c == '\\') plain = false;
+    // Any whitespace or control character would split or garble the key=value line.
+    if (static_cast<unsigned char>(c) <= ' ' || c == 0x7f || c == '"' || c == '=' || c == '\\') {
+      plain = false;
+    }
   }
   if (plain) return std::string(v);
-  return absl::StrCat("\"", absl::StrReplaceAll(v, {{"\\", "\\\\"}, {"\"", "\\\""}, {"\n", "\\n"}}),
+  return absl::StrCat("\"",
+                      absl::StrReplaceAll(v, {{"\\", "\\\\"},
+                                              {"\"", "\\\""},
+                                              {"\n", "\\n"},
+                                              {"\r", "\\r"},
+                                              {"\t", "\\t"}}),
                       "\"");
 }
 

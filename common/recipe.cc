@@ -1,1 +1,387 @@
-// placeholder: being written
+#include "common/recipe.h"
+
+#include <google/protobuf/descriptor.h>
+#include <google/protobuf/util/json_util.h>
+#include <re2/re2.h>
+#include <yaml-cpp/yaml.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstdlib>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/string_view.h"
+#include "common/files.h"
+
+namespace compress {
+namespace {
+
+namespace v1 = compress::v1;
+using Json = nlohmann::json;
+
+// Recipes are a few KiB; the cap only keeps a wrong path from reading a model.
+constexpr int64_t kMaxRecipeBytes = int64_t{4} << 20;
+constexpr int kMaxStages = 64;
+constexpr int kMinPriority = -1000;
+constexpr int kMaxPriority = 1000;
+constexpr int kMaxSleepMillisPerTensor = 60000;
+constexpr char kYamlStringTag[] = "tag:yaml.org,2002:str";
+
+// ---------------------------------------------------------------- YAML -> JSON
+
+// The YAML 1.2 core schema's resolution of plain (unquoted) scalars.
+Json TypePlainScalar(const std::string& text) {
+  static const RE2 kNull("~|null|Null|NULL|");
+  static const RE2 kTrue("true|True|TRUE");
+  static const RE2 kFalse("false|False|FALSE");
+  static const RE2 kDecimalInt("[-+]?[0-9]+");
+  static const RE2 kOctalInt("0o([0-7]+)");
+  static const RE2 kHexInt("0x([0-9a-fA-F]+)");
+  static const RE2 kFloat(R"([-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?)");
+  static const RE2 kInfinity(R"(([-+]?)\.(inf|Inf|INF))");
+  static const RE2 kNotANumber(R"(\.(nan|NaN|NAN))");
+
+  if (RE2::FullMatch(text, kNull)) return nullptr;
+  if (RE2::FullMatch(text, kTrue)) return true;
+  if (RE2::FullMatch(text, kFalse)) return false;
+  if (RE2::FullMatch(text, kDecimalInt)) {
+    int64_t signed_value;
+    if (absl::SimpleAtoi(text, &signed_value)) return signed_value;
+    uint64_t unsigned_value;
+    if (absl::SimpleAtoi(text, &unsigned_value)) return unsigned_value;
+    return text;  // out of every integer range: protobuf reports it against the field
+  }
+  std::string digits;
+  if (RE2::FullMatch(text, kOctalInt, &digits) || RE2::FullMatch(text, kHexInt, &digits)) {
+    const int base = text[1] == 'o' ? 8 : 16;
+    errno = 0;
+    char* end = nullptr;
+    const uint64_t value = std::strtoull(digits.c_str(), &end, base);
+    if (errno == 0 && *end == '\0') return value;
+    return text;
+  }
+  if (RE2::FullMatch(text, kFloat)) {
+    double value;
+    if (absl::SimpleAtod(text, &value)) return value;
+  }
+  // JSON has no infinities or NaN; protobuf's JSON mapping spells them so.
+  std::string sign;
+  if (RE2::FullMatch(text, kInfinity, &sign)) return sign == "-" ? "-Infinity" : "Infinity";
+  if (RE2::FullMatch(text, kNotANumber)) return "NaN";
+  return text;
+}
+
+// "source:line:column: " where yaml-cpp knows the position, else "source: ".
+std::string PositionOf(const std::string& source, const YAML::Mark& mark) {
+  if (mark.is_null()) return absl::StrCat(source, ": ");
+  return absl::StrCat(source, ":", mark.line + 1, ":", mark.column + 1, ": ");
+}
+
+// What the protobuf schema expects at a point of the YAML tree, where known.
+// YAML has no types, only guesses from the text: `version: 2` under a string
+// field must stay "2", or protobuf's JSON parser rejects the number.
+struct SchemaHint {
+  const google::protobuf::Descriptor* message = nullptr;     // a mapping of its fields
+  const google::protobuf::FieldDescriptor* field = nullptr;  // a value of this field
+  bool element = false;  // one element of the repeated `field`, not the list
+};
+
+const google::protobuf::FieldDescriptor* FindField(const google::protobuf::Descriptor* message,
+                                                   const std::string& key) {
+  if (message == nullptr) return nullptr;
+  // Protobuf's JSON accepts the proto name (group_size) and the JSON name (groupSize).
+  if (const auto* field = message->FindFieldByName(key)) return field;
+  for (int i = 0; i < message->field_count(); ++i) {
+    if (message->field(i)->json_name() == key) return message->field(i);
+  }
+  return nullptr;
+}
+
+SchemaHint HintFor(const google::protobuf::FieldDescriptor* field, bool element = false) {
+  if (field == nullptr) return {};
+  const bool whole_value = element || !field->is_repeated();
+  if (whole_value && field->type() == google::protobuf::FieldDescriptor::TYPE_MESSAGE) {
+    return {field->message_type(), nullptr, false};
+  }
+  return {nullptr, field, element};
+}
+
+bool WantsString(const SchemaHint& hint) {
+  return hint.field != nullptr && !hint.field->is_map() &&
+         hint.field->cpp_type() == google::protobuf::FieldDescriptor::CPPTYPE_STRING;
+}
+
+absl::StatusOr<Json> YamlNodeToJson(const YAML::Node& node, const std::string& source,
+                                    const SchemaHint& hint) {
+  switch (node.Type()) {
+    case YAML::NodeType::Undefined:
+    case YAML::NodeType::Null: return Json(nullptr);
+    case YAML::NodeType::Scalar: {
+      // yaml-cpp tags plain scalars "?" and quoted or block ones "!".
+      if (node.Tag() == "!" || node.Tag() == kYamlStringTag) return Json(node.Scalar());
+      Json typed = TypePlainScalar(node.Scalar());
+      if (WantsString(hint) && !typed.is_null()) return Json(node.Scalar());
+      return typed;
+    }
+    case YAML::NodeType::Sequence: {
+      const bool is_list_field = hint.field != nullptr && hint.field->is_repeated() &&
+                                 !hint.field->is_map() && !hint.element;
+      const SchemaHint item_hint =
+          is_list_field ? HintFor(hint.field, /*element=*/true) : SchemaHint{};
+      Json array = Json::array();
+      for (const YAML::Node& item : node) {
+        absl::StatusOr<Json> value = YamlNodeToJson(item, source, item_hint);
+        if (!value.ok()) return value.status();
+        array.push_back(*std::move(value));
+      }
+      return array;
+    }
+    case YAML::NodeType::Map: {
+      const bool is_map_field = hint.field != nullptr && hint.field->is_map();
+      Json object = Json::object();
+      for (const auto& entry : node) {
+        if (!entry.first.IsScalar()) {
+          return absl::InvalidArgumentError(absl::StrCat(PositionOf(source, entry.first.Mark()),
+                                                         "a mapping key must be a scalar"));
+        }
+        const std::string& key = entry.first.Scalar();
+        if (object.contains(key)) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(PositionOf(source, entry.first.Mark()), "duplicate key \"", key, "\""));
+        }
+        const SchemaHint value_hint = is_map_field
+                                          ? HintFor(hint.field->message_type()->map_value())
+                                          : HintFor(FindField(hint.message, key));
+        absl::StatusOr<Json> value = YamlNodeToJson(entry.second, source, value_hint);
+        if (!value.ok()) return value.status();
+        object[key] = *std::move(value);
+      }
+      return object;
+    }
+  }
+  return absl::InternalError("unknown YAML node type");
+}
+
+// "line:column" of a byte offset, for JSON syntax errors.
+std::string LineColumnOf(const std::string& text, size_t offset) {
+  int line = 1;
+  int column = 1;
+  for (size_t i = 0; i < offset && i < text.size(); ++i) {
+    if (text[i] == '\n') {
+      ++line;
+      column = 1;
+    } else {
+      ++column;
+    }
+  }
+  return absl::StrCat(line, ":", column);
+}
+
+// `schema`: the message the document describes, or null for schema-free typing.
+absl::StatusOr<std::string> ConvertYamlToJson(const std::string& yaml_text,
+                                              const std::string& source,
+                                              const google::protobuf::Descriptor* schema) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml_text);
+  } catch (const YAML::Exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(PositionOf(source, e.mark), e.msg));
+  }
+  absl::StatusOr<Json> json = YamlNodeToJson(root, source, SchemaHint{schema, nullptr, false});
+  if (!json.ok()) return json.status();
+  try {
+    return json->dump();
+  } catch (const Json::exception& e) {  // e.g. a string that is not UTF-8
+    return absl::InvalidArgumentError(absl::StrCat(source, ": ", e.what()));
+  }
+}
+
+// nlohmann's what() is "[json.exception.parse_error.101] parse error at line
+// 1, column 2: <detail>"; the position is given separately, so keep the detail.
+std::string JsonErrorDetail(const std::string& what) {
+  size_t colon = what.find(": ");
+  return colon == std::string::npos ? what : what.substr(colon + 2);
+}
+
+bool LooksLikeJson(const std::string& text) {
+  for (char c : text) {
+    if (absl::ascii_isspace(static_cast<unsigned char>(c))) continue;
+    return c == '{';
+  }
+  return false;
+}
+
+// ---------------------------------------------------------------- validation
+
+// Collects every problem, so that one run names all of them.
+class SpecChecker {
+ public:
+  void Fail(absl::string_view field, absl::string_view problem) {
+    problems_.push_back(absl::StrCat(field, ": ", problem));
+  }
+
+  void CheckRange(absl::string_view field, int64_t value, int64_t low, int64_t high) {
+    if (value < low || value > high) {
+      Fail(field, absl::StrCat(value, " is outside ", low, "..", high));
+    }
+  }
+
+  void CheckPatterns(const std::string& field,
+                     const google::protobuf::RepeatedPtrField<std::string>& patterns) {
+    for (int i = 0; i < patterns.size(); ++i) {
+      RE2 pattern(patterns[i], RE2::Quiet);
+      if (!pattern.ok()) {
+        Fail(absl::StrCat(field, "[", i, "]"),
+             absl::StrCat("\"", patterns[i], "\" is not a valid RE2 pattern: ", pattern.error()));
+      }
+    }
+  }
+
+  void CheckRtn(const std::string& field, const v1::RtnStage& rtn) {
+    CheckRange(field + ".bits", rtn.bits(), 2, 8);
+    if (rtn.group_size() < -1) {
+      Fail(field + ".group_size",
+           absl::StrCat(rtn.group_size(), " is invalid (want -1 or 0 for per-channel, or > 0)"));
+    }
+    CheckPatterns(field + ".include", rtn.include());
+    CheckPatterns(field + ".exclude", rtn.exclude());
+  }
+
+  void CheckStage(int index, const v1::Stage& stage) {
+    const std::string field = absl::StrCat("stages[", index, "]");
+    switch (stage.method_case()) {
+      case v1::Stage::kRtn: CheckRtn(field + ".rtn", stage.rtn()); break;
+      case v1::Stage::kSleep:
+        CheckRange(field + ".sleep.millis_per_tensor", stage.sleep().millis_per_tensor(), 0,
+                   kMaxSleepMillisPerTensor);
+        break;
+      case v1::Stage::METHOD_NOT_SET: Fail(field, "no method set (one of: rtn, sleep)"); break;
+    }
+  }
+
+  void CheckOutputs(const v1::JobSpec& spec) {
+    std::set<int> seen;
+    for (int i = 0; i < spec.outputs_size(); ++i) {
+      const int format = spec.outputs(i);
+      const std::string field = absl::StrCat("outputs[", i, "]");
+      if (format == v1::OUTPUT_FORMAT_UNSPECIFIED || !v1::OutputFormat_IsValid(format)) {
+        Fail(field, absl::StrCat(format,
+                                 " is not an output format (DEQUANTIZED_SAFETENSORS, "
+                                 "PACKED_SAFETENSORS)"));
+      } else if (!seen.insert(format).second) {
+        Fail(field, absl::StrCat(v1::OutputFormat_Name(format), " is listed twice"));
+      }
+    }
+  }
+
+  void Check(const v1::JobSpec& spec) {
+    if (spec.model().path().empty()) Fail("model.path", "is required");
+    if (spec.stages().empty()) Fail("stages", "at least one stage is required");
+    if (spec.stages_size() > kMaxStages) {
+      Fail("stages", absl::StrCat(spec.stages_size(), " stages is more than ", kMaxStages));
+    }
+    for (int i = 0; i < spec.stages_size(); ++i) CheckStage(i, spec.stages(i));
+    if (spec.calibration().num_samples() < 0) {
+      Fail("calibration.num_samples",
+           absl::StrCat(spec.calibration().num_samples(), " is negative"));
+    }
+    if (spec.calibration().sequence_length() < 0) {
+      Fail("calibration.sequence_length",
+           absl::StrCat(spec.calibration().sequence_length(), " is negative"));
+    }
+    CheckOutputs(spec);
+    CheckRange("priority", spec.priority(), kMinPriority, kMaxPriority);
+    for (const auto& [key, value] : spec.labels()) {
+      if (key.empty()) Fail("labels", "a label key is empty");
+    }
+  }
+
+  absl::Status Result() const {
+    if (problems_.empty()) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrJoin(problems_, "; "));
+  }
+
+ private:
+  std::vector<std::string> problems_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::string> YamlToJson(const std::string& yaml_text) {
+  return ConvertYamlToJson(yaml_text, "YAML", /*schema=*/nullptr);
+}
+
+absl::StatusOr<v1::JobSpec> ParseRecipe(const std::string& text, const std::string& source) {
+  std::string json_text;
+  std::optional<absl::Status> json_syntax_error;
+  if (LooksLikeJson(text)) {
+    // protobuf's parser gives no position for syntax errors; nlohmann does.
+    try {
+      Json syntax_checked = Json::parse(text);
+      static_cast<void>(syntax_checked);
+      json_text = text;
+    } catch (const Json::parse_error& e) {
+      json_syntax_error = absl::InvalidArgumentError(
+          absl::StrCat(source, ":", LineColumnOf(text, e.byte == 0 ? 0 : e.byte - 1), ": ",
+                       JsonErrorDetail(e.what())));
+    }
+  }
+  if (json_text.empty()) {
+    // YAML, or a YAML flow mapping such as `{model: {path: m}}` that is not JSON.
+    absl::StatusOr<std::string> converted =
+        ConvertYamlToJson(text, source, v1::JobSpec::descriptor());
+    if (!converted.ok()) return json_syntax_error.value_or(converted.status());
+    json_text = *std::move(converted);
+    if (json_text == "null") json_text = "{}";  // an empty file
+    if (json_text.front() != '{') {
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": a recipe is a mapping of JobSpec fields (model, stages, ...)"));
+    }
+  }
+
+  v1::JobSpec spec;
+  google::protobuf::util::JsonParseOptions options;
+  options.ignore_unknown_fields = false;
+  options.case_insensitive_enum_parsing = true;
+  auto status = google::protobuf::util::JsonStringToMessage(json_text, &spec, options);
+  if (!status.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": ", absl::string_view(status.message().data(), status.message().size())));
+  }
+  return spec;
+}
+
+absl::StatusOr<v1::JobSpec> LoadRecipeFile(const std::string& path) {
+  absl::StatusOr<std::string> text = ReadFile(path, kMaxRecipeBytes);
+  if (!text.ok()) return text.status();
+  return ParseRecipe(*text, path);
+}
+
+absl::Status ValidateJobSpec(const v1::JobSpec& spec) {
+  SpecChecker checker;
+  checker.Check(spec);
+  return checker.Result();
+}
+
+std::string ToJson(const google::protobuf::Message& message, bool pretty) {
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = pretty;
+  std::string out;
+  auto status = google::protobuf::util::MessageToJsonString(message, &out, options);
+  if (!status.ok()) {
+    Json error = {{"error", std::string(status.message().data(), status.message().size())}};
+    return error.dump();
+  }
+  while (!out.empty() && out.back() == '\n') out.pop_back();
+  return out;
+}
+
+}  // namespace compress

@@ -1,0 +1,762 @@
+#include "client/commands.h"
+
+#include <gmock/gmock.h>
+#include <google/protobuf/util/json_util.h>
+#include <google/protobuf/util/message_differencer.h>
+#include <grpcpp/test/client_context_test_peer.h>
+#include <grpcpp/test/mock_stream.h>
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_split.h"
+#include "common/sha256.h"
+#include "compress/v1/compress_mock.grpc.pb.h"
+#include "tests/testing/temp_dir.h"
+
+namespace compress::client {
+namespace {
+
+namespace fs = std::filesystem;
+namespace v1 = compress::v1;
+using ::grpc::testing::MockClientReader;
+using ::testing::_;
+using ::testing::AllOf;
+using ::testing::ContainsRegex;
+using ::testing::HasSubstr;
+using ::testing::Invoke;
+using ::testing::Not;
+using ::testing::Return;
+
+// A mock stream that yields `messages`, then finishes with `finish`. The stub
+// wrapper (WatchJob, DownloadArtifact) takes ownership.
+template <typename T>
+MockClientReader<T>* StreamOf(std::vector<T> messages, grpc::Status finish = grpc::Status::OK) {
+  auto* reader = new MockClientReader<T>();
+  auto next = std::make_shared<size_t>(0);
+  EXPECT_CALL(*reader, Read(_)).WillRepeatedly(Invoke([messages, next](T* out) {
+    if (*next >= messages.size()) return false;
+    *out = messages[(*next)++];
+    return true;
+  }));
+  EXPECT_CALL(*reader, Finish()).WillOnce(Return(finish));
+  return reader;
+}
+
+v1::JobEvent ProgressEvent(int64_t sequence, double fraction, const std::string& message) {
+  v1::JobEvent event;
+  event.set_job_id("j-1");
+  event.set_sequence(sequence);
+  event.mutable_time()->set_seconds(1714564800 + sequence * 10);
+  event.mutable_progress()->set_fraction(fraction);
+  event.mutable_progress()->set_message(message);
+  event.mutable_progress()->set_stage("w4");
+  return event;
+}
+
+v1::JobEvent LogEvent(int64_t sequence, const std::string& level, const std::string& text) {
+  v1::JobEvent event;
+  event.set_job_id("j-1");
+  event.set_sequence(sequence);
+  event.mutable_time()->set_seconds(1714564800 + sequence * 10);
+  event.mutable_log()->set_level(level);
+  event.mutable_log()->set_text(text);
+  return event;
+}
+
+v1::JobEvent StateEvent(int64_t sequence, v1::JobState state, const std::string& reason = "") {
+  v1::JobEvent event;
+  event.set_job_id("j-1");
+  event.set_sequence(sequence);
+  event.mutable_time()->set_seconds(1714564800 + sequence * 10);
+  event.mutable_state()->set_state(state);
+  event.mutable_state()->set_reason(reason);
+  return event;
+}
+
+std::vector<std::string> Lines(const std::string& text) {
+  return absl::StrSplit(text, '\n', absl::SkipEmpty());
+}
+
+class CommandsTest : public ::testing::Test {
+ protected:
+  // Runs compressctl with `args` against the mock; output lands in out_/err_.
+  int Run(const std::vector<std::string>& args, bool is_terminal = false) {
+    out_.str("");
+    err_.str("");
+    absl::StatusOr<ParsedArgs> parsed = ParseArgs(args);
+    EXPECT_TRUE(parsed.ok()) << parsed.status();
+    if (!parsed.ok()) return -1;
+    return RunCommand(&stub_, *parsed, out_, err_, is_terminal);
+  }
+
+  v1::MockJobServiceStub stub_;
+  std::ostringstream out_;
+  std::ostringstream err_;
+  testing::TempDir temp_{"client"};
+  fs::path dir_{temp_.path()};
+};
+
+// ---------------------------------------------------------------- submit
+
+TEST_F(CommandsTest, SubmitBuildsTheJobSpecFromFlags) {
+  v1::SubmitJobRequest sent;
+  EXPECT_CALL(stub_, SubmitJob(_, _, _))
+      .WillOnce(Invoke([&](grpc::ClientContext*, const v1::SubmitJobRequest& request,
+                           v1::SubmitJobResponse* response) {
+        sent = request;
+        response->mutable_job()->set_id("j-1");
+        response->set_created(true);
+        return grpc::Status::OK;
+      }));
+  ASSERT_EQ(Run({"submit",
+                 "--model",
+                 "models/llama",
+                 "--method",
+                 "rtn",
+                 "--bits",
+                 "3",
+                 "--group-size",
+                 "64",
+                 "--asym",
+                 "--output",
+                 "dequantized,packed",
+                 "--priority",
+                 "7",
+                 "--label",
+                 "team=nlp",
+                 "--label",
+                 "env=dev",
+                 "--name",
+                 "llama-w3",
+                 "--request-id",
+                 "req-1"}),
+            kExitOk)
+      << err_.str();
+  EXPECT_EQ(out_.str(), "j-1\n");
+  EXPECT_EQ(err_.str(), "");
+
+  EXPECT_EQ(sent.request_id(), "req-1");
+  const v1::JobSpec& spec = sent.spec();
+  EXPECT_EQ(spec.name(), "llama-w3");
+  EXPECT_EQ(spec.model().path(), "models/llama");
+  ASSERT_EQ(spec.stages_size(), 1);
+  EXPECT_EQ(spec.stages(0).rtn().bits(), 3);
+  EXPECT_EQ(spec.stages(0).rtn().group_size(), 64);
+  EXPECT_FALSE(spec.stages(0).rtn().symmetric());
+  ASSERT_EQ(spec.outputs_size(), 2);
+  EXPECT_EQ(spec.outputs(0), v1::DEQUANTIZED_SAFETENSORS);
+  EXPECT_EQ(spec.outputs(1), v1::PACKED_SAFETENSORS);
+  EXPECT_EQ(spec.priority(), 7);
+  EXPECT_EQ(spec.labels().at("team"), "nlp");
+  EXPECT_EQ(spec.labels().at("env"), "dev");
+}
+
+TEST_F(CommandsTest, SubmitWithOnlyAModelUsesTheDefaultStageAndARandomRequestId) {
+  std::vector<v1::SubmitJobRequest> sent;
+  EXPECT_CALL(stub_, SubmitJob(_, _, _))
+      .Times(2)
+      .WillRepeatedly(Invoke([&](grpc::ClientContext*, const v1::SubmitJobRequest& request,
+                                 v1::SubmitJobResponse* response) {
+        sent.push_back(request);
+        response->mutable_job()->set_id("j-1");
+        return grpc::Status::OK;
+      }));
+  ASSERT_EQ(Run({"submit", "--model", "m"}), kExitOk);
+  ASSERT_EQ(Run({"submit", "--model", "m"}), kExitOk);
+  const v1::RtnStage& rtn = sent[0].spec().stages(0).rtn();
+  EXPECT_EQ(rtn.bits(), 4);
+  EXPECT_EQ(rtn.group_size(), 128);
+  EXPECT_TRUE(rtn.symmetric());
+  EXPECT_THAT(
+      sent[0].request_id(),
+      ContainsRegex("^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"));
+  EXPECT_NE(sent[0].request_id(), sent[1].request_id());
+}
+
+TEST_F(CommandsTest, SubmitFromARecipeWithFlagsOverriding) {
+  const std::string recipe = (dir_ / "w8.yaml").string();
+  std::ofstream(recipe) << "name: from-recipe\n"
+                           "model: {path: models/recipe}\n"
+                           "stages:\n"
+                           "  - name: w8\n"
+                           "    rtn: {bits: 8, group_size: 32, symmetric: true, include: [mlp]}\n"
+                           "outputs: [packed_safetensors]\n"
+                           "labels: {team: nlp, tier: gold}\n";
+  v1::SubmitJobRequest sent;
+  EXPECT_CALL(stub_, SubmitJob(_, _, _))
+      .WillOnce(Invoke([&](grpc::ClientContext*, const v1::SubmitJobRequest& request,
+                           v1::SubmitJobResponse* response) {
+        sent = request;
+        response->mutable_job()->set_id("j-2");
+        return grpc::Status::OK;
+      }));
+  ASSERT_EQ(Run({"submit", "--recipe", recipe, "--bits", "4", "--label", "tier=silver"}), kExitOk)
+      << err_.str();
+  const v1::JobSpec& spec = sent.spec();
+  EXPECT_EQ(spec.name(), "from-recipe");
+  EXPECT_EQ(spec.model().path(), "models/recipe");
+  ASSERT_EQ(spec.stages_size(), 1);
+  EXPECT_EQ(spec.stages(0).name(), "w8");
+  EXPECT_EQ(spec.stages(0).rtn().bits(), 4);         // overridden
+  EXPECT_EQ(spec.stages(0).rtn().group_size(), 32);  // kept
+  EXPECT_EQ(spec.stages(0).rtn().include(0), "mlp");
+  EXPECT_EQ(spec.labels().at("team"), "nlp");
+  EXPECT_EQ(spec.labels().at("tier"), "silver");
+  ASSERT_EQ(spec.outputs_size(), 1);
+  EXPECT_EQ(spec.outputs(0), v1::PACKED_SAFETENSORS);
+}
+
+TEST_F(CommandsTest, InvalidJobIsRejectedLocally) {
+  EXPECT_CALL(stub_, SubmitJob(_, _, _)).Times(0);
+  EXPECT_EQ(Run({"submit", "--model", "m", "--bits", "9"}), kExitUsage);
+  EXPECT_EQ(err_.str(),
+            "compressctl: submit: invalid job: stages[0].rtn.bits: 9 is outside 2..8\n");
+  EXPECT_EQ(out_.str(), "");
+
+  EXPECT_EQ(Run({"submit", "--bits", "4"}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("model.path: is required"));
+  EXPECT_EQ(Run({"submit", "--model", "m", "--bits", "four"}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("--bits wants an integer, got \"four\""));
+  EXPECT_EQ(Run({"submit", "--model", "m", "--sym", "--asym"}), kExitUsage);
+  EXPECT_EQ(Run({"submit", "--model", "m", "--method", "gptq"}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("unknown --method \"gptq\""));
+  EXPECT_EQ(Run({"submit", "--model", "m", "--output", "gguf"}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("unknown output format \"gguf\""));
+  EXPECT_EQ(Run({"submit", "--model", "m", "--label", "=x"}), kExitUsage);
+  EXPECT_EQ(Run({"submit", "--recipe", (dir_ / "missing.yaml").string()}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("missing.yaml"));
+}
+
+TEST_F(CommandsTest, StageFlagsDoNotGuessWhichOfSeveralStages) {
+  const std::string recipe = (dir_ / "two.yaml").string();
+  std::ofstream(recipe) << "model: {path: m}\nstages: [{rtn: {bits: 4}}, {sleep: {}}]\n";
+  EXPECT_CALL(stub_, SubmitJob(_, _, _)).Times(0);
+  EXPECT_EQ(Run({"submit", "--recipe", recipe, "--bits", "3"}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("this one has 2 stages"));
+}
+
+TEST_F(CommandsTest, ServerErrorIsExit2WithTheCodeName) {
+  EXPECT_CALL(stub_, SubmitJob(_, _, _))
+      .WillOnce(Return(
+          grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "model.path: models/x does not exist")));
+  EXPECT_EQ(Run({"submit", "--model", "models/x"}), kExitRpcError);
+  EXPECT_EQ(err_.str(),
+            "compressctl: submit: INVALID_ARGUMENT: model.path: models/x does not exist\n");
+
+  EXPECT_CALL(stub_, GetJob(_, _, _))
+      .WillOnce(Return(grpc::Status(grpc::StatusCode::UNAVAILABLE, "connection refused")));
+  EXPECT_EQ(Run({"get", "j-1"}), kExitRpcError);
+  EXPECT_EQ(err_.str(), "compressctl: get: UNAVAILABLE: connection refused\n");
+}
+
+TEST_F(CommandsTest, CallsCarryTheTokenAndADeadline) {
+  std::multimap<std::string, std::string> metadata;
+  std::chrono::system_clock::time_point deadline;
+  EXPECT_CALL(stub_, GetJob(_, _, _))
+      .WillRepeatedly(Invoke([&](grpc::ClientContext* context, const v1::GetJobRequest&, v1::Job*) {
+        metadata = grpc::testing::ClientContextTestPeer(context).GetSendInitialMetadata();
+        deadline = context->deadline();
+        return grpc::Status::OK;
+      }));
+  auto now = std::chrono::system_clock::now();
+  ASSERT_EQ(Run({"get", "j-1", "--token", "s3cret"}), kExitOk);
+  EXPECT_EQ(metadata.count("authorization"), 1u);
+  EXPECT_EQ(metadata.find("authorization")->second, "Bearer s3cret");
+  EXPECT_NEAR(std::chrono::duration<double>(deadline - now).count(), 30, 2);  // the default
+
+  ASSERT_EQ(Run({"get", "j-1", "--timeout", "5"}), kExitOk);
+  EXPECT_EQ(metadata.count("authorization"), 0u);
+  EXPECT_NEAR(std::chrono::duration<double>(deadline - now).count(), 5, 2);
+}
+
+TEST_F(CommandsTest, SubmitJsonAndResubmission) {
+  EXPECT_CALL(stub_, SubmitJob(_, _, _))
+      .WillOnce(Invoke(
+          [&](grpc::ClientContext*, const v1::SubmitJobRequest&, v1::SubmitJobResponse* response) {
+            response->mutable_job()->set_id("j-1");
+            response->mutable_job()->set_state(v1::QUEUED);
+            response->set_created(false);
+            return grpc::Status::OK;
+          }));
+  ASSERT_EQ(Run({"submit", "--model", "m", "--json", "--request-id", "r"}), kExitOk);
+  EXPECT_EQ(out_.str(), "{\"id\":\"j-1\",\"state\":\"QUEUED\"}\n");
+  EXPECT_THAT(err_.str(), HasSubstr("request id r was submitted before"));
+}
+
+TEST_F(CommandsTest, SubmitWatchFollowsTheNewJob) {
+  EXPECT_CALL(stub_, SubmitJob(_, _, _))
+      .WillOnce(Invoke(
+          [&](grpc::ClientContext*, const v1::SubmitJobRequest&, v1::SubmitJobResponse* response) {
+            response->mutable_job()->set_id("j-1");
+            response->set_created(true);
+            return grpc::Status::OK;
+          }));
+  EXPECT_CALL(stub_, WatchJobRaw(_, _))
+      .WillOnce(Invoke([](grpc::ClientContext*, const v1::WatchJobRequest& request) {
+        EXPECT_EQ(request.job_id(), "j-1");
+        return StreamOf<v1::JobEvent>({StateEvent(1, v1::CANCELLED, "cancelled by alice")});
+      }));
+  EXPECT_EQ(Run({"submit", "--model", "m", "--watch"}), kExitJobFailed);
+  EXPECT_THAT(out_.str(), HasSubstr("j-1\n"));
+  EXPECT_EQ(err_.str(), "compressctl: submit: job j-1 CANCELLED: cancelled by alice\n");
+}
+
+// ---------------------------------------------------------------- get, list, cancel
+
+v1::Job FinishedJob() {
+  v1::Job job;
+  job.set_id("j-7");
+  job.mutable_spec()->set_name("llama-w4");
+  job.mutable_spec()->mutable_model()->set_path("models/llama");
+  (*job.mutable_spec()->mutable_labels())["team"] = "nlp";
+  job.set_state(v1::SUCCEEDED);
+  job.set_progress(1);
+  job.set_message("done");
+  job.set_worker_id("worker-a");
+  job.set_attempts(2);
+  job.mutable_create_time()->set_seconds(1714564800);  // 2024-05-01T12:00:00Z
+  job.mutable_start_time()->set_seconds(1714564805);
+  job.mutable_end_time()->set_seconds(1714564865);
+  v1::JobReport* report = job.mutable_report();
+  report->set_size_before_bytes(int64_t{4} << 30);
+  report->set_size_after_bytes(int64_t{1} << 30);
+  report->set_bits_per_weight(4.25);
+  report->set_parameters(2000);
+  report->set_quantized_parameters(1800);
+  report->set_seconds(60);
+  v1::StageReport* stage = report->add_stages();
+  stage->set_name("w4");
+  stage->set_method("rtn");
+  stage->set_seconds(58.5);
+  stage->set_bytes_in(int64_t{4} << 30);
+  stage->set_bytes_out(int64_t{1} << 30);
+  stage->set_mean_relative_error(0.0123);
+  v1::Artifact* artifact = job.add_artifacts();
+  artifact->set_name("dequantized/model.safetensors");
+  artifact->set_size_bytes(1536);
+  artifact->set_sha256(std::string(64, 'a'));
+  return job;
+}
+
+TEST_F(CommandsTest, GetShowsTheKeyFields) {
+  EXPECT_CALL(stub_, GetJob(_, _, _))
+      .WillOnce(Invoke([](grpc::ClientContext*, const v1::GetJobRequest& request, v1::Job* job) {
+        EXPECT_EQ(request.job_id(), "j-7");
+        *job = FinishedJob();
+        return grpc::Status::OK;
+      }));
+  ASSERT_EQ(Run({"get", "j-7"}), kExitOk);
+  const std::string text = out_.str();
+  EXPECT_THAT(text, HasSubstr("Job:       j-7\n"));
+  EXPECT_THAT(text, HasSubstr("Name:      llama-w4\n"));
+  EXPECT_THAT(text, HasSubstr("State:     SUCCEEDED (100.0%)\n"));
+  EXPECT_THAT(text, HasSubstr("Message:   done\n"));
+  EXPECT_THAT(text, HasSubstr("Labels:    team=nlp\n"));
+  EXPECT_THAT(text, HasSubstr("Worker:    worker-a\n"));
+  EXPECT_THAT(text, HasSubstr("Attempts:  2\n"));
+  EXPECT_THAT(text, HasSubstr("Created:   2024-05-01T12:00:00Z\n"));
+  EXPECT_THAT(text, HasSubstr("Ended:     2024-05-01T12:01:05Z\n"));
+  EXPECT_THAT(text, HasSubstr("4.0 GiB -> 1.0 GiB (4.00x smaller)"));
+  EXPECT_THAT(text, HasSubstr("Bits per weight:  4.25"));
+  EXPECT_THAT(text, HasSubstr("Stage w4 (rtn): 58.5 s"));
+  EXPECT_THAT(text, HasSubstr("mean relative error 0.0123"));
+  EXPECT_THAT(
+      text, HasSubstr("dequantized/model.safetensors     1.5 KiB  sha256 " + std::string(64, 'a')));
+}
+
+TEST_F(CommandsTest, GetJsonIsTheJobMessage) {
+  EXPECT_CALL(stub_, GetJob(_, _, _))
+      .WillOnce(Invoke([](grpc::ClientContext*, const v1::GetJobRequest&, v1::Job* job) {
+        *job = FinishedJob();
+        return grpc::Status::OK;
+      }));
+  ASSERT_EQ(Run({"get", "j-7", "--json"}), kExitOk);
+  v1::Job parsed;
+  ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(out_.str(), &parsed).ok());
+  EXPECT_TRUE(google::protobuf::util::MessageDifferencer::Equals(parsed, FinishedJob()));
+}
+
+TEST_F(CommandsTest, ListPagesFiltersAndPrintsATable) {
+  std::vector<v1::ListJobsRequest> requests;
+  EXPECT_CALL(stub_, ListJobs(_, _, _))
+      .Times(2)
+      .WillRepeatedly(Invoke([&](grpc::ClientContext*, const v1::ListJobsRequest& request,
+                                 v1::ListJobsResponse* response) {
+        requests.push_back(request);
+        if (request.page_token().empty()) {
+          v1::Job* job = response->add_jobs();
+          job->set_id("j-3");
+          job->set_state(v1::RUNNING);
+          job->set_progress(0.5);
+          job->mutable_spec()->set_name("third");
+          response->add_jobs()->set_id("j-2");
+          response->set_next_page_token("page-2");
+        } else {
+          EXPECT_EQ(request.page_token(), "page-2");
+          response->add_jobs()->set_id("j-1");
+        }
+        return grpc::Status::OK;
+      }));
+  ASSERT_EQ(Run({"list", "--state", "running,Queued", "--state", "failed", "--label", "team=nlp"}),
+            kExitOk)
+      << err_.str();
+  ASSERT_EQ(requests.size(), 2u);
+  EXPECT_THAT(requests[0].states(), ::testing::ElementsAre(v1::RUNNING, v1::QUEUED, v1::FAILED));
+  EXPECT_EQ(requests[0].labels().at("team"), "nlp");
+  EXPECT_EQ(requests[0].page_size(), 100);
+  EXPECT_EQ(requests[1].page_size(), 98);
+
+  std::vector<std::string> lines = Lines(out_.str());
+  ASSERT_EQ(lines.size(), 4u);
+  EXPECT_THAT(lines[0], ContainsRegex("^ID +STATE +PROGRESS +CREATED +NAME$"));
+  EXPECT_THAT(lines[1], ContainsRegex("^j-3 +RUNNING +50% +- +third$"));
+  EXPECT_THAT(lines[2], ContainsRegex("^j-2 +UNKNOWN +0% +-$"));
+  EXPECT_THAT(lines[3], ContainsRegex("^j-1 "));
+  EXPECT_EQ(err_.str(), "");
+}
+
+TEST_F(CommandsTest, ListStopsAtTheLimitAndSaysThereIsMore) {
+  EXPECT_CALL(stub_, ListJobs(_, _, _))
+      .WillOnce(Invoke([&](grpc::ClientContext*, const v1::ListJobsRequest& request,
+                           v1::ListJobsResponse* response) {
+        EXPECT_EQ(request.page_size(), 2);
+        response->add_jobs()->set_id("j-9");
+        response->add_jobs()->set_id("j-8");
+        response->set_next_page_token("more");
+        return grpc::Status::OK;
+      }));
+  ASSERT_EQ(Run({"list", "--limit", "2", "--json"}), kExitOk);
+  EXPECT_EQ(out_.str(), "{\"id\":\"j-9\"}\n{\"id\":\"j-8\"}\n");
+
+  EXPECT_EQ(Run({"list", "--state", "sleeping"}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("unknown state \"sleeping\""));
+}
+
+TEST_F(CommandsTest, CancelPrintsTheNewState) {
+  EXPECT_CALL(stub_, CancelJob(_, _, _))
+      .WillOnce(Invoke([](grpc::ClientContext*, const v1::CancelJobRequest& request, v1::Job* job) {
+        job->set_id(request.job_id());
+        job->set_state(v1::CANCELLED);
+        return grpc::Status::OK;
+      }));
+  ASSERT_EQ(Run({"cancel", "j-4"}), kExitOk);
+  EXPECT_EQ(out_.str(), "j-4 CANCELLED\n");
+}
+
+// ---------------------------------------------------------------- watch, logs
+
+TEST_F(CommandsTest, WatchJsonPrintsOneObjectPerEventAndExit3OnFailure) {
+  EXPECT_CALL(stub_, WatchJobRaw(_, _))
+      .WillOnce(Invoke([](grpc::ClientContext*, const v1::WatchJobRequest& request) {
+        EXPECT_EQ(request.job_id(), "j-1");
+        EXPECT_EQ(request.from_sequence(), 0);
+        return StreamOf<v1::JobEvent>({StateEvent(1, v1::RUNNING), ProgressEvent(2, 0.5, "half"),
+                                       LogEvent(3, "ERROR", "CUDA out of memory"),
+                                       StateEvent(4, v1::FAILED, "out of memory")});
+      }));
+  EXPECT_EQ(Run({"watch", "j-1", "--json"}, /*is_terminal=*/true), kExitJobFailed);
+  std::vector<std::string> lines = Lines(out_.str());
+  ASSERT_EQ(lines.size(), 4u);
+  for (size_t i = 0; i < lines.size(); ++i) {
+    v1::JobEvent event;
+    ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(lines[i], &event).ok()) << lines[i];
+    EXPECT_EQ(event.sequence(), static_cast<int64_t>(i + 1));
+  }
+  EXPECT_THAT(lines[1], HasSubstr("\"fraction\":0.5"));
+  EXPECT_EQ(err_.str(), "compressctl: watch: job j-1 FAILED: out of memory\n");
+}
+
+TEST_F(CommandsTest, WatchOutsideATerminalPrintsJsonAndExit0OnSuccess) {
+  EXPECT_CALL(stub_, WatchJobRaw(_, _))
+      .WillOnce(Invoke([](grpc::ClientContext*, const v1::WatchJobRequest& request) {
+        EXPECT_EQ(request.from_sequence(), 5);
+        return StreamOf<v1::JobEvent>({ProgressEvent(5, 1, "done"), StateEvent(6, v1::SUCCEEDED)});
+      }));
+  EXPECT_EQ(Run({"watch", "j-1", "--from-sequence", "5"}), kExitOk);
+  EXPECT_EQ(Lines(out_.str()).size(), 2u);
+  EXPECT_EQ(err_.str(), "");
+}
+
+TEST_F(CommandsTest, WatchOnATerminalDrawsAProgressBar) {
+  EXPECT_CALL(stub_, WatchJobRaw(_, _))
+      .WillOnce(Invoke([](grpc::ClientContext*, const v1::WatchJobRequest&) {
+        return StreamOf<v1::JobEvent>(
+            {StateEvent(1, v1::RUNNING), ProgressEvent(2, 0.25, "block 8"),
+             ProgressEvent(3, 0.5, "block 16"), StateEvent(4, v1::SUCCEEDED)});
+      }));
+  EXPECT_EQ(Run({"watch", "j-1"}, /*is_terminal=*/true), kExitOk);
+  const std::string text = out_.str();
+  EXPECT_THAT(text, HasSubstr("\r\x1b[K[###############...............]  50.0%"));
+  // A quarter per 10 s of event time leaves 20 s for the second half.
+  EXPECT_THAT(text, HasSubstr("ETA 20s  w4: block 16"));
+  EXPECT_THAT(text, HasSubstr("INFO state RUNNING\n"));
+  EXPECT_THAT(text, HasSubstr("INFO state SUCCEEDED\n"));
+  EXPECT_THAT(text, Not(HasSubstr("{")));
+}
+
+TEST_F(CommandsTest, WatchReconnectsFromTheLastSeenSequence) {
+  EXPECT_CALL(stub_, WatchJobRaw(_, _))
+      .WillOnce(Invoke([](grpc::ClientContext*, const v1::WatchJobRequest& request) {
+        EXPECT_EQ(request.from_sequence(), 0);
+        return StreamOf<v1::JobEvent>(
+            {StateEvent(1, v1::RUNNING), ProgressEvent(2, 0.5, "half")},
+            grpc::Status(grpc::StatusCode::UNAVAILABLE, "server restart"));
+      }))
+      .WillOnce(Invoke([](grpc::ClientContext*, const v1::WatchJobRequest& request) {
+        EXPECT_EQ(request.from_sequence(), 3);
+        // A server may repeat an event; it is shown once.
+        return StreamOf<v1::JobEvent>(
+            {ProgressEvent(2, 0.5, "half"), StateEvent(3, v1::SUCCEEDED)});
+      }));
+  EXPECT_EQ(Run({"watch", "j-1", "--json"}), kExitOk) << err_.str();
+  EXPECT_EQ(Lines(out_.str()).size(), 3u);
+}
+
+TEST_F(CommandsTest, WatchStopsOnOtherErrors) {
+  EXPECT_CALL(stub_, WatchJobRaw(_, _))
+      .WillOnce(Invoke([](grpc::ClientContext*, const v1::WatchJobRequest&) {
+        return StreamOf<v1::JobEvent>({},
+                                      grpc::Status(grpc::StatusCode::NOT_FOUND, "no job j-404"));
+      }));
+  EXPECT_EQ(Run({"watch", "j-404"}), kExitRpcError);
+  EXPECT_EQ(err_.str(), "compressctl: watch: NOT_FOUND: no job j-404\n");
+}
+
+TEST_F(CommandsTest, WatchAsksTheJobWhenTheStreamEndsWithoutAFinalState) {
+  EXPECT_CALL(stub_, WatchJobRaw(_, _))
+      .WillOnce(Invoke([](grpc::ClientContext*, const v1::WatchJobRequest&) {
+        return StreamOf<v1::JobEvent>({});
+      }));
+  EXPECT_CALL(stub_, GetJob(_, _, _))
+      .WillOnce(Invoke([](grpc::ClientContext*, const v1::GetJobRequest&, v1::Job* job) {
+        job->set_state(v1::FAILED);
+        job->set_message("lease lost 3 times");
+        return grpc::Status::OK;
+      }));
+  EXPECT_EQ(Run({"watch", "j-1", "--from-sequence", "99"}), kExitJobFailed);
+  EXPECT_EQ(err_.str(), "compressctl: watch: job j-1 FAILED: lease lost 3 times\n");
+}
+
+TEST_F(CommandsTest, LogsPrintsLogLinesAndStateChangesUpToNow) {
+  EXPECT_CALL(stub_, GetJob(_, _, _))
+      .WillOnce(Invoke([](grpc::ClientContext*, const v1::GetJobRequest&, v1::Job* job) {
+        job->set_state(v1::RUNNING);
+        job->set_last_sequence(3);
+        return grpc::Status::OK;
+      }));
+  EXPECT_CALL(stub_, WatchJobRaw(_, _))
+      .WillOnce(Invoke([](grpc::ClientContext*, const v1::WatchJobRequest&) {
+        // Event 4 arrives while reading; without --follow it is past "now".
+        return StreamOf<v1::JobEvent>(
+            {StateEvent(1, v1::RUNNING), ProgressEvent(2, 0.1, "x"),
+             LogEvent(3, "WARNING", "slow disk"), LogEvent(4, "INFO", "later")},
+            grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
+      }));
+  ASSERT_EQ(Run({"logs", "j-1"}), kExitOk) << err_.str();
+  EXPECT_EQ(out_.str(),
+            "2024-05-01T12:00:10.000Z INFO state RUNNING\n"
+            "2024-05-01T12:00:30.000Z WARNING slow disk\n");
+}
+
+TEST_F(CommandsTest, LogsFollowReadsUntilTheStreamEnds) {
+  EXPECT_CALL(stub_, GetJob(_, _, _)).Times(0);
+  EXPECT_CALL(stub_, WatchJobRaw(_, _))
+      .WillOnce(Invoke([](grpc::ClientContext*, const v1::WatchJobRequest&) {
+        return StreamOf<v1::JobEvent>(
+            {LogEvent(1, "INFO", "a"), LogEvent(2, "", "b"), StateEvent(3, v1::FAILED, "boom")});
+      }));
+  ASSERT_EQ(Run({"logs", "j-1", "--follow"}), kExitOk);
+  EXPECT_EQ(out_.str(),
+            "2024-05-01T12:00:10.000Z INFO a\n"
+            "2024-05-01T12:00:20.000Z INFO b\n"
+            "2024-05-01T12:00:30.000Z ERROR state FAILED: boom\n");
+}
+
+// ---------------------------------------------------------------- fetch
+
+class FetchTest : public CommandsTest {
+ protected:
+  static constexpr char kName[] = "dequantized/model.safetensors";
+
+  void SetUp() override {
+    CommandsTest::SetUp();
+    for (int i = 0; i < 1000; ++i) content_.push_back(static_cast<char>(i * 7));
+    out_dir_ = (dir_ / "out").string();
+  }
+
+  // GetJob answers a job with one artifact whose recorded sha256 is `sha256`.
+  void ExpectGetJob(const std::string& sha256) {
+    EXPECT_CALL(stub_, GetJob(_, _, _))
+        .WillRepeatedly(
+            Invoke([this, sha256](grpc::ClientContext*, const v1::GetJobRequest&, v1::Job* job) {
+              job->set_id("j-1");
+              job->set_state(v1::SUCCEEDED);
+              v1::Artifact* artifact = job->add_artifacts();
+              artifact->set_name(artifact_name_);
+              artifact->set_size_bytes(static_cast<int64_t>(content_.size()));
+              artifact->set_sha256(sha256);
+              return grpc::Status::OK;
+            }));
+  }
+
+  // DownloadArtifact serves content_ from the requested offset in 300-byte chunks.
+  void ExpectDownloads(int times, std::vector<int64_t>* offsets) {
+    EXPECT_CALL(stub_, DownloadArtifactRaw(_, _))
+        .Times(times)
+        .WillRepeatedly(Invoke(
+            [this, offsets](grpc::ClientContext*, const v1::DownloadArtifactRequest& request) {
+              EXPECT_EQ(request.job_id(), "j-1");
+              EXPECT_EQ(request.name(), artifact_name_);
+              offsets->push_back(request.offset());
+              std::vector<v1::ArtifactChunk> chunks;
+              for (int64_t at = request.offset(); at < static_cast<int64_t>(content_.size());
+                   at += 300) {
+                v1::ArtifactChunk chunk;
+                chunk.set_offset(at);
+                chunk.set_data(content_.substr(at, 300));
+                chunk.set_total_size(static_cast<int64_t>(content_.size()));
+                chunks.push_back(chunk);
+              }
+              return StreamOf<v1::ArtifactChunk>(chunks);
+            }));
+  }
+
+  std::string FinalPath() const { return out_dir_ + "/" + artifact_name_; }
+  std::string PartialPath() const { return FinalPath() + ".partial"; }
+  static std::string Slurp(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  }
+
+  std::string content_;
+  std::string out_dir_;
+  std::string artifact_name_ = kName;
+};
+
+TEST_F(FetchTest, DownloadsVerifiesAndRenamesIntoPlace) {
+  ExpectGetJob(Sha256Hex(content_));
+  std::vector<int64_t> offsets;
+  ExpectDownloads(1, &offsets);
+  ASSERT_EQ(Run({"fetch", "j-1", "--out", out_dir_}), kExitOk) << err_.str();
+  EXPECT_EQ(offsets, std::vector<int64_t>{0});
+  EXPECT_EQ(Slurp(FinalPath()), content_);
+  EXPECT_FALSE(fs::exists(PartialPath()));
+  EXPECT_EQ(out_.str(), std::string(kName) + ": 1000 B, sha256 ok\n");
+}
+
+TEST_F(FetchTest, ResumesFromThePartialFile) {
+  fs::create_directories(fs::path(PartialPath()).parent_path());
+  std::ofstream(PartialPath(), std::ios::binary) << content_.substr(0, 420);
+  ExpectGetJob(Sha256Hex(content_));
+  std::vector<int64_t> offsets;
+  ExpectDownloads(1, &offsets);
+  ASSERT_EQ(Run({"fetch", "j-1", "--out", out_dir_}), kExitOk) << err_.str();
+  EXPECT_EQ(offsets, std::vector<int64_t>{420});
+  EXPECT_EQ(Slurp(FinalPath()), content_);
+  EXPECT_FALSE(fs::exists(PartialPath()));
+  EXPECT_THAT(out_.str(), HasSubstr("resumed at byte 420"));
+}
+
+TEST_F(FetchTest, ResumesWithinOneRunAfterUnavailable) {
+  ExpectGetJob(Sha256Hex(content_));
+  std::vector<int64_t> offsets;
+  EXPECT_CALL(stub_, DownloadArtifactRaw(_, _))
+      .WillOnce(Invoke([&](grpc::ClientContext*, const v1::DownloadArtifactRequest& request) {
+        offsets.push_back(request.offset());
+        v1::ArtifactChunk chunk;
+        chunk.set_data(content_.substr(0, 600));
+        return StreamOf<v1::ArtifactChunk>({chunk},
+                                           grpc::Status(grpc::StatusCode::UNAVAILABLE, "reset"));
+      }))
+      .WillOnce(Invoke([&](grpc::ClientContext*, const v1::DownloadArtifactRequest& request) {
+        offsets.push_back(request.offset());
+        v1::ArtifactChunk chunk;
+        chunk.set_offset(600);
+        chunk.set_data(content_.substr(600));
+        return StreamOf<v1::ArtifactChunk>({chunk});
+      }));
+  ASSERT_EQ(Run({"fetch", "j-1", "--out", out_dir_}), kExitOk) << err_.str();
+  EXPECT_EQ(offsets, (std::vector<int64_t>{0, 600}));
+  EXPECT_EQ(Slurp(FinalPath()), content_);
+}
+
+TEST_F(FetchTest, Sha256MismatchLeavesNoFile) {
+  ExpectGetJob(std::string(64, '0'));
+  std::vector<int64_t> offsets;
+  ExpectDownloads(1, &offsets);
+  EXPECT_EQ(Run({"fetch", "j-1", "--out", out_dir_}), kExitRpcError);
+  const std::string error = err_.str();
+  EXPECT_THAT(error, AllOf(HasSubstr("compressctl: fetch: DATA_LOSS: "),
+                           HasSubstr("sha256 mismatch"), HasSubstr(Sha256Hex(content_))));
+  EXPECT_EQ(std::count(error.begin(), error.end(), '\n'), 1);  // one line
+  EXPECT_FALSE(fs::exists(FinalPath()));
+  EXPECT_FALSE(fs::exists(PartialPath()));
+}
+
+TEST_F(FetchTest, ChunkAtTheWrongOffsetIsDataLoss) {
+  ExpectGetJob(Sha256Hex(content_));
+  EXPECT_CALL(stub_, DownloadArtifactRaw(_, _))
+      .WillOnce(Invoke([&](grpc::ClientContext*, const v1::DownloadArtifactRequest&) {
+        v1::ArtifactChunk chunk;
+        chunk.set_offset(10);
+        chunk.set_data("xyz");
+        return StreamOf<v1::ArtifactChunk>({chunk});
+      }));
+  EXPECT_EQ(Run({"fetch", "j-1", "--out", out_dir_}), kExitRpcError);
+  EXPECT_THAT(err_.str(), HasSubstr("DATA_LOSS: " + std::string(kName) +
+                                    ": the server sent bytes at 10, expected 0"));
+  EXPECT_FALSE(fs::exists(FinalPath()));
+}
+
+TEST_F(FetchTest, AlreadyFetchedFilesAreNotDownloadedAgain) {
+  fs::create_directories(fs::path(FinalPath()).parent_path());
+  std::ofstream(FinalPath(), std::ios::binary) << content_;
+  ExpectGetJob(Sha256Hex(content_));
+  EXPECT_CALL(stub_, DownloadArtifactRaw(_, _)).Times(0);
+  ASSERT_EQ(Run({"fetch", "j-1", "--out", out_dir_}), kExitOk);
+  EXPECT_THAT(out_.str(), HasSubstr("already fetched"));
+}
+
+TEST_F(FetchTest, UnsafeArtifactNamesAreRefused) {
+  artifact_name_ = "../escaped.safetensors";
+  ExpectGetJob(Sha256Hex(content_));
+  EXPECT_CALL(stub_, DownloadArtifactRaw(_, _)).Times(0);
+  EXPECT_EQ(Run({"fetch", "j-1", "--out", out_dir_}), kExitRpcError);
+  EXPECT_THAT(err_.str(), HasSubstr("PERMISSION_DENIED: artifact name \"../escaped.safetensors\""));
+  EXPECT_FALSE(fs::exists(dir_ / "escaped.safetensors"));
+  EXPECT_FALSE(fs::exists(dir_ / "escaped.safetensors.partial"));
+}
+
+TEST_F(FetchTest, NameSelectsOneArtifact) {
+  ExpectGetJob(Sha256Hex(content_));
+  EXPECT_CALL(stub_, DownloadArtifactRaw(_, _)).Times(0);
+  EXPECT_EQ(Run({"fetch", "j-1", "--out", out_dir_, "--name", "packed/model.safetensors"}),
+            kExitRpcError);
+  EXPECT_EQ(err_.str(),
+            "compressctl: fetch: NOT_FOUND: job j-1 has no artifact "
+            "\"packed/model.safetensors\" (artifacts: " +
+                std::string(kName) + ")\n");
+}
+
+TEST_F(FetchTest, OutIsRequired) {
+  EXPECT_CALL(stub_, GetJob(_, _, _)).Times(0);
+  EXPECT_EQ(Run({"fetch", "j-1"}), kExitUsage);
+  EXPECT_EQ(err_.str(), "compressctl: fetch: --out DIR is required\n");
+}
+
+TEST_F(CommandsTest, HelpNeedsNoServer) {
+  absl::StatusOr<ParsedArgs> parsed = ParseArgs({"help"});
+  ASSERT_TRUE(parsed.ok());
+  EXPECT_EQ(RunCommand(nullptr, *parsed, out_, err_, false), kExitOk);
+  EXPECT_THAT(out_.str(), HasSubstr("compressctl fetch"));
+}
+
+}  // namespace
+}  // namespace compress::client

@@ -1,0 +1,340 @@
+#include "common/recipe.h"
+
+#include <gmock/gmock.h>
+#include <google/protobuf/util/message_differencer.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "tests/testing/temp_dir.h"
+
+namespace compress {
+namespace {
+
+namespace v1 = compress::v1;
+using ::google::protobuf::util::MessageDifferencer;
+using ::testing::AllOf;
+using ::testing::HasSubstr;
+
+constexpr char kYamlRecipe[] = R"(# 4-bit RTN, two outputs
+name: llama-w4
+model:
+  path: models/llama
+stages:
+  - name: w4
+    rtn:
+      bits: 4
+      symmetric: true
+      group_size: 128
+      include: ["mlp\\.", 'self_attn']
+      exclude:
+        - lm_head
+outputs: [dequantized_safetensors, Packed_Safetensors]
+calibration:
+  path: calib.txt
+  numSamples: 8
+priority: -5
+labels:
+  team: nlp
+  version: "2"
+)";
+
+constexpr char kJsonRecipe[] = R"({
+  "name": "llama-w4",
+  "model": {"path": "models/llama"},
+  "stages": [{"name": "w4", "rtn": {"bits": 4, "symmetric": true, "groupSize": 128,
+              "include": ["mlp\\.", "self_attn"], "exclude": ["lm_head"]}}],
+  "outputs": ["DEQUANTIZED_SAFETENSORS", "packed_safetensors"],
+  "calibration": {"path": "calib.txt", "num_samples": 8},
+  "priority": -5,
+  "labels": {"team": "nlp", "version": "2"}
+})";
+
+v1::JobSpec ValidSpec() {
+  v1::JobSpec spec;
+  spec.mutable_model()->set_path("models/llama");
+  v1::RtnStage* rtn = spec.add_stages()->mutable_rtn();
+  rtn->set_bits(4);
+  rtn->set_group_size(128);
+  return spec;
+}
+
+std::string Problem(const v1::JobSpec& spec) {
+  absl::Status status = ValidateJobSpec(spec);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  return std::string(status.message());
+}
+
+TEST(RecipeTest, YamlAndJsonGiveTheSameJobSpec) {
+  absl::StatusOr<v1::JobSpec> from_yaml = ParseRecipe(kYamlRecipe, "w4.yaml");
+  absl::StatusOr<v1::JobSpec> from_json = ParseRecipe(kJsonRecipe, "w4.json");
+  ASSERT_TRUE(from_yaml.ok()) << from_yaml.status();
+  ASSERT_TRUE(from_json.ok()) << from_json.status();
+  EXPECT_TRUE(MessageDifferencer::Equals(*from_yaml, *from_json))
+      << from_yaml->DebugString() << "\nvs\n"
+      << from_json->DebugString();
+
+  const v1::JobSpec& spec = *from_yaml;
+  EXPECT_EQ(spec.name(), "llama-w4");
+  EXPECT_EQ(spec.model().path(), "models/llama");
+  ASSERT_EQ(spec.stages_size(), 1);
+  EXPECT_EQ(spec.stages(0).rtn().bits(), 4);
+  EXPECT_EQ(spec.stages(0).rtn().group_size(), 128);
+  EXPECT_TRUE(spec.stages(0).rtn().symmetric());
+  EXPECT_EQ(spec.stages(0).rtn().include(0), "mlp\\.");
+  ASSERT_EQ(spec.outputs_size(), 2);
+  EXPECT_EQ(spec.outputs(0), v1::DEQUANTIZED_SAFETENSORS);
+  EXPECT_EQ(spec.outputs(1), v1::PACKED_SAFETENSORS);
+  EXPECT_EQ(spec.calibration().num_samples(), 8);
+  EXPECT_EQ(spec.priority(), -5);
+  EXPECT_EQ(spec.labels().at("version"), "2");
+  EXPECT_TRUE(ValidateJobSpec(spec).ok()) << ValidateJobSpec(spec);
+}
+
+TEST(RecipeTest, EnumsAreCaseInsensitive) {
+  for (const char* name : {"packed_safetensors", "PACKED_SAFETENSORS", "Packed_SafeTensors"}) {
+    absl::StatusOr<v1::JobSpec> spec = ParseRecipe(std::string("outputs: [") + name + "]");
+    ASSERT_TRUE(spec.ok()) << name << ": " << spec.status();
+    ASSERT_EQ(spec->outputs_size(), 1);
+    EXPECT_EQ(spec->outputs(0), v1::PACKED_SAFETENSORS);
+  }
+  EXPECT_EQ(ParseRecipe("outputs: [gguf]").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(RecipeTest, UnknownFieldIsRejectedByName) {
+  absl::StatusOr<v1::JobSpec> yaml =
+      ParseRecipe("model: {path: m}\nstages:\n  - rtn: {bitz: 4}\n", "typo.yaml");
+  EXPECT_EQ(yaml.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(yaml.status().message()),
+              AllOf(HasSubstr("typo.yaml"), HasSubstr("bitz")));
+
+  absl::StatusOr<v1::JobSpec> json = ParseRecipe(R"({"modle": {"path": "m"}})", "typo.json");
+  EXPECT_EQ(json.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(json.status().message()),
+              AllOf(HasSubstr("typo.json"), HasSubstr("modle")));
+}
+
+TEST(RecipeTest, SyntaxErrorsNameTheSourceAndPosition) {
+  absl::StatusOr<v1::JobSpec> yaml = ParseRecipe("model:\n  path: [unclosed\n", "bad.yaml");
+  EXPECT_EQ(yaml.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(yaml.status().message()), HasSubstr("bad.yaml:"));
+  EXPECT_THAT(std::string(yaml.status().message()),
+              ::testing::ContainsRegex("bad\\.yaml:[0-9]+:[0-9]+: "));
+
+  absl::StatusOr<v1::JobSpec> json =
+      ParseRecipe("{\n  \"model\": {\"path\": \"m\"},,\n}", "bad.json");
+  EXPECT_EQ(json.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(json.status().message()), HasSubstr("bad.json:2:"));
+}
+
+TEST(RecipeTest, YamlFlowMappingThatIsNotJsonStillParses) {
+  absl::StatusOr<v1::JobSpec> spec = ParseRecipe("{model: {path: m}, stages: [{rtn: {bits: 3}}]}");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->model().path(), "m");
+  EXPECT_EQ(spec->stages(0).rtn().bits(), 3);
+}
+
+TEST(RecipeTest, ARecipeMustBeAMapping) {
+  EXPECT_THAT(std::string(ParseRecipe("- just\n- a list\n", "list.yaml").status().message()),
+              HasSubstr("list.yaml: a recipe is a mapping"));
+  // An empty file is an empty spec; validation then says what is missing.
+  absl::StatusOr<v1::JobSpec> empty = ParseRecipe("", "empty.yaml");
+  ASSERT_TRUE(empty.ok()) << empty.status();
+  EXPECT_THAT(std::string(ValidateJobSpec(*empty).message()), HasSubstr("model.path"));
+}
+
+TEST(RecipeTest, PlainScalarsUnderStringFieldsStayStrings) {
+  // YAML would type these as numbers or booleans; the schema says string.
+  absl::StatusOr<v1::JobSpec> spec = ParseRecipe(
+      "name: 2024\nmodel: {path: 0x10}\nlabels: {version: 2, stable: true, ratio: 1.50}\n"
+      "stages: [{name: 1, rtn: {bits: 4, include: [0, mlp]}}]\npriority: 7\n");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->name(), "2024");
+  EXPECT_EQ(spec->model().path(), "0x10");
+  EXPECT_EQ(spec->labels().at("version"), "2");
+  EXPECT_EQ(spec->labels().at("stable"), "true");
+  EXPECT_EQ(spec->labels().at("ratio"), "1.50");  // the text as written
+  EXPECT_EQ(spec->stages(0).name(), "1");
+  EXPECT_EQ(spec->stages(0).rtn().bits(), 4);
+  EXPECT_EQ(spec->stages(0).rtn().include(0), "0");
+  EXPECT_EQ(spec->priority(), 7);
+}
+
+TEST(RecipeTest, WrongTypesNameTheField) {
+  absl::StatusOr<v1::JobSpec> spec = ParseRecipe("priority: high\n", "types.yaml");
+  EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(spec.status().message()), HasSubstr("priority"));
+}
+
+TEST(YamlToJsonTest, TypesPlainScalarsAndKeepsQuotedOnesAsStrings) {
+  absl::StatusOr<std::string> json = YamlToJson(
+      "int: 12\nneg: -3\nhex: 0x1f\noctal: 0o17\nfloat: 1.5\nexp: 1e3\n"
+      "yes_bool: true\nno_bool: False\nnothing: ~\nempty:\ntext: hello world\n"
+      "quoted_int: \"12\"\nsingle_quoted_bool: 'true'\nquoted_null: \"null\"\n"
+      "inf: -.inf\nlist: [1, two, \"3\"]\nblock: |\n  line\n");
+  ASSERT_TRUE(json.ok()) << json.status();
+  // nlohmann orders object keys, so the text is stable.
+  EXPECT_EQ(
+      *json,
+      R"({"block":"line\n","empty":null,"exp":1000.0,"float":1.5,"hex":31,"inf":"-Infinity",)"
+      R"("int":12,"list":[1,"two","3"],"neg":-3,"no_bool":false,"nothing":null,"octal":15,)"
+      R"("quoted_int":"12","quoted_null":"null","single_quoted_bool":"true","text":"hello world",)"
+      R"("yes_bool":true})");
+}
+
+TEST(YamlToJsonTest, RejectsDuplicateKeys) {
+  absl::StatusOr<std::string> json = YamlToJson("a: 1\nb: 2\na: 3\n");
+  EXPECT_EQ(json.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(json.status().message()), HasSubstr("duplicate key \"a\""));
+}
+
+TEST(RecipeTest, LoadRecipeFileUsesThePathInErrors) {
+  testing::TempDir temp("recipe");
+  const std::filesystem::path dir(temp.path());
+  const std::string good = (dir / "w4.yaml").string();
+  std::ofstream(good) << kYamlRecipe;
+  absl::StatusOr<v1::JobSpec> loaded = LoadRecipeFile(good);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->name(), "llama-w4");
+
+  const std::string bad = (dir / "bad.yaml").string();
+  std::ofstream(bad) << "stages: [{rtn: {bitz: 4}}]\n";
+  EXPECT_THAT(std::string(LoadRecipeFile(bad).status().message()), HasSubstr(bad));
+
+  EXPECT_EQ(LoadRecipeFile((dir / "missing.yaml").string()).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST(RecipeTest, ToJsonRoundTrips) {
+  absl::StatusOr<v1::JobSpec> spec = ParseRecipe(kYamlRecipe);
+  ASSERT_TRUE(spec.ok());
+  const std::string compact = ToJson(*spec);
+  EXPECT_EQ(compact.find('\n'), std::string::npos);
+  EXPECT_THAT(compact, HasSubstr("\"groupSize\":128"));
+  const std::string pretty = ToJson(*spec, /*pretty=*/true);
+  EXPECT_NE(pretty.find('\n'), std::string::npos);
+  for (const std::string& text : {compact, pretty}) {
+    absl::StatusOr<v1::JobSpec> again = ParseRecipe(text);
+    ASSERT_TRUE(again.ok()) << again.status();
+    EXPECT_TRUE(MessageDifferencer::Equals(*spec, *again));
+  }
+}
+
+// ---------------------------------------------------------------- validation
+
+TEST(ValidateJobSpecTest, AcceptsAValidSpec) {
+  EXPECT_TRUE(ValidateJobSpec(ValidSpec()).ok());
+  v1::JobSpec per_channel = ValidSpec();
+  per_channel.mutable_stages(0)->mutable_rtn()->set_group_size(-1);
+  EXPECT_TRUE(ValidateJobSpec(per_channel).ok());
+  per_channel.mutable_stages(0)->mutable_rtn()->set_group_size(0);
+  EXPECT_TRUE(ValidateJobSpec(per_channel).ok());
+}
+
+TEST(ValidateJobSpecTest, RequiresAModelPath) {
+  v1::JobSpec spec = ValidSpec();
+  spec.clear_model();
+  EXPECT_EQ(Problem(spec), "model.path: is required");
+}
+
+TEST(ValidateJobSpecTest, RequiresBetweenOneAnd64Stages) {
+  v1::JobSpec spec = ValidSpec();
+  spec.clear_stages();
+  EXPECT_EQ(Problem(spec), "stages: at least one stage is required");
+  spec = ValidSpec();
+  while (spec.stages_size() < 64) *spec.add_stages() = spec.stages(0);
+  EXPECT_TRUE(ValidateJobSpec(spec).ok());
+  *spec.add_stages() = spec.stages(0);
+  EXPECT_EQ(Problem(spec), "stages: 65 stages is more than 64");
+}
+
+TEST(ValidateJobSpecTest, EveryStageNeedsAMethod) {
+  v1::JobSpec spec = ValidSpec();
+  spec.add_stages()->set_name("empty");
+  EXPECT_EQ(Problem(spec), "stages[1]: no method set (one of: rtn, sleep)");
+}
+
+TEST(ValidateJobSpecTest, RtnBitsWithin2To8) {
+  v1::JobSpec spec = ValidSpec();
+  spec.mutable_stages(0)->mutable_rtn()->set_bits(9);
+  EXPECT_EQ(Problem(spec), "stages[0].rtn.bits: 9 is outside 2..8");
+  spec.mutable_stages(0)->mutable_rtn()->set_bits(1);
+  EXPECT_EQ(Problem(spec), "stages[0].rtn.bits: 1 is outside 2..8");
+  for (int bits : {2, 8}) {
+    spec.mutable_stages(0)->mutable_rtn()->set_bits(bits);
+    EXPECT_TRUE(ValidateJobSpec(spec).ok()) << bits;
+  }
+}
+
+TEST(ValidateJobSpecTest, NegativeGroupSizeOtherThanMinusOne) {
+  v1::JobSpec spec = ValidSpec();
+  spec.mutable_stages(0)->mutable_rtn()->set_group_size(-2);
+  EXPECT_THAT(Problem(spec), HasSubstr("stages[0].rtn.group_size: -2 is invalid"));
+}
+
+TEST(ValidateJobSpecTest, PatternsMustCompileAsRe2) {
+  v1::JobSpec spec = ValidSpec();
+  spec.mutable_stages(0)->mutable_rtn()->add_include("mlp");
+  spec.mutable_stages(0)->mutable_rtn()->add_include("(unclosed");
+  spec.mutable_stages(0)->mutable_rtn()->add_exclude("[z-a]");
+  const std::string problem = Problem(spec);
+  EXPECT_THAT(problem, HasSubstr("stages[0].rtn.include[1]: \"(unclosed\" is not a valid RE2"));
+  EXPECT_THAT(problem, HasSubstr("stages[0].rtn.exclude[0]: \"[z-a]\""));
+}
+
+TEST(ValidateJobSpecTest, SleepMillisWithin0To60000) {
+  v1::JobSpec spec = ValidSpec();
+  spec.add_stages()->mutable_sleep()->set_millis_per_tensor(-1);
+  EXPECT_EQ(Problem(spec), "stages[1].sleep.millis_per_tensor: -1 is outside 0..60000");
+  spec.mutable_stages(1)->mutable_sleep()->set_millis_per_tensor(60001);
+  EXPECT_EQ(Problem(spec), "stages[1].sleep.millis_per_tensor: 60001 is outside 0..60000");
+  spec.mutable_stages(1)->mutable_sleep()->set_millis_per_tensor(60000);
+  EXPECT_TRUE(ValidateJobSpec(spec).ok());
+}
+
+TEST(ValidateJobSpecTest, PriorityWithinPlusMinus1000) {
+  v1::JobSpec spec = ValidSpec();
+  spec.set_priority(1001);
+  EXPECT_EQ(Problem(spec), "priority: 1001 is outside -1000..1000");
+  spec.set_priority(-1001);
+  EXPECT_EQ(Problem(spec), "priority: -1001 is outside -1000..1000");
+  spec.set_priority(-1000);
+  EXPECT_TRUE(ValidateJobSpec(spec).ok());
+}
+
+TEST(ValidateJobSpecTest, LabelKeysAreNonEmpty) {
+  v1::JobSpec spec = ValidSpec();
+  (*spec.mutable_labels())[""] = "x";
+  EXPECT_EQ(Problem(spec), "labels: a label key is empty");
+}
+
+TEST(ValidateJobSpecTest, OutputsAreKnownAndListedOnce) {
+  v1::JobSpec spec = ValidSpec();
+  spec.add_outputs(v1::OUTPUT_FORMAT_UNSPECIFIED);
+  EXPECT_THAT(Problem(spec), HasSubstr("outputs[0]: 0 is not an output format"));
+  spec.clear_outputs();
+  spec.add_outputs(v1::PACKED_SAFETENSORS);
+  spec.add_outputs(v1::PACKED_SAFETENSORS);
+  EXPECT_EQ(Problem(spec), "outputs[1]: PACKED_SAFETENSORS is listed twice");
+}
+
+TEST(ValidateJobSpecTest, CalibrationCountsAreNotNegative) {
+  v1::JobSpec spec = ValidSpec();
+  spec.mutable_calibration()->set_num_samples(-1);
+  spec.mutable_calibration()->set_sequence_length(-2);
+  EXPECT_EQ(Problem(spec),
+            "calibration.num_samples: -1 is negative; calibration.sequence_length: -2 is negative");
+}
+
+TEST(ValidateJobSpecTest, ReportsEveryProblemAtOnce) {
+  v1::JobSpec spec;
+  spec.set_priority(5000);
+  EXPECT_EQ(Problem(spec),
+            "model.path: is required; stages: at least one stage is required; "
+            "priority: 5000 is outside -1000..1000");
+}
+
+}  // namespace
+}  // namespace compress
