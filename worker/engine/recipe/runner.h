@@ -11,6 +11,18 @@
 
 namespace compress::engine {
 
+// What RunJob writes under RunOptions::output_dir (artifact names start so).
+inline constexpr char kDequantizedOutputDir[] = "dequantized";
+inline constexpr char kPackedOutputDir[] = "packed";
+inline constexpr char kReportFileName[] = "report.json";
+
+// Metrics reported through RunCallbacks::on_metric, once per stage, when
+// every tensor has passed through the stage.
+inline constexpr char kMetricStageSeconds[] = "stage_seconds";                          // "s"
+inline constexpr char kMetricStageBytesIn[] = "stage_bytes_in";                         // "bytes"
+inline constexpr char kMetricStageBytesOut[] = "stage_bytes_out";                       // "bytes"
+inline constexpr char kMetricStageMeanRelativeError[] = "stage_mean_relative_error";  // "ratio"
+
 struct RunOptions {
   std::string model_path;        // HF directory or a single .safetensors file
   std::string output_dir;        // artifacts are written under here
@@ -44,7 +56,14 @@ struct RunResult {
 };
 
 // Runs the stages in order and writes the requested outputs. Every file is
-// written atomically. Errors: INVALID_ARGUMENT for a bad spec or a malformed
+// written atomically.
+//
+// Tensors stream through the job one at a time (the layer-wise runner's
+// order): each is read from the mmapped checkpoint, passed through every
+// stage that targets it in stage order, written to each output and dropped.
+// Outputs are assembled in a hidden staging folder under output_dir and moved
+// into place only when the job succeeds, so a failed or cancelled job leaves
+// no finished-looking file behind. Errors: INVALID_ARGUMENT for a bad spec or a malformed
 // model (the message names the file and tensor), CANCELLED, INTERNAL for a
 // LibTorch failure (caught here, never thrown past this boundary).
 absl::StatusOr<RunResult> RunJob(const compress::v1::JobSpec& spec, const RunOptions& options,

@@ -1,0 +1,491 @@
+// RunJob end to end on small random Llama checkpoints.
+#include "worker/engine/recipe/runner.h"
+
+#include <ATen/ATen.h>
+#include <google/protobuf/util/json_util.h>
+#include <google/protobuf/util/message_differencer.h>
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "absl/strings/match.h"
+#include "common/sha256.h"
+#include "tests/engine/test_util.h"
+#include "worker/engine/model/random_model.h"
+#include "worker/engine/model/safetensors_reader.h"
+#include "worker/engine/quant/packing.h"
+#include "worker/engine/quant/quantized_tensor.h"
+
+namespace compress::engine {
+namespace {
+
+namespace fs = std::filesystem;
+namespace v1 = compress::v1;
+using testing::ExpectInvalidArgument;
+using testing::ReadBytes;
+using testing::TempDir;
+
+constexpr int kTargetsPerLayer = 7;  // q, k, v, o, gate, up, down
+
+v1::JobSpec RtnSpec(int bits, bool symmetric, int group_size,
+                    std::vector<v1::OutputFormat> outputs = {}) {
+  v1::JobSpec spec;
+  spec.set_name("test");
+  v1::RtnStage* rtn = spec.add_stages()->mutable_rtn();
+  rtn->set_bits(bits);
+  rtn->set_symmetric(symmetric);
+  rtn->set_group_size(group_size);
+  for (v1::OutputFormat f : outputs) spec.add_outputs(f);
+  return spec;
+}
+
+// Everything the callbacks saw.
+struct Recorded {
+  std::vector<std::tuple<double, std::string, std::string>> progress;
+  std::vector<std::tuple<std::string, std::string, double, std::string>> metrics;
+  RunCallbacks callbacks;
+  Recorded() {
+    callbacks.on_progress = [this](double f, const std::string& stage, const std::string& m) {
+      progress.emplace_back(f, stage, m);
+    };
+    callbacks.on_metric = [this](const std::string& stage, const std::string& name, double value,
+                                 const std::string& unit) {
+      metrics.emplace_back(stage, name, value, unit);
+    };
+  }
+};
+
+class RunJobTest : public ::testing::Test {
+ protected:
+  // A 2-layer F16 model, one file, plus a tokenizer file to copy.
+  void SetUp() override {
+    RandomModelOptions options;
+    options.dtype = SafetensorsDtype::kF16;
+    options.seed = 42;
+    model_dir_ = dir_ / "model";
+    ASSERT_TRUE(WriteRandomLlamaModel(options, model_dir_).ok());
+    testing::WriteBytes(model_dir_ + "/tokenizer.json", "{\"model\": {}}");
+    out_dir_ = dir_ / "out";
+  }
+
+  absl::StatusOr<RunResult> Run(const v1::JobSpec& spec, const RunCallbacks& callbacks = {},
+                                const std::string& model = "") {
+    RunOptions options;
+    options.model_path = model.empty() ? model_dir_ : model;
+    options.output_dir = out_dir_;
+    return RunJob(spec, options, callbacks);
+  }
+
+  // Relative paths of every file under the output folder.
+  std::set<std::string> FilesInOutput() const {
+    std::set<std::string> files;
+    if (!fs::exists(out_dir_)) return files;
+    for (const auto& entry : fs::recursive_directory_iterator(out_dir_)) {
+      if (entry.is_regular_file()) files.insert(fs::relative(entry.path(), out_dir_).string());
+    }
+    return files;
+  }
+
+  void ExpectNothingWritten() const {
+    EXPECT_TRUE(FilesInOutput().empty());
+    if (fs::exists(out_dir_)) EXPECT_TRUE(fs::is_empty(out_dir_)) << "no staging folder left";
+  }
+
+  TempDir dir_;
+  std::string model_dir_;
+  std::string out_dir_;
+};
+
+// Every artifact exists with its size and sha256, and nothing else was written.
+void ExpectArtifactsMatchDisk(const RunResult& result, const std::string& out_dir,
+                              const std::set<std::string>& files_on_disk) {
+  std::set<std::string> names;
+  for (const ProducedArtifact& a : result.artifacts) {
+    SCOPED_TRACE(a.name);
+    EXPECT_TRUE(names.insert(a.name).second) << "listed twice";
+    const std::string path = out_dir + "/" + a.name;
+    ASSERT_TRUE(fs::exists(path));
+    EXPECT_EQ(static_cast<int64_t>(fs::file_size(path)), a.size_bytes);
+    EXPECT_EQ(*Sha256OfFile(path), a.sha256);
+    const v1::OutputFormat expected =
+        absl::StartsWith(a.name, "dequantized/") ? v1::DEQUANTIZED_SAFETENSORS
+        : absl::StartsWith(a.name, "packed/")    ? v1::PACKED_SAFETENSORS
+                                                 : v1::OUTPUT_FORMAT_UNSPECIFIED;
+    EXPECT_EQ(a.format, expected);
+  }
+  EXPECT_EQ(names, files_on_disk);
+}
+
+TEST_F(RunJobTest, DequantizedAndPackedOutputsAgreeWithTheReport) {
+  Recorded recorded;
+  absl::StatusOr<RunResult> result =
+      Run(RtnSpec(4, false, 32, {v1::DEQUANTIZED_SAFETENSORS, v1::PACKED_SAFETENSORS}),
+          recorded.callbacks);
+  ASSERT_TRUE(result.ok()) << result.status();
+
+  const std::set<std::string> files = FilesInOutput();
+  EXPECT_EQ(files,
+            (std::set<std::string>{"dequantized/model.safetensors", "dequantized/config.json",
+                                   "dequantized/tokenizer.json", "packed/model.safetensors",
+                                   "packed/config.json", "packed/quantize_config.json",
+                                   "packed/tokenizer.json", "report.json"}));
+  ExpectArtifactsMatchDisk(*result, out_dir_, files);
+
+  absl::StatusOr<SafetensorsCheckpoint> input = SafetensorsCheckpoint::Open(model_dir_);
+  absl::StatusOr<SafetensorsCheckpoint> dequantized =
+      SafetensorsCheckpoint::Open(out_dir_ + "/dequantized");
+  absl::StatusOr<SafetensorsCheckpoint> packed = SafetensorsCheckpoint::Open(out_dir_ + "/packed");
+  ASSERT_TRUE(input.ok() && dequantized.ok() && packed.ok());
+
+  // Dequantized: same names, order, shapes and dtypes; only targets changed.
+  const v1::StageReport& stage = result->report.stages(0);
+  std::map<std::string, const v1::TensorReport*> reported;
+  for (const v1::TensorReport& t : stage.tensors()) reported[t.name()] = &t;
+  ASSERT_EQ(reported.size(), 2u * kTargetsPerLayer);
+  ASSERT_EQ(dequantized->tensors().size(), input->tensors().size());
+  int64_t before = 0, parameters = 0, quantized_parameters = 0;
+  for (size_t i = 0; i < input->tensors().size(); ++i) {
+    const SafetensorsTensorInfo& in = input->tensors()[i].info;
+    const SafetensorsTensorInfo& out = dequantized->tensors()[i].info;
+    SCOPED_TRACE(in.name);
+    EXPECT_EQ(out.name, in.name);
+    EXPECT_EQ(out.shape, in.shape);
+    EXPECT_EQ(out.dtype, in.dtype);
+    before += static_cast<int64_t>(in.NumBytes());
+    parameters += in.NumElements();
+    auto report = reported.find(in.name);
+    if (report == reported.end()) {
+      EXPECT_EQ(*dequantized->RawBytes(in.name), *input->RawBytes(in.name));
+      EXPECT_EQ(*packed->RawBytes(in.name), *input->RawBytes(in.name));
+      continue;
+    }
+    quantized_parameters += in.NumElements();
+    at::Tensor original = *input->Load(in.name, at::kCPU);
+    at::Tensor result_values = *dequantized->Load(in.name, at::kCPU);
+    EXPECT_FALSE(original.equal(result_values));
+    EXPECT_NEAR(report->second->relative_error(), RelativeError(original, result_values), 1e-12);
+    EXPECT_GT(report->second->relative_error(), 0.0);
+    EXPECT_LT(report->second->relative_error(), 0.15);
+    EXPECT_EQ(report->second->bits(), 4);
+    EXPECT_EQ(report->second->bytes_before(), static_cast<int64_t>(in.NumBytes()));
+    EXPECT_EQ(report->second->bytes_after(), PackedLinearBytes(in.shape[0], in.shape[1], 4, 32));
+
+    // Packed: the four tensors unpack to exactly the dequantized values.
+    const std::string prefix = in.name.substr(0, in.name.size() - std::string(".weight").size());
+    EXPECT_EQ(packed->Find(in.name), nullptr);
+    PackedLinear parts;
+    parts.qweight = *packed->Load(prefix + ".qweight", at::kCPU);
+    parts.qzeros = *packed->Load(prefix + ".qzeros", at::kCPU);
+    parts.scales = *packed->Load(prefix + ".scales", at::kCPU);
+    parts.g_idx = *packed->Load(prefix + ".g_idx", at::kCPU);
+    absl::StatusOr<QuantizedTensor> unpacked = UnpackLinear(parts, 4, in.name);
+    ASSERT_TRUE(unpacked.ok()) << unpacked.status();
+    EXPECT_EQ(unpacked->group_size, 32);
+    EXPECT_TRUE(Dequantize(*unpacked, at::kHalf).equal(result_values));
+  }
+
+  // Report totals.
+  const v1::JobReport& report = result->report;
+  uint64_t packed_bytes = 0;
+  for (const auto& shard : packed->shards()) packed_bytes += shard->header().DataSectionBytes();
+  int64_t quantized_after = 0;
+  double error_sum = 0;
+  for (const v1::TensorReport& t : stage.tensors()) {
+    quantized_after += t.bytes_after();
+    error_sum += t.relative_error();
+  }
+  EXPECT_EQ(report.size_before_bytes(), before);
+  EXPECT_EQ(report.size_after_bytes(), static_cast<int64_t>(packed_bytes));
+  EXPECT_LT(report.size_after_bytes(), report.size_before_bytes());
+  EXPECT_EQ(report.parameters(), parameters);
+  EXPECT_EQ(report.quantized_parameters(), quantized_parameters);
+  EXPECT_DOUBLE_EQ(report.bits_per_weight(), 8.0 * quantized_after / quantized_parameters);
+  // 4 + 16/32 (scales) + 4/32 (zeros) + 32/out_features (g_idx, large for this tiny model).
+  EXPECT_GT(report.bits_per_weight(), 4.625);
+  EXPECT_LT(report.bits_per_weight(), 5.625);
+  EXPECT_EQ(stage.name(), "rtn");
+  EXPECT_EQ(stage.method(), "rtn");
+  EXPECT_DOUBLE_EQ(stage.mean_relative_error(), error_sum / stage.tensors_size());
+  EXPECT_EQ(stage.bytes_out(), quantized_after);
+  EXPECT_GT(report.seconds(), 0.0);
+
+  // report.json is the same report.
+  v1::JobReport from_file;
+  ASSERT_TRUE(
+      google::protobuf::util::JsonStringToMessage(ReadBytes(out_dir_ + "/report.json"), &from_file)
+          .ok());
+  EXPECT_TRUE(google::protobuf::util::MessageDifferencer::Equals(from_file, report));
+
+  // config.json: the dequantized one unchanged, the packed one with quantization_config.
+  EXPECT_EQ(ReadBytes(out_dir_ + "/dequantized/config.json"),
+            ReadBytes(model_dir_ + "/config.json"));
+  nlohmann::json config = nlohmann::json::parse(ReadBytes(out_dir_ + "/packed/config.json"));
+  EXPECT_EQ(config["model_type"], "llama");
+  const nlohmann::json& q = config["quantization_config"];
+  EXPECT_EQ(q["quant_method"], "gptq");
+  EXPECT_EQ(q["bits"], 4);
+  EXPECT_EQ(q["group_size"], 32);
+  EXPECT_EQ(q["desc_act"], false);
+  EXPECT_EQ(q["sym"], false);
+
+  // Progress: nondecreasing, one message per tensor naming it, then done.
+  ASSERT_EQ(recorded.progress.size(), reported.size() + 1);
+  double last = 0;
+  for (size_t i = 0; i < recorded.progress.size(); ++i) {
+    const auto& [fraction, stage_name, message] = recorded.progress[i];
+    EXPECT_GE(fraction, last);
+    last = fraction;
+    if (i + 1 < recorded.progress.size()) {
+      EXPECT_EQ(stage_name, "rtn");
+      // "rtn: <tensor> [shape] ..."
+      const size_t begin = message.find(' ') + 1;
+      const std::string tensor = message.substr(begin, message.find(' ', begin) - begin);
+      EXPECT_TRUE(reported.count(tensor)) << message;
+    }
+  }
+  EXPECT_EQ(std::get<0>(recorded.progress.back()), 1.0);
+
+  // One metric of each kind for the stage.
+  std::map<std::string, double> metrics;
+  for (const auto& [stage_name, name, value, unit] : recorded.metrics) {
+    EXPECT_EQ(stage_name, "rtn");
+    metrics[name] = value;
+  }
+  EXPECT_EQ(metrics.size(), 4u);
+  EXPECT_EQ(metrics[kMetricStageBytesOut], static_cast<double>(quantized_after));
+  EXPECT_DOUBLE_EQ(metrics[kMetricStageMeanRelativeError], stage.mean_relative_error());
+}
+
+TEST_F(RunJobTest, ShardedInputIsMirroredInBothOutputs) {
+  RandomModelOptions options;
+  options.dtype = SafetensorsDtype::kBF16;
+  options.max_shard_bytes = 30000;
+  const std::string sharded = dir_ / "sharded";
+  ASSERT_TRUE(WriteRandomLlamaModel(options, sharded).ok());
+
+  absl::StatusOr<RunResult> result =
+      Run(RtnSpec(3, true, 0, {v1::PACKED_SAFETENSORS, v1::DEQUANTIZED_SAFETENSORS}), {}, sharded);
+  ASSERT_TRUE(result.ok()) << result.status();
+  ExpectArtifactsMatchDisk(*result, out_dir_, FilesInOutput());
+
+  absl::StatusOr<SafetensorsCheckpoint> input = SafetensorsCheckpoint::Open(sharded);
+  absl::StatusOr<SafetensorsCheckpoint> dequantized =
+      SafetensorsCheckpoint::Open(out_dir_ + "/dequantized");
+  absl::StatusOr<SafetensorsCheckpoint> packed = SafetensorsCheckpoint::Open(out_dir_ + "/packed");
+  ASSERT_TRUE(input.ok() && dequantized.ok() && packed.ok());
+  ASSERT_TRUE(dequantized->sharded() && packed->sharded());
+  ASSERT_EQ(dequantized->shards().size(), input->shards().size());
+  ASSERT_EQ(packed->shards().size(), input->shards().size());
+  for (size_t s = 0; s < input->shards().size(); ++s) {
+    EXPECT_EQ(FileBaseName(dequantized->shards()[s]->path()),
+              FileBaseName(input->shards()[s]->path()));
+    EXPECT_EQ(FileBaseName(packed->shards()[s]->path()), FileBaseName(input->shards()[s]->path()));
+  }
+  for (const CheckpointTensor& t : input->tensors()) {
+    SCOPED_TRACE(t.info.name);
+    const CheckpointTensor* d = dequantized->Find(t.info.name);
+    ASSERT_NE(d, nullptr);
+    EXPECT_EQ(d->shard, t.shard);
+    EXPECT_EQ(d->info.dtype, SafetensorsDtype::kBF16);
+    if (absl::StrContains(t.info.name, "proj")) {
+      const std::string prefix = t.info.name.substr(0, t.info.name.size() - 7);
+      const CheckpointTensor* qweight = packed->Find(prefix + ".qweight");
+      ASSERT_NE(qweight, nullptr);
+      EXPECT_EQ(qweight->shard, t.shard) << "packed parts stay in the input's shard";
+      PackedLinear parts{
+          *packed->Load(prefix + ".qweight", at::kCPU), *packed->Load(prefix + ".qzeros", at::kCPU),
+          *packed->Load(prefix + ".scales", at::kCPU), *packed->Load(prefix + ".g_idx", at::kCPU)};
+      EXPECT_EQ(parts.scales.size(0), 1) << "per channel: one group";
+      absl::StatusOr<QuantizedTensor> unpacked = UnpackLinear(parts, 3, t.info.name);
+      ASSERT_TRUE(unpacked.ok()) << unpacked.status();
+      EXPECT_TRUE(
+          Dequantize(*unpacked, at::kBFloat16).equal(*dequantized->Load(t.info.name, at::kCPU)));
+    } else {
+      EXPECT_EQ(*packed->RawBytes(t.info.name), *input->RawBytes(t.info.name));
+    }
+  }
+  nlohmann::json config = nlohmann::json::parse(ReadBytes(out_dir_ + "/packed/config.json"));
+  EXPECT_EQ(config["quantization_config"]["quant_method"], "compress_rtn");
+  EXPECT_EQ(config["quantization_config"]["bits"], 3);
+  EXPECT_EQ(config["quantization_config"]["group_size"], -1);
+  EXPECT_EQ(config["quantization_config"]["sym"], true);
+}
+
+TEST_F(RunJobTest, CancellationReturnsCancelledAndLeavesNoFinishedLookingFiles) {
+  for (int cancel_after : {0, 3, 13}) {
+    SCOPED_TRACE(cancel_after);
+    int progress_calls = 0;
+    RunCallbacks callbacks;
+    callbacks.on_progress = [&](double, const std::string&, const std::string&) {
+      ++progress_calls;
+    };
+    callbacks.is_cancelled = [&] { return progress_calls >= cancel_after; };
+    absl::StatusOr<RunResult> result =
+        Run(RtnSpec(4, true, 32, {v1::DEQUANTIZED_SAFETENSORS, v1::PACKED_SAFETENSORS}), callbacks);
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kCancelled) << result.status();
+    EXPECT_EQ(progress_calls, cancel_after) << "stopped between tensors";
+    ExpectNothingWritten();
+  }
+}
+
+TEST_F(RunJobTest, IncludeAndExcludePatternsAreHonoured) {
+  absl::StatusOr<SafetensorsCheckpoint> input = SafetensorsCheckpoint::Open(model_dir_);
+  ASSERT_TRUE(input.ok());
+  struct Case {
+    std::vector<std::string> include, exclude;
+    std::function<bool(const std::string&)> expect_quantized;
+  };
+  const Case cases[] = {
+      {{},
+       {"down_proj", R"(layers\.1\.self_attn)"},
+       [](const std::string& n) {
+         return absl::StrContains(n, "layers.") && absl::StrContains(n, "proj") &&
+                !absl::StrContains(n, "down_proj") && !absl::StrContains(n, "layers.1.self_attn");
+       }},
+      {{"^lm_head"}, {}, [](const std::string& n) { return n == "lm_head.weight"; }},
+      {{"embed_tokens", "mlp"},
+       {"layers\\.0\\."},
+       [](const std::string& n) {
+         return n == "model.embed_tokens.weight" || absl::StrContains(n, "layers.1.mlp");
+       }},
+  };
+  for (const Case& c : cases) {
+    v1::JobSpec spec = RtnSpec(8, false, 0);
+    for (const std::string& p : c.include) spec.mutable_stages(0)->mutable_rtn()->add_include(p);
+    for (const std::string& p : c.exclude) spec.mutable_stages(0)->mutable_rtn()->add_exclude(p);
+    SCOPED_TRACE(spec.ShortDebugString());
+    absl::StatusOr<RunResult> result = Run(spec);
+    ASSERT_TRUE(result.ok()) << result.status();
+    absl::StatusOr<SafetensorsCheckpoint> out =
+        SafetensorsCheckpoint::Open(out_dir_ + "/dequantized");
+    ASSERT_TRUE(out.ok());
+    std::set<std::string> reported;
+    for (const v1::TensorReport& t : result->report.stages(0).tensors()) reported.insert(t.name());
+    for (const CheckpointTensor& t : input->tensors()) {
+      const bool quantized = c.expect_quantized(t.info.name);
+      EXPECT_EQ(reported.count(t.info.name) == 1, quantized) << t.info.name;
+      EXPECT_EQ(*out->RawBytes(t.info.name) != *input->RawBytes(t.info.name), quantized)
+          << t.info.name;
+    }
+  }
+}
+
+TEST_F(RunJobTest, PatternsMatchingNothingAreInvalidArgumentNamingThePattern) {
+  auto with = [](const std::string& include, const std::string& exclude) {
+    v1::JobSpec spec = RtnSpec(4, false, 0);
+    if (!include.empty()) spec.mutable_stages(0)->mutable_rtn()->add_include(include);
+    if (!exclude.empty()) spec.mutable_stages(0)->mutable_rtn()->add_exclude(exclude);
+    return spec;
+  };
+  ExpectInvalidArgument(Run(with("q_projection", "")).status(), {"'q_projection'", "matches no"});
+  ExpectInvalidArgument(Run(with("", "no_such_tensor")).status(),
+                        {"'no_such_tensor'", "matches no"});
+  ExpectInvalidArgument(Run(with("input_layernorm", "")).status(),
+                        {"'input_layernorm'", "2-D"});  // only 1-D tensors match
+  ExpectInvalidArgument(Run(with("proj(", "")).status(), {"'proj('", "RE2"});
+  ExpectInvalidArgument(Run(with("", "proj")).status(), {"leave no tensor"});
+  ExpectNothingWritten();
+}
+
+TEST_F(RunJobTest, GroupSizeThatDoesNotDivideIsInvalidArgumentBeforeAnyWork) {
+  Recorded recorded;
+  absl::Status status = Run(RtnSpec(4, false, 48), recorded.callbacks).status();
+  ExpectInvalidArgument(status,
+                        {"model.layers.0.self_attn.q_proj.weight", "[64, 64]", "group_size 48"});
+  EXPECT_TRUE(recorded.progress.empty());
+  ExpectNothingWritten();
+  // 128 divides the MLP's in_features but not attention's 64.
+  ExpectInvalidArgument(Run(RtnSpec(4, false, 128)).status(), {"[64, 64]", "group_size 128"});
+}
+
+TEST_F(RunJobTest, SleepStageHoldsTheJobAndChangesNothing) {
+  v1::JobSpec spec;
+  v1::Stage* sleep = spec.add_stages();
+  sleep->set_name("nap");
+  sleep->mutable_sleep()->set_millis_per_tensor(5);
+  Recorded recorded;
+  const auto start = std::chrono::steady_clock::now();
+  absl::StatusOr<RunResult> result = Run(spec, recorded.callbacks);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_GE(std::chrono::steady_clock::now() - start,
+            std::chrono::milliseconds(5 * 2 * kTargetsPerLayer));
+  EXPECT_EQ(ReadBytes(out_dir_ + "/dequantized/model.safetensors"),
+            ReadBytes(model_dir_ + "/model.safetensors"));
+  ASSERT_EQ(result->report.stages_size(), 1);
+  EXPECT_EQ(result->report.stages(0).name(), "nap");
+  EXPECT_EQ(result->report.stages(0).method(), "sleep");
+  EXPECT_EQ(result->report.stages(0).bytes_in(), result->report.stages(0).bytes_out());
+  EXPECT_EQ(result->report.quantized_parameters(), 0);
+  EXPECT_EQ(result->report.size_after_bytes(), result->report.size_before_bytes());
+  EXPECT_EQ(recorded.progress.size(), 2u * kTargetsPerLayer + 1);
+  EXPECT_EQ(std::get<1>(recorded.progress.front()), "nap");
+}
+
+TEST_F(RunJobTest, StagesRunInOrderOnEachTensor) {
+  v1::JobSpec spec = RtnSpec(4, false, 32, {v1::PACKED_SAFETENSORS});
+  spec.mutable_stages()->Add()->mutable_sleep()->set_millis_per_tensor(0);
+  spec.mutable_stages()->SwapElements(0, 1);  // sleep, then rtn
+  Recorded recorded;
+  absl::StatusOr<RunResult> result = Run(spec, recorded.callbacks);
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_EQ(result->report.stages_size(), 2);
+  EXPECT_EQ(result->report.stages(0).method(), "sleep");
+  EXPECT_EQ(result->report.stages(1).method(), "rtn");
+  ASSERT_EQ(recorded.progress.size(), 2u * 2 * kTargetsPerLayer + 1);
+  EXPECT_EQ(std::get<1>(recorded.progress[0]), "sleep");
+  EXPECT_EQ(std::get<1>(recorded.progress[1]), "rtn");
+  EXPECT_EQ(recorded.metrics.size(), 8u);
+  EXPECT_FALSE(fs::exists(out_dir_ + "/dequantized")) << "only the requested output";
+  EXPECT_TRUE(fs::exists(out_dir_ + "/packed/model.safetensors"));
+}
+
+TEST_F(RunJobTest, BadRequestsAndModelsAreRejectedWithTheRightCode) {
+  RunOptions options;
+  options.model_path = model_dir_;
+  options.output_dir = out_dir_;
+  options.device = "tpu:0";
+  EXPECT_EQ(RunJob(RtnSpec(4, false, 0), options, {}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  if (!at::hasCUDA()) {
+    options.device = "cuda:0";
+    EXPECT_EQ(RunJob(RtnSpec(4, false, 0), options, {}).status().code(),
+              absl::StatusCode::kFailedPrecondition);
+  }
+  ExpectInvalidArgument(Run(v1::JobSpec()).status(), {"no stages"});
+  ExpectInvalidArgument(Run(RtnSpec(9, false, 0)).status(), {"bits 9"});
+  v1::JobSpec mixed = RtnSpec(4, false, 0, {v1::PACKED_SAFETENSORS});
+  *mixed.add_stages() = RtnSpec(8, false, 0).stages(0);
+  ExpectInvalidArgument(Run(mixed).status(), {"one RTN configuration"});
+  EXPECT_TRUE(Run(RtnSpec(4, false, 0), {}, dir_ / "missing").status().code() ==
+              absl::StatusCode::kNotFound);
+
+  // A malformed checkpoint: the header lies about an offset.
+  std::string bytes = ReadBytes(model_dir_ + "/model.safetensors");
+  bytes.resize(bytes.size() - 2);
+  testing::WriteBytes(model_dir_ + "/model.safetensors", bytes);
+  ExpectInvalidArgument(Run(RtnSpec(4, false, 0)).status(),
+                        {model_dir_ + "/model.safetensors", "tensor 'lm_head.weight'"});
+  ExpectNothingWritten();
+}
+
+TEST_F(RunJobTest, SingleFileInputAndRerunsReplaceEarlierOutputs) {
+  const std::string file = model_dir_ + "/model.safetensors";
+  absl::StatusOr<RunResult> first =
+      Run(RtnSpec(2, false, 64, {v1::DEQUANTIZED_SAFETENSORS, v1::PACKED_SAFETENSORS}), {}, file);
+  ASSERT_TRUE(first.ok()) << first.status();
+  absl::StatusOr<RunResult> second = Run(RtnSpec(8, false, 64), {}, file);
+  ASSERT_TRUE(second.ok()) << second.status();
+  const std::set<std::string> files = FilesInOutput();
+  ExpectArtifactsMatchDisk(*second, out_dir_, files);
+  EXPECT_EQ(std::distance(fs::directory_iterator(out_dir_), fs::directory_iterator()), 2)
+      << "dequantized/ and report.json: the first run's packed/ is gone, nothing hidden left";
+  EXPECT_LT(second->report.stages(0).mean_relative_error(),
+            first->report.stages(0).mean_relative_error());
+}
+
+}  // namespace
+}  // namespace compress::engine
