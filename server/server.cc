@@ -46,6 +46,11 @@ absl::Status CompressServer::Start() {
   if (grpc_server_ == nullptr || grpc_port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", config_.listen));
   }
+  if (grpc::HealthCheckServiceInterface* health = grpc_server_->GetHealthCheckService()) {
+    for (const char* service : {"compress.v1.JobService", "compress.v1.WorkerService"}) {
+      health->SetServingStatus(service, true);
+    }
+  }
   scheduler_->Start();
 
   if (!config_.metrics_listen.empty()) {
@@ -60,6 +65,9 @@ absl::Status CompressServer::Start() {
 }
 
 void CompressServer::Shutdown() {
+  if (grpc_server_ && grpc_server_->GetHealthCheckService()) {
+    grpc_server_->GetHealthCheckService()->Shutdown();  // NOT_SERVING while draining
+  }
   if (scheduler_) scheduler_->Stop();  // ends waiting long polls first
   if (grpc_server_) grpc_server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   http_.Stop();

@@ -3,9 +3,11 @@
 // and the CLI. Models are random Llama-shaped checkpoints the worker writes.
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
+#include <httplib.h>
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -13,6 +15,8 @@
 #include "common/safetensors_header.h"
 #include "common/sha256.h"
 #include "compress/v1/compress.grpc.pb.h"
+#include "grpc_reflection_subset.grpc.pb.h"
+#include "grpc_standard_services.grpc.pb.h"
 #include "tests/testing/subprocess.h"
 #include "tests/testing/temp_dir.h"
 
@@ -58,7 +62,7 @@ class EndToEndTest : public ::testing::Test {
     workers_[id] = std::make_unique<Subprocess>(
         std::vector<std::string>{COMPRESS_WORKER_BIN, "--server", absl::StrCat("127.0.0.1:", port_),
                                  "--worker-id", id, "--work-dir", dir_.Sub("work-" + id),
-                                 "--poll-millis", "500"},
+                                 "--poll-millis", "500", "--metrics-listen", "127.0.0.1:0"},
         dir_.Sub(id + ".log"));
   }
 
@@ -318,6 +322,72 @@ TEST_F(EndToEndTest, TheCliSubmitsWatchesAndFetches) {
   rc = testing::RunCommand({COMPRESSCTL_BIN, "--server", server, "get", "job-missing"}, &output);
   EXPECT_EQ(rc, 2) << output;
   EXPECT_NE(output.find("NOT_FOUND"), std::string::npos) << output;
+}
+
+TEST_F(EndToEndTest, GenericGrpcToolsSeeHealthAndReflection) {
+  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_),
+                                     grpc::InsecureChannelCredentials());
+  auto health = grpc::health::v1::Health::NewStub(channel);
+  for (const std::string service : {"", "compress.v1.JobService", "compress.v1.WorkerService"}) {
+    grpc::ClientContext context;
+    grpc::health::v1::HealthCheckRequest request;
+    request.set_service(service);
+    grpc::health::v1::HealthCheckResponse response;
+    grpc::Status status = health->Check(&context, request, &response);
+    ASSERT_TRUE(status.ok()) << "service '" << service << "': " << status.error_message();
+    EXPECT_EQ(response.status(), grpc::health::v1::HealthCheckResponse::SERVING) << service;
+  }
+
+  auto reflection = grpc::reflection::v1alpha::ServerReflection::NewStub(channel);
+  grpc::ClientContext context;
+  auto stream = reflection->ServerReflectionInfo(&context);
+  grpc::reflection::v1alpha::ServerReflectionRequest request;
+  request.set_list_services("");
+  ASSERT_TRUE(stream->Write(request));
+  request.set_file_containing_symbol("compress.v1.JobService");
+  ASSERT_TRUE(stream->Write(request));
+  stream->WritesDone();
+  grpc::reflection::v1alpha::ServerReflectionResponse listed, described;
+  ASSERT_TRUE(stream->Read(&listed));
+  ASSERT_TRUE(stream->Read(&described));
+  EXPECT_TRUE(stream->Finish().ok());
+  std::set<std::string> names;
+  for (const auto& service : listed.list_services_response().service()) names.insert(service.name());
+  EXPECT_TRUE(names.count("compress.v1.JobService"));
+  EXPECT_TRUE(names.count("compress.v1.WorkerService"));
+  EXPECT_TRUE(names.count("grpc.health.v1.Health"));
+  ASSERT_GT(described.file_descriptor_response().file_descriptor_proto_size(), 0);
+  EXPECT_NE(described.file_descriptor_response().file_descriptor_proto(0).find("SubmitJob"),
+            std::string::npos);
+}
+
+// Every /metrics page parses as Prometheus text and passes promtool's lint.
+TEST_F(EndToEndTest, MetricsPagesPassPromtool) {
+  Job job = WaitForEnd(Submit("model: {path: llama}\nstages: [{rtn: {bits: 4}}]\n"));
+  ASSERT_EQ(job.state(), v1::SUCCEEDED);
+  std::vector<std::pair<std::string, int>> pages = {
+      {"server", server_->WaitForNumber("metrics_port")}};
+  for (auto& [id, worker] : workers_) pages.push_back({id, worker->WaitForNumber("metrics_port")});
+  for (const auto& [who, port] : pages) {
+    ASSERT_GT(port, 0) << who;
+    httplib::Client http("127.0.0.1", port);
+    auto health = http.Get("/healthz");
+    ASSERT_TRUE(health) << who;
+    EXPECT_EQ(health->status, 200) << who;
+    auto page = http.Get("/metrics");
+    ASSERT_TRUE(page) << who;
+    EXPECT_NE(page->body.find(who == "server" ? "compress_jobs_finished_total{state=\"SUCCEEDED\"} 1"
+                                              : "compress_worker_resident_memory_bytes"),
+              std::string::npos)
+        << who << "\n" << page->body;
+    if (!fs::exists("/usr/bin/promtool")) continue;
+    std::string path = dir_.Sub(who + ".metrics");
+    std::ofstream(path) << page->body;
+    std::string output;
+    int rc = testing::RunCommand({"/bin/sh", "-c", "/usr/bin/promtool check metrics < " + path}, &output);
+    EXPECT_EQ(rc, 0) << who << ": " << output;
+  }
+  if (!fs::exists("/usr/bin/promtool")) GTEST_SKIP() << "promtool not installed (scripts/setup.sh installs it)";
 }
 
 }  // namespace
