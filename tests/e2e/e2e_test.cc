@@ -18,6 +18,7 @@
 #include "grpc_reflection_subset.grpc.pb.h"
 #include "grpc_standard_services.grpc.pb.h"
 #include "tests/testing/subprocess.h"
+#include "tests/testing/job_stream.h"
 #include "tests/testing/temp_dir.h"
 
 namespace compress {
@@ -126,17 +127,7 @@ class EndToEndTest : public ::testing::Test {
   }
 
   std::vector<JobEvent> WatchAll(const std::string& id) {
-    grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
-    v1::WatchJobRequest request;
-    request.set_job_id(id);
-    auto reader = jobs_->WatchJob(&context, request);
-    std::vector<JobEvent> events;
-    JobEvent event;
-    while (reader->Read(&event)) events.push_back(event);
-    grpc::Status status = reader->Finish();
-    EXPECT_TRUE(status.ok()) << status.error_message();
-    return events;
+    return testing::WatchToEnd(jobs_.get(), id);
   }
 
   std::string Download(const std::string& id, const std::string& name) {
@@ -164,12 +155,6 @@ class EndToEndTest : public ::testing::Test {
   std::unique_ptr<JobService::Stub> jobs_;
 };
 
-void ExpectGapFree(const std::vector<JobEvent>& events) {
-  for (size_t i = 0; i < events.size(); ++i) {
-    ASSERT_EQ(events[i].sequence(), static_cast<int64_t>(i) + 1);
-  }
-}
-
 TEST_F(EndToEndTest, SubmitWatchFetchAndVerify) {
   std::string id = Submit(R"(
 name: llama-w4
@@ -179,7 +164,7 @@ stages:
 outputs: [dequantized_safetensors, packed_safetensors]
 )");
   std::vector<JobEvent> events = WatchAll(id);
-  ExpectGapFree(events);
+  testing::ExpectGapFree(events);
   ASSERT_FALSE(events.empty());
   EXPECT_EQ(events.back().state().state(), v1::SUCCEEDED) << events.back().state().reason();
   int progress = 0, metrics = 0;
@@ -249,7 +234,7 @@ TEST_F(EndToEndTest, JobsFinishAcrossAServerRestart) {
     Job job = WaitForEnd(id);
     EXPECT_EQ(job.state(), v1::SUCCEEDED) << id << ": " << job.message();
     std::vector<JobEvent> events = WatchAll(id);
-    ExpectGapFree(events);
+    testing::ExpectGapFree(events);
   }
 }
 
@@ -266,7 +251,7 @@ TEST_F(EndToEndTest, AKilledWorkersJobFinishesOnTheOther) {
   EXPECT_EQ(job.attempts(), 2);
   EXPECT_NE(job.worker_id(), running->worker_id());
   std::vector<JobEvent> events = WatchAll(id);
-  ExpectGapFree(events);
+  testing::ExpectGapFree(events);
   bool requeued = false;
   for (const JobEvent& e : events) {
     if (e.has_state() && e.state().state() == v1::QUEUED &&

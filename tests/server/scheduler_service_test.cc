@@ -14,6 +14,7 @@
 #include "common/sha256.h"
 #include "compress/v1/compress.grpc.pb.h"
 #include "server/server.h"
+#include "tests/testing/job_stream.h"
 #include "tests/testing/temp_dir.h"
 
 namespace compress::server {
@@ -170,18 +171,7 @@ class ServerTest : public ::testing::Test {
   }
 
   std::vector<JobEvent> WatchAll(const std::string& id, int64_t from = 0) {
-    grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
-    compress::v1::WatchJobRequest request;
-    request.set_job_id(id);
-    request.set_from_sequence(from);
-    auto reader = jobs_->WatchJob(&context, request);
-    std::vector<JobEvent> events;
-    JobEvent event;
-    while (reader->Read(&event)) events.push_back(event);
-    grpc::Status status = reader->Finish();
-    EXPECT_TRUE(status.ok()) << status.error_message();
-    return events;
+    return testing::WatchToEnd(jobs_.get(), id, from);
   }
 
   testing::TempDir data_{"data"};
@@ -191,12 +181,6 @@ class ServerTest : public ::testing::Test {
   std::unique_ptr<JobService::Stub> jobs_;
   std::unique_ptr<WorkerService::Stub> workers_;
 };
-
-void ExpectGapFree(const std::vector<JobEvent>& events, int64_t first = 1) {
-  for (size_t i = 0; i < events.size(); ++i) {
-    EXPECT_EQ(events[i].sequence(), first + static_cast<int64_t>(i));
-  }
-}
 
 TEST_F(ServerTest, SubmitGetAndListWithPagingAndLabels) {
   std::vector<std::string> ids;
@@ -311,7 +295,7 @@ TEST_F(ServerTest, WorkerLifecycleEventsArtifactAndResumableDownload) {
   EXPECT_DOUBLE_EQ(job.report().bits_per_weight(), 4.25);
 
   std::vector<JobEvent> events = WatchAll(id);
-  ExpectGapFree(events);
+  testing::ExpectGapFree(events);
   ASSERT_GE(events.size(), 5u);  // queued, running, progress, artifact, succeeded
   EXPECT_EQ(events.front().state().state(), compress::v1::QUEUED);
   EXPECT_EQ(events.back().state().state(), compress::v1::SUCCEEDED);
@@ -352,7 +336,7 @@ TEST_F(ServerTest, WatchFollowsLiveEventsUntilTheJobEnds) {
   });
   std::vector<JobEvent> events = WatchAll(id);
   producer.join();
-  ExpectGapFree(events);
+  testing::ExpectGapFree(events);
   ASSERT_EQ(events.size(), 2u + 20u + 1u);
   EXPECT_EQ(events.back().state().state(), compress::v1::FAILED);
   EXPECT_NE(events.back().state().reason().find("engine said no"), std::string::npos);
@@ -439,7 +423,7 @@ TEST_F(ServerTest, ARestartKeepsJobsEventsAndRunningLeases) {
   ASSERT_TRUE(Report(worker, task.task_id(), 0.75).ok());
   ASSERT_TRUE(Complete(worker, task.task_id(), true).ok());
   std::vector<JobEvent> events = WatchAll(queued);
-  ExpectGapFree(events);
+  testing::ExpectGapFree(events);
   EXPECT_EQ(events.back().state().state(), compress::v1::SUCCEEDED);
   // Unknown to the restarted server until it registers again.
   grpc::ClientContext context;
