@@ -42,6 +42,8 @@ const std::vector<OptionSpec>& GlobalOptionTable() {
        "sent as 'authorization: Bearer TOKEN' (else $COMPRESS_TOKEN)"},
       {"timeout", OptionKind::kValue, "SECONDS",
        "deadline of each call (default 30 for single calls, none for streams)"},
+      {"tls-ca", OptionKind::kValue, "FILE",
+       "dial with TLS, trusting this PEM CA bundle (else $COMPRESS_TLS_CA)"},
       {"help", OptionKind::kFlag, "", "show help (for a verb: compressctl VERB --help)"},
   };
   return *table;
@@ -174,6 +176,7 @@ absl::Status ResolveGlobals(const EnvLookup& env, ParsedArgs* parsed) {
   std::string server = parsed->Value("server", from_env("COMPRESS_SERVER"));
   if (!server.empty()) parsed->global.server = server;
   parsed->global.token = parsed->Value("token", from_env("COMPRESS_TOKEN"));
+  parsed->global.tls_ca_file = parsed->Value("tls-ca", from_env("COMPRESS_TLS_CA"));
   if (parsed->Has("timeout")) {
     double seconds = 0;
     if (!absl::SimpleAtod(parsed->Value("timeout"), &seconds) || !(seconds > 0)) {

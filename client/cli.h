@@ -29,6 +29,7 @@ constexpr char kDefaultServer[] = "127.0.0.1:50051";
 struct GlobalOptions {
   std::string server = kDefaultServer;    // --server, else $COMPRESS_SERVER
   std::string token;                      // --token, else $COMPRESS_TOKEN
+  std::string tls_ca_file;                // --tls-ca, else $COMPRESS_TLS_CA; empty: plaintext
   std::optional<absl::Duration> timeout;  // --timeout SECONDS
 };
 

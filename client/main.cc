@@ -9,6 +9,7 @@
 
 #include "client/cli.h"
 #include "client/commands.h"
+#include "common/files.h"
 
 int main(int argc, char** argv) {
   using compress::client::ParsedArgs;
@@ -20,8 +21,18 @@ int main(int argc, char** argv) {
   }
   std::unique_ptr<compress::v1::JobService::Stub> stub;
   if (args->verb != "help") {
-    stub = compress::v1::JobService::NewStub(
-        grpc::CreateChannel(args->global.server, grpc::InsecureChannelCredentials()));
+    std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+    if (!args->global.tls_ca_file.empty()) {
+      absl::StatusOr<std::string> ca = compress::ReadFile(args->global.tls_ca_file, 1 << 20);
+      if (!ca.ok()) {
+        std::cerr << "compressctl: --tls-ca: " << ca.status().message() << "\n";
+        return compress::client::kExitUsage;
+      }
+      grpc::SslCredentialsOptions options;
+      options.pem_root_certs = *ca;
+      credentials = grpc::SslCredentials(options);
+    }
+    stub = compress::v1::JobService::NewStub(grpc::CreateChannel(args->global.server, credentials));
   }
   return compress::client::RunCommand(stub.get(), *args, std::cout, std::cerr,
                                       ::isatty(STDOUT_FILENO) == 1);

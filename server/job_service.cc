@@ -206,13 +206,27 @@ class FailedStream : public grpc::ServerWriteReactor<T> {
 
 }  // namespace
 
-std::string TenantOf(const grpc::CallbackServerContext* /*context*/) { return "default"; }
+std::string AuthorizationOf(const grpc::CallbackServerContext* context) {
+  const auto& metadata = context->client_metadata();
+  auto it = metadata.find("authorization");
+  return it == metadata.end() ? "" : std::string(it->second.data(), it->second.size());
+}
+
+absl::StatusOr<Principal> JobServiceImpl::Caller(const grpc::CallbackServerContext* context) const {
+  absl::StatusOr<Principal> caller = auth_->Authenticate(AuthorizationOf(context));
+  if (caller.ok() && caller->role == Role::kWorker) {
+    return absl::PermissionDeniedError("a worker token cannot call JobService");
+  }
+  return caller;
+}
 
 grpc::ServerUnaryReactor* JobServiceImpl::SubmitJob(grpc::CallbackServerContext* context,
                                                     const compress::v1::SubmitJobRequest* request,
                                                     compress::v1::SubmitJobResponse* response) {
+  absl::StatusOr<Principal> caller = Caller(context);
+  if (!caller.ok()) return FinishUnary(context, metrics_, "SubmitJob", caller.status());
   absl::StatusOr<compress::v1::SubmitJobResponse> result =
-      scheduler_->SubmitJob(TenantOf(context), *request);
+      scheduler_->SubmitJob(caller->tenant, *request);
   if (result.ok()) *response = std::move(*result);
   return FinishUnary(context, metrics_, "SubmitJob", result.status());
 }
@@ -220,7 +234,9 @@ grpc::ServerUnaryReactor* JobServiceImpl::SubmitJob(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* JobServiceImpl::GetJob(grpc::CallbackServerContext* context,
                                                  const compress::v1::GetJobRequest* request,
                                                  compress::v1::Job* response) {
-  absl::StatusOr<compress::v1::Job> job = scheduler_->GetJob(TenantOf(context), request->job_id());
+  absl::StatusOr<Principal> caller = Caller(context);
+  if (!caller.ok()) return FinishUnary(context, metrics_, "GetJob", caller.status());
+  absl::StatusOr<compress::v1::Job> job = scheduler_->GetJob(ReadScope(*caller), request->job_id());
   if (job.ok()) *response = std::move(*job);
   return FinishUnary(context, metrics_, "GetJob", job.status());
 }
@@ -228,8 +244,10 @@ grpc::ServerUnaryReactor* JobServiceImpl::GetJob(grpc::CallbackServerContext* co
 grpc::ServerUnaryReactor* JobServiceImpl::ListJobs(grpc::CallbackServerContext* context,
                                                    const compress::v1::ListJobsRequest* request,
                                                    compress::v1::ListJobsResponse* response) {
+  absl::StatusOr<Principal> caller = Caller(context);
+  if (!caller.ok()) return FinishUnary(context, metrics_, "ListJobs", caller.status());
   absl::StatusOr<compress::v1::ListJobsResponse> page =
-      scheduler_->ListJobs(TenantOf(context), *request);
+      scheduler_->ListJobs(ReadScope(*caller), *request);
   if (page.ok()) *response = std::move(*page);
   return FinishUnary(context, metrics_, "ListJobs", page.status());
 }
@@ -237,27 +255,38 @@ grpc::ServerUnaryReactor* JobServiceImpl::ListJobs(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* JobServiceImpl::CancelJob(grpc::CallbackServerContext* context,
                                                     const compress::v1::CancelJobRequest* request,
                                                     compress::v1::Job* response) {
+  absl::StatusOr<Principal> caller = Caller(context);
+  if (!caller.ok()) return FinishUnary(context, metrics_, "CancelJob", caller.status());
   absl::StatusOr<compress::v1::Job> job =
-      scheduler_->CancelJob(TenantOf(context), request->job_id());
+      scheduler_->CancelJob(ReadScope(*caller), request->job_id());
   if (job.ok()) *response = std::move(*job);
   return FinishUnary(context, metrics_, "CancelJob", job.status());
 }
 
 grpc::ServerWriteReactor<JobEvent>* JobServiceImpl::WatchJob(
     grpc::CallbackServerContext* context, const compress::v1::WatchJobRequest* request) {
-  if (request->from_sequence() < 0) {
-    CountRpc(metrics_, "WatchJob", absl::InvalidArgumentError(""));
-    return new FailedStream<JobEvent>(
-        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "from_sequence: must not be negative"));
+  absl::StatusOr<Principal> caller = Caller(context);
+  absl::Status status = caller.status();
+  if (status.ok() && request->from_sequence() < 0) {
+    status = absl::InvalidArgumentError("from_sequence: must not be negative");
   }
-  return new WatchReactor(scheduler_, metrics_, TenantOf(context), request->job_id(),
+  if (!status.ok()) {
+    CountRpc(metrics_, "WatchJob", status);
+    return new FailedStream<JobEvent>(ToGrpcStatus(status));
+  }
+  return new WatchReactor(scheduler_, metrics_, ReadScope(*caller), request->job_id(),
                           request->from_sequence());
 }
 
 grpc::ServerWriteReactor<ArtifactChunk>* JobServiceImpl::DownloadArtifact(
     grpc::CallbackServerContext* context, const compress::v1::DownloadArtifactRequest* request) {
+  absl::StatusOr<Principal> caller = Caller(context);
+  if (!caller.ok()) {
+    CountRpc(metrics_, "DownloadArtifact", caller.status());
+    return new FailedStream<ArtifactChunk>(ToGrpcStatus(caller.status()));
+  }
   absl::StatusOr<ArtifactLocation> location =
-      scheduler_->FindArtifact(TenantOf(context), request->job_id(), request->name());
+      scheduler_->FindArtifact(ReadScope(*caller), request->job_id(), request->name());
   absl::Status status = location.status();
   if (status.ok() && (request->offset() < 0 || request->offset() > location->artifact.size_bytes())) {
     status = absl::OutOfRangeError(absl::StrCat("offset ", request->offset(), " is outside 0..",

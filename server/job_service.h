@@ -2,6 +2,7 @@
 // Scheduler, converts statuses code for code.
 #pragma once
 
+#include "common/auth.h"
 #include "compress/v1/compress.grpc.pb.h"
 #include "server/scheduler.h"
 
@@ -9,8 +10,8 @@ namespace compress::server {
 
 class JobServiceImpl final : public compress::v1::JobService::CallbackService {
  public:
-  JobServiceImpl(Scheduler* scheduler, ServerMetrics* metrics)
-      : scheduler_(scheduler), metrics_(metrics) {}
+  JobServiceImpl(Scheduler* scheduler, ServerMetrics* metrics, const TokenAuthenticator* auth)
+      : scheduler_(scheduler), metrics_(metrics), auth_(auth) {}
 
   grpc::ServerUnaryReactor* SubmitJob(grpc::CallbackServerContext* context,
                                       const compress::v1::SubmitJobRequest* request,
@@ -31,11 +32,21 @@ class JobServiceImpl final : public compress::v1::JobService::CallbackService {
       const compress::v1::DownloadArtifactRequest* request) override;
 
  private:
+  // Who is calling: a client or admin token (a worker token is refused).
+  absl::StatusOr<Principal> Caller(const grpc::CallbackServerContext* context) const;
+
   Scheduler* scheduler_;
   ServerMetrics* metrics_;
+  const TokenAuthenticator* auth_;
 };
 
-// The tenant a call acts for. One tenant until tokens are configured.
-std::string TenantOf(const grpc::CallbackServerContext* context);
+// The `authorization` metadata of a call, or "".
+std::string AuthorizationOf(const grpc::CallbackServerContext* context);
+
+// The tenant whose jobs a caller may see: its own, or every tenant ("") for
+// an admin.
+inline std::string ReadScope(const Principal& caller) {
+  return caller.role == Role::kAdmin ? "" : caller.tenant;
+}
 
 }  // namespace compress::server

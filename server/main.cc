@@ -22,6 +22,10 @@ int main(int argc, char** argv) {
   flags.Add("model-root", &config.model_roots, "folder models may be read from (repeatable)");
   flags.Add("lease-seconds", &config.lease_seconds, "a worker that does not renew for this long loses its task");
   flags.Add("max-attempts", &config.max_attempts, "dispatches before a job fails");
+  flags.Add("auth-tokens", &config.auth_tokens_file,
+            "file of 'TOKEN TENANT [client|admin|worker]' lines ('' : no authentication)");
+  flags.Add("tls-cert", &config.tls_cert_file, "PEM certificate chain for TLS on the gRPC port");
+  flags.Add("tls-key", &config.tls_key_file, "PEM private key for --tls-cert");
   absl::Status parsed = flags.Parse(argc, argv);
   if (!parsed.ok()) {
     std::fprintf(stderr, "%s\n", std::string(parsed.message()).c_str());

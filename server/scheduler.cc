@@ -192,7 +192,7 @@ absl::StatusOr<StoredJob*> Scheduler::FindJobLocked(const std::string& tenant,
                                                     const std::string& job_id) {
   auto it = jobs_.find(job_id);
   // Another tenant's job is indistinguishable from a missing one.
-  if (it == jobs_.end() || it->second.job.tenant() != tenant) {
+  if (it == jobs_.end() || (!tenant.empty() && it->second.job.tenant() != tenant)) {
     return absl::NotFoundError(absl::StrCat("job ", job_id, " not found"));
   }
   return &it->second;
@@ -331,7 +331,7 @@ absl::StatusOr<compress::v1::ListJobsResponse> Scheduler::ListJobs(
   std::lock_guard<std::mutex> lock(mu_);
   for (const auto& [id, stored] : jobs_) {
     const Job& job = stored.job;
-    if (job.tenant() != tenant) continue;
+    if (!tenant.empty() && job.tenant() != tenant) continue;
     if (!states.empty() && !states.count(job.state())) continue;
     bool labels_match = true;
     for (const auto& [key, value] : request.labels()) {

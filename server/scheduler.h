@@ -67,7 +67,7 @@ class Scheduler {
   void Start();
   void Stop();
 
-  // ---- JobService
+  // ---- JobService. `tenant` scopes every read: "" (an admin) sees all.
   absl::StatusOr<compress::v1::SubmitJobResponse> SubmitJob(
       const std::string& tenant, const compress::v1::SubmitJobRequest& request);
   absl::StatusOr<compress::v1::Job> GetJob(const std::string& tenant, const std::string& job_id);

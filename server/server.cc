@@ -31,13 +31,17 @@ absl::Status CompressServer::Start() {
   scheduler_config.lease_timeout = absl::Seconds(config_.lease_seconds);
   scheduler_config.max_attempts = config_.max_attempts;
   ASSIGN_OR_RETURN(scheduler_, Scheduler::Create(scheduler_config, std::move(store), &metrics_));
-  job_service_ = std::make_unique<JobServiceImpl>(scheduler_.get(), &metrics_);
-  worker_service_ = std::make_unique<WorkerServiceImpl>(scheduler_.get(), &metrics_);
+  if (!config_.auth_tokens_file.empty()) {
+    ASSIGN_OR_RETURN(auth_, TokenAuthenticator::FromFile(config_.auth_tokens_file));
+  }
+  job_service_ = std::make_unique<JobServiceImpl>(scheduler_.get(), &metrics_, &auth_);
+  worker_service_ = std::make_unique<WorkerServiceImpl>(scheduler_.get(), &metrics_, &auth_);
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials, ServerCredentials());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(config_.listen, grpc::InsecureServerCredentials(), &grpc_port_);
+  builder.AddListeningPort(config_.listen, credentials, &grpc_port_);
   builder.SetMaxReceiveMessageSize(config_.max_message_bytes);
   builder.SetMaxSendMessageSize(config_.max_message_bytes);
   builder.RegisterService(job_service_.get());
@@ -62,6 +66,18 @@ absl::Status CompressServer::Start() {
                        {"metrics_port", std::to_string(metrics_port_)},
                        {"data_dir", config_.data_dir}});
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> CompressServer::ServerCredentials() const {
+  if (config_.tls_cert_file.empty() != config_.tls_key_file.empty()) {
+    return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
+  }
+  if (config_.tls_cert_file.empty()) return grpc::InsecureServerCredentials();
+  ASSIGN_OR_RETURN(std::string cert, ReadFile(config_.tls_cert_file, 1 << 20));
+  ASSIGN_OR_RETURN(std::string key, ReadFile(config_.tls_key_file, 1 << 20));
+  grpc::SslServerCredentialsOptions options;
+  options.pem_key_cert_pairs.push_back({key, cert});
+  return grpc::SslServerCredentials(options);
 }
 
 void CompressServer::Shutdown() {

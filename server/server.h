@@ -8,6 +8,7 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "common/auth.h"
 #include "common/http_server.h"
 #include "common/metrics.h"
 #include "server/job_service.h"
@@ -16,6 +17,7 @@
 
 namespace grpc {
 class Server;
+class ServerCredentials;
 }
 
 namespace compress::server {
@@ -28,6 +30,9 @@ struct ServerConfig {
   int lease_seconds = 15;
   int max_attempts = 5;
   int max_message_bytes = 8 << 20;
+  std::string auth_tokens_file;   // empty: no authentication (one tenant)
+  std::string tls_cert_file;      // PEM; with tls_key_file: TLS on the gRPC port
+  std::string tls_key_file;
 };
 
 class CompressServer {
@@ -46,9 +51,12 @@ class CompressServer {
   Scheduler* scheduler() { return scheduler_.get(); }
 
  private:
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials() const;
+
   ServerConfig config_;
   metrics::Registry registry_;
   ServerMetrics metrics_;
+  TokenAuthenticator auth_;
   std::unique_ptr<Scheduler> scheduler_;
   std::unique_ptr<JobServiceImpl> job_service_;
   std::unique_ptr<WorkerServiceImpl> worker_service_;

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/files.h"
 #include "common/sha256.h"
+#include "server/job_service.h"
 #include "server/rpc_util.h"
 
 namespace compress::server {
@@ -18,8 +19,12 @@ using compress::v1::UploadArtifactRequest;
 class UploadReactor : public grpc::ServerReadReactor<UploadArtifactRequest> {
  public:
   UploadReactor(Scheduler* scheduler, ServerMetrics* metrics,
-                compress::v1::UploadArtifactResponse* response)
+                compress::v1::UploadArtifactResponse* response, const absl::Status& allowed)
       : scheduler_(scheduler), metrics_(metrics), response_(response) {
+    if (!allowed.ok()) {
+      FinishWith(allowed);
+      return;
+    }
     StartRead(&request_);
   }
 
@@ -99,9 +104,22 @@ class UploadReactor : public grpc::ServerReadReactor<UploadArtifactRequest> {
 
 }  // namespace
 
+absl::Status WorkerServiceImpl::CheckWorker(const grpc::CallbackServerContext* context) const {
+  if (!auth_->enabled()) return absl::OkStatus();
+  absl::StatusOr<Principal> caller = auth_->Authenticate(AuthorizationOf(context));
+  if (!caller.ok()) return caller.status();
+  if (caller->role != Role::kWorker) {
+    return absl::PermissionDeniedError("only worker tokens may call WorkerService");
+  }
+  return absl::OkStatus();
+}
+
 grpc::ServerUnaryReactor* WorkerServiceImpl::RegisterWorker(
     grpc::CallbackServerContext* context, const compress::v1::RegisterWorkerRequest* request,
     compress::v1::RegisterWorkerResponse* response) {
+  if (absl::Status allowed = CheckWorker(context); !allowed.ok()) {
+    return FinishUnary(context, metrics_, "RegisterWorker", allowed);
+  }
   absl::StatusOr<compress::v1::RegisterWorkerResponse> result = scheduler_->RegisterWorker(*request);
   if (result.ok()) *response = std::move(*result);
   return FinishUnary(context, metrics_, "RegisterWorker", result.status());
@@ -110,6 +128,9 @@ grpc::ServerUnaryReactor* WorkerServiceImpl::RegisterWorker(
 grpc::ServerUnaryReactor* WorkerServiceImpl::AcquireTask(
     grpc::CallbackServerContext* context, const compress::v1::AcquireTaskRequest* request,
     compress::v1::AcquireTaskResponse* response) {
+  if (absl::Status allowed = CheckWorker(context); !allowed.ok()) {
+    return FinishUnary(context, metrics_, "AcquireTask", allowed);
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   ServerMetrics* metrics = metrics_;
   scheduler_->AcquireTask(
@@ -124,6 +145,9 @@ grpc::ServerUnaryReactor* WorkerServiceImpl::AcquireTask(
 grpc::ServerUnaryReactor* WorkerServiceImpl::RenewLease(grpc::CallbackServerContext* context,
                                                         const compress::v1::RenewLeaseRequest* request,
                                                         compress::v1::RenewLeaseResponse* response) {
+  if (absl::Status allowed = CheckWorker(context); !allowed.ok()) {
+    return FinishUnary(context, metrics_, "RenewLease", allowed);
+  }
   absl::StatusOr<bool> cancelled = scheduler_->RenewLease(request->worker_id(), request->task_id());
   if (cancelled.ok()) response->set_cancelled(*cancelled);
   return FinishUnary(context, metrics_, "RenewLease", cancelled.status());
@@ -132,19 +156,25 @@ grpc::ServerUnaryReactor* WorkerServiceImpl::RenewLease(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* WorkerServiceImpl::ReportEvents(
     grpc::CallbackServerContext* context, const compress::v1::ReportEventsRequest* request,
     compress::v1::ReportEventsResponse* response) {
+  if (absl::Status allowed = CheckWorker(context); !allowed.ok()) {
+    return FinishUnary(context, metrics_, "ReportEvents", allowed);
+  }
   absl::StatusOr<bool> cancelled = scheduler_->ReportEvents(*request);
   if (cancelled.ok()) response->set_cancelled(*cancelled);
   return FinishUnary(context, metrics_, "ReportEvents", cancelled.status());
 }
 
 grpc::ServerReadReactor<UploadArtifactRequest>* WorkerServiceImpl::UploadArtifact(
-    grpc::CallbackServerContext* /*context*/, compress::v1::UploadArtifactResponse* response) {
-  return new UploadReactor(scheduler_, metrics_, response);
+    grpc::CallbackServerContext* context, compress::v1::UploadArtifactResponse* response) {
+  return new UploadReactor(scheduler_, metrics_, response, CheckWorker(context));
 }
 
 grpc::ServerUnaryReactor* WorkerServiceImpl::CompleteTask(
     grpc::CallbackServerContext* context, const compress::v1::CompleteTaskRequest* request,
     compress::v1::CompleteTaskResponse* /*response*/) {
+  if (absl::Status allowed = CheckWorker(context); !allowed.ok()) {
+    return FinishUnary(context, metrics_, "CompleteTask", allowed);
+  }
   return FinishUnary(context, metrics_, "CompleteTask", scheduler_->CompleteTask(*request));
 }
 

@@ -1,6 +1,7 @@
 // compress.v1.WorkerService: the RPCs workers dial. Thin, like JobServiceImpl.
 #pragma once
 
+#include "common/auth.h"
 #include "compress/v1/compress.grpc.pb.h"
 #include "server/scheduler.h"
 
@@ -8,8 +9,8 @@ namespace compress::server {
 
 class WorkerServiceImpl final : public compress::v1::WorkerService::CallbackService {
  public:
-  WorkerServiceImpl(Scheduler* scheduler, ServerMetrics* metrics)
-      : scheduler_(scheduler), metrics_(metrics) {}
+  WorkerServiceImpl(Scheduler* scheduler, ServerMetrics* metrics, const TokenAuthenticator* auth)
+      : scheduler_(scheduler), metrics_(metrics), auth_(auth) {}
 
   grpc::ServerUnaryReactor* RegisterWorker(grpc::CallbackServerContext* context,
                                            const compress::v1::RegisterWorkerRequest* request,
@@ -31,8 +32,12 @@ class WorkerServiceImpl final : public compress::v1::WorkerService::CallbackServ
                                          compress::v1::CompleteTaskResponse* response) override;
 
  private:
+  // OK for a worker token, or for anyone when no tokens are configured.
+  absl::Status CheckWorker(const grpc::CallbackServerContext* context) const;
+
   Scheduler* scheduler_;
   ServerMetrics* metrics_;
+  const TokenAuthenticator* auth_;
 };
 
 }  // namespace compress::server

@@ -27,15 +27,19 @@ constexpr size_t kUploadChunkBytes = 1 << 20;
 constexpr size_t kMaxBufferedEvents = 20000;
 constexpr int kMaxEventsPerReport = 500;
 
+using PrepareContext = std::function<void(grpc::ClientContext*)>;
+
 // Retries a call while the server is unreachable (restarting, say), with
 // backoff, for up to `budget`.
-grpc::Status CallWithRetry(const std::function<grpc::Status(grpc::ClientContext*)>& call,
+grpc::Status CallWithRetry(const PrepareContext& prepare,
+                           const std::function<grpc::Status(grpc::ClientContext*)>& call,
                            absl::Duration budget = absl::Seconds(60),
                            absl::Duration per_call = absl::Seconds(30)) {
   absl::Time give_up = absl::Now() + budget;
   absl::Duration backoff = absl::Milliseconds(100);
   while (true) {
     grpc::ClientContext context;
+    prepare(&context);
     context.set_deadline(absl::ToChronoTime(absl::Now() + per_call));
     grpc::Status status = call(&context);
     if (status.error_code() != grpc::StatusCode::UNAVAILABLE || absl::Now() + backoff > give_up) {
@@ -52,9 +56,10 @@ grpc::Status CallWithRetry(const std::function<grpc::Status(grpc::ClientContext*
 // polls between tensors.
 class TaskSession {
  public:
-  TaskSession(compress::v1::WorkerService::StubInterface* stub, std::string worker_id,
-              std::string task_id, absl::Duration renew_every)
+  TaskSession(compress::v1::WorkerService::StubInterface* stub, PrepareContext prepare,
+              std::string worker_id, std::string task_id, absl::Duration renew_every)
       : stub_(stub),
+        prepare_(std::move(prepare)),
         worker_id_(std::move(worker_id)),
         task_id_(std::move(task_id)),
         renew_every_(renew_every),
@@ -116,7 +121,7 @@ class TaskSession {
     request.set_task_id(task_id_);
     for (const JobEvent& e : batch) *request.add_events() = e;
     compress::v1::ReportEventsResponse response;
-    grpc::Status status = CallWithRetry([&](grpc::ClientContext* c) {
+    grpc::Status status = CallWithRetry(prepare_, [&](grpc::ClientContext* c) {
       return stub_->ReportEvents(c, request, &response);
     });
     Absorb(status, response.cancelled());
@@ -127,7 +132,7 @@ class TaskSession {
     request.set_worker_id(worker_id_);
     request.set_task_id(task_id_);
     compress::v1::RenewLeaseResponse response;
-    grpc::Status status = CallWithRetry([&](grpc::ClientContext* c) {
+    grpc::Status status = CallWithRetry(prepare_, [&](grpc::ClientContext* c) {
       return stub_->RenewLease(c, request, &response);
     });
     Absorb(status, response.cancelled());
@@ -148,6 +153,7 @@ class TaskSession {
   }
 
   compress::v1::WorkerService::StubInterface* stub_;
+  const PrepareContext prepare_;
   const std::string worker_id_;
   const std::string task_id_;
   const absl::Duration renew_every_;
@@ -195,6 +201,10 @@ WorkerAgent::WorkerAgent(WorkerConfig config,
   metrics_->device_memory_bytes.Set(static_cast<double>(config_.memory_bytes));
 }
 
+void WorkerAgent::Prepare(grpc::ClientContext* context) const {
+  if (!config_.token.empty()) context->AddMetadata("authorization", "Bearer " + config_.token);
+}
+
 absl::Status WorkerAgent::Register(const std::atomic<bool>* stop) {
   compress::v1::RegisterWorkerRequest request;
   request.set_worker_id(worker_id_);
@@ -207,6 +217,7 @@ absl::Status WorkerAgent::Register(const std::atomic<bool>* stop) {
   while (!stop->load()) {
     compress::v1::RegisterWorkerResponse response;
     grpc::ClientContext context;
+    Prepare(&context);
     context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
     grpc::Status status = stub_->RegisterWorker(&context, request, &response);
     if (status.ok()) {
@@ -244,6 +255,7 @@ void WorkerAgent::Run(const std::atomic<bool>* stop) {
     request.set_wait_millis(config_.poll_millis);
     compress::v1::AcquireTaskResponse response;
     grpc::ClientContext context;
+    Prepare(&context);
     context.set_deadline(
         absl::ToChronoTime(absl::Now() + absl::Milliseconds(config_.poll_millis) + absl::Seconds(10)));
     grpc::Status status = stub_->AcquireTask(&context, request, &response);
@@ -269,7 +281,8 @@ void WorkerAgent::RunTask(const compress::v1::Task& task) {
   std::error_code ec;
   fs::remove_all(output_dir, ec);
 
-  TaskSession session(stub_.get(), worker_id_, task.task_id(),
+  PrepareContext prepare = [this](grpc::ClientContext* c) { Prepare(c); };
+  TaskSession session(stub_.get(), prepare, worker_id_, task.task_id(),
                       absl::Seconds(lease_seconds_) / 3);
   engine::RunCallbacks callbacks;
   callbacks.on_progress = [&](double fraction, const std::string& stage, const std::string& message) {
@@ -352,7 +365,7 @@ void WorkerAgent::RunTask(const compress::v1::Task& task) {
   }
   if (outcome == "succeeded" || outcome == "failed") {
     compress::v1::CompleteTaskResponse response;
-    grpc::Status status = CallWithRetry([&](grpc::ClientContext* c) {
+    grpc::Status status = CallWithRetry(prepare, [&](grpc::ClientContext* c) {
       return stub_->CompleteTask(c, complete, &response);
     });
     if (!status.ok()) {
@@ -369,6 +382,7 @@ void WorkerAgent::RunTask(const compress::v1::Task& task) {
 absl::Status WorkerAgent::UploadArtifact(const compress::v1::Task& task, const std::string& path,
                                          const compress::v1::Artifact& artifact) {
   grpc::Status status = CallWithRetry(
+      [this](grpc::ClientContext* c) { Prepare(c); },
       [&](grpc::ClientContext* context) {
         std::ifstream in(path, std::ios::binary);
         if (!in) return grpc::Status(grpc::StatusCode::NOT_FOUND, "cannot open " + path);

@@ -20,6 +20,7 @@ struct WorkerConfig {
   std::string metrics_listen;            // empty: no HTTP endpoint
   int64_t memory_bytes = 0;              // 0: detect
   int poll_millis = 5000;                // long-poll wait for a task
+  std::string token;                     // worker token, sent as a bearer token
 };
 
 class WorkerAgent {
@@ -35,6 +36,9 @@ class WorkerAgent {
   void RunTask(const compress::v1::Task& task);
   absl::Status UploadArtifact(const compress::v1::Task& task, const std::string& path,
                               const compress::v1::Artifact& artifact);
+
+  // Every call carries the worker token (when one is configured).
+  void Prepare(grpc::ClientContext* context) const;
 
   WorkerConfig config_;
   std::unique_ptr<compress::v1::WorkerService::StubInterface> stub_;

@@ -11,6 +11,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/files.h"
 #include "common/flags.h"
 #include "common/http_server.h"
 #include "common/log.h"
@@ -122,6 +123,8 @@ int Serve(int argc, char** argv) {
   compress::worker::WorkerConfig config;
   if (const char* env = std::getenv("COMPRESS_SERVER")) config.server = env;
   int memory_megabytes = 0;
+  std::string token_file, tls_ca_file;
+  if (const char* env = std::getenv("COMPRESS_WORKER_TOKEN")) config.token = env;
   compress::FlagSet flags("compress-worker");
   flags.Add("server", &config.server, "compress-server address (env COMPRESS_SERVER)");
   flags.Add("device", &config.device, "cpu or cuda:N");
@@ -130,7 +133,22 @@ int Serve(int argc, char** argv) {
   flags.Add("metrics-listen", &config.metrics_listen, "HTTP address for /metrics and /healthz");
   flags.Add("memory-megabytes", &memory_megabytes, "device memory to advertise (0: detect)");
   flags.Add("poll-millis", &config.poll_millis, "long-poll wait for a task");
+  flags.Add("token-file", &token_file, "file holding the worker token (else $COMPRESS_WORKER_TOKEN)");
+  flags.Add("tls-ca", &tls_ca_file, "dial with TLS, trusting this PEM CA bundle");
   if (int rc = ParseOrExit(flags, argc, argv, 1); rc >= 0) return rc;
+  if (!token_file.empty()) {
+    absl::StatusOr<std::string> token = compress::ReadFile(token_file, 4096);
+    if (!token.ok()) return Fail(token.status());
+    config.token = std::string(absl::StripAsciiWhitespace(*token));
+  }
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (!tls_ca_file.empty()) {
+    absl::StatusOr<std::string> ca = compress::ReadFile(tls_ca_file, 1 << 20);
+    if (!ca.ok()) return Fail(ca.status());
+    grpc::SslCredentialsOptions options;
+    options.pem_root_certs = *ca;
+    credentials = grpc::SslCredentials(options);
+  }
   config.memory_bytes = static_cast<int64_t>(memory_megabytes) << 20;
 
   compress::metrics::Registry registry;
@@ -149,7 +167,7 @@ int Serve(int argc, char** argv) {
   }
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
-  auto channel = grpc::CreateCustomChannel(config.server, grpc::InsecureChannelCredentials(), args);
+  auto channel = grpc::CreateCustomChannel(config.server, credentials, args);
   compress::worker::WorkerAgent agent(config, compress::v1::WorkerService::NewStub(channel), &metrics);
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);

@@ -47,24 +47,27 @@ class EndToEndTest : public ::testing::Test {
     StartWorker("worker-b");
   }
 
-  void StartServer() {
-    server_ = std::make_unique<Subprocess>(
-        std::vector<std::string>{COMPRESS_SERVER_BIN, "--listen", absl::StrCat("127.0.0.1:", port_),
-                                 "--metrics-listen", "127.0.0.1:0", "--data-dir", dir_.Sub("data"),
-                                 "--model-root", dir_.Sub("models"), "--lease-seconds", "2"},
-        dir_.Sub("server.log"));
+  void StartServer(const std::vector<std::string>& extra_flags = {}) {
+    std::vector<std::string> argv = {
+        COMPRESS_SERVER_BIN, "--listen", absl::StrCat("127.0.0.1:", port_), "--metrics-listen",
+        "127.0.0.1:0", "--data-dir", dir_.Sub("data"), "--model-root", dir_.Sub("models"),
+        "--lease-seconds", "2"};
+    argv.insert(argv.end(), extra_flags.begin(), extra_flags.end());
+    // A log per start, so the port line read is this start's.
+    server_ = std::make_unique<Subprocess>(argv, dir_.Sub(absl::StrCat("server-", ++server_starts_, ".log")));
     ASSERT_GT(server_->WaitForNumber("grpc_port"), 0) << server_->Log();
     auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_),
                                        grpc::InsecureChannelCredentials());
     jobs_ = JobService::NewStub(channel);
   }
 
-  void StartWorker(const std::string& id) {
-    workers_[id] = std::make_unique<Subprocess>(
-        std::vector<std::string>{COMPRESS_WORKER_BIN, "--server", absl::StrCat("127.0.0.1:", port_),
-                                 "--worker-id", id, "--work-dir", dir_.Sub("work-" + id),
-                                 "--poll-millis", "500", "--metrics-listen", "127.0.0.1:0"},
-        dir_.Sub(id + ".log"));
+  void StartWorker(const std::string& id, const std::vector<std::string>& extra_flags = {}) {
+    std::vector<std::string> argv = {
+        COMPRESS_WORKER_BIN, "--server", absl::StrCat("127.0.0.1:", port_), "--worker-id", id,
+        "--work-dir", dir_.Sub("work-" + id), "--poll-millis", "500", "--metrics-listen",
+        "127.0.0.1:0"};
+    argv.insert(argv.end(), extra_flags.begin(), extra_flags.end());
+    workers_[id] = std::make_unique<Subprocess>(argv, dir_.Sub(id + ".log"));
   }
 
   std::string Submit(const std::string& recipe) {
@@ -150,6 +153,7 @@ class EndToEndTest : public ::testing::Test {
 
   testing::TempDir dir_{"e2e"};
   int port_ = 0;
+  int server_starts_ = 0;
   std::unique_ptr<Subprocess> server_;
   std::map<std::string, std::unique_ptr<Subprocess>> workers_;
   std::unique_ptr<JobService::Stub> jobs_;
@@ -344,6 +348,32 @@ TEST_F(EndToEndTest, GenericGrpcToolsSeeHealthAndReflection) {
   ASSERT_GT(described.file_descriptor_response().file_descriptor_proto_size(), 0);
   EXPECT_NE(described.file_descriptor_response().file_descriptor_proto(0).find("SubmitJob"),
             std::string::npos);
+}
+
+// With tokens configured, the CLI and workers authenticate and jobs still run.
+TEST_F(EndToEndTest, TokensGuardClientsAndWorkers) {
+  std::ofstream(dir_.Sub("tokens")) << "client-token-00000000 team-a client\n"
+                                    << "worker-token-00000000 - worker\n";
+  std::ofstream(dir_.Sub("worker.token")) << "worker-token-00000000\n";
+  for (auto& [id, worker] : workers_) worker->Kill();
+  workers_.clear();
+  server_->Kill();
+  StartServer({"--auth-tokens", dir_.Sub("tokens")});
+  StartWorker("worker-a");  // no token: refused, keeps retrying
+  StartWorker("worker-t", {"--token-file", dir_.Sub("worker.token")});
+  std::string server = absl::StrCat("127.0.0.1:", port_);
+  std::string output;
+  EXPECT_EQ(testing::RunCommand({COMPRESSCTL_BIN, "--server", server, "list"}, &output), 2);
+  EXPECT_NE(output.find("UNAUTHENTICATED"), std::string::npos) << output;
+  int rc = testing::RunCommand({COMPRESSCTL_BIN, "--server", server, "--token",
+                                "client-token-00000000", "submit", "--model", "llama", "--bits",
+                                "8", "--watch", "--json"},
+                               &output);
+  EXPECT_EQ(rc, 0) << output;
+  EXPECT_NE(output.find("worker-t"), std::string::npos) << output;
+  EXPECT_EQ(output.find("worker-a"), std::string::npos) << output;
+  EXPECT_NE(workers_["worker-a"]->Log().find("UNAUTHENTICATED"), std::string::npos)
+      << workers_["worker-a"]->Log();
 }
 
 // Every /metrics page parses as Prometheus text and passes promtool's lint.

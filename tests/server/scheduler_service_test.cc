@@ -7,6 +7,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -44,8 +45,9 @@ class ServerTest : public ::testing::Test {
     StartServer(/*lease_seconds=*/30);
   }
 
-  void StartServer(int lease_seconds) {
+  void StartServer(int lease_seconds, const std::string& auth_tokens_file = "") {
     ServerConfig config;
+    config.auth_tokens_file = auth_tokens_file;
     config.listen = "127.0.0.1:0";
     config.metrics_listen = "127.0.0.1:0";
     config.data_dir = data_.path();
@@ -451,6 +453,170 @@ TEST_F(ServerTest, MetricsAndHealthAreServedOverHttp) {
   EXPECT_NE(page->body.find("compress_rpcs_total{code=\"OK\",method=\"SubmitJob\"} 1"),
             std::string::npos)
       << page->body;
+}
+
+// Tokens map callers to tenants; a tenant never sees another tenant's jobs.
+class AuthTest : public ServerTest {
+ protected:
+  void SetUp() override {
+    ServerTest::SetUp();
+    std::string tokens = data_.Sub("tokens");
+    std::ofstream(tokens) << "# token tenant role\n"
+                          << "alpha-token-0000000000 alpha\n"
+                          << "beta-token-00000000000 beta client\n"
+                          << "admin-token-0000000000 ops admin\n"
+                          << "worker-token-000000000 - worker\n";
+    server_->Shutdown();
+    StartServer(30, tokens);
+  }
+
+  static void As(grpc::ClientContext* context, const std::string& token) {
+    context->AddMetadata("authorization", "Bearer " + token);
+  }
+
+  grpc::Status GetAs(const std::string& token, const std::string& id) {
+    grpc::ClientContext context;
+    As(&context, token);
+    compress::v1::GetJobRequest request;
+    request.set_job_id(id);
+    compress::v1::Job job;
+    return jobs_->GetJob(&context, request, &job);
+  }
+
+  std::vector<std::string> ListAs(const std::string& token) {
+    grpc::ClientContext context;
+    As(&context, token);
+    compress::v1::ListJobsResponse page;
+    EXPECT_TRUE(jobs_->ListJobs(&context, compress::v1::ListJobsRequest(), &page).ok());
+    std::vector<std::string> ids;
+    for (const auto& job : page.jobs()) ids.push_back(job.id());
+    return ids;
+  }
+};
+
+TEST_F(AuthTest, TenantsSeeOnlyTheirOwnJobs) {
+  compress::v1::SubmitJobResponse response;
+  {
+    grpc::ClientContext context;
+    EXPECT_EQ(jobs_->SubmitJob(&context, RtnRequest(), &response).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+  }
+  {
+    grpc::ClientContext context;
+    As(&context, "not-a-token-at-all-000");
+    EXPECT_EQ(jobs_->SubmitJob(&context, RtnRequest(), &response).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+  }
+  grpc::ClientContext submit;
+  As(&submit, "alpha-token-0000000000");
+  ASSERT_TRUE(jobs_->SubmitJob(&submit, RtnRequest(), &response).ok());
+  const std::string id = response.job().id();
+  EXPECT_EQ(response.job().tenant(), "alpha");
+
+  EXPECT_TRUE(GetAs("alpha-token-0000000000", id).ok());
+  EXPECT_TRUE(GetAs("admin-token-0000000000", id).ok());
+  EXPECT_EQ(GetAs("beta-token-00000000000", id).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(ListAs("alpha-token-0000000000"), std::vector<std::string>{id});
+  EXPECT_TRUE(ListAs("beta-token-00000000000").empty());
+  EXPECT_EQ(ListAs("admin-token-0000000000"), std::vector<std::string>{id});
+  {
+    grpc::ClientContext context;
+    As(&context, "beta-token-00000000000");
+    compress::v1::CancelJobRequest cancel;
+    cancel.set_job_id(id);
+    compress::v1::Job job;
+    EXPECT_EQ(jobs_->CancelJob(&context, cancel, &job).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  {
+    grpc::ClientContext context;
+    As(&context, "beta-token-00000000000");
+    compress::v1::WatchJobRequest watch;
+    watch.set_job_id(id);
+    auto reader = jobs_->WatchJob(&context, watch);
+    JobEvent event;
+    EXPECT_FALSE(reader->Read(&event));
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  {
+    grpc::ClientContext context;
+    As(&context, "beta-token-00000000000");
+    compress::v1::DownloadArtifactRequest download;
+    download.set_job_id(id);
+    download.set_name("report.json");
+    auto reader = jobs_->DownloadArtifact(&context, download);
+    compress::v1::ArtifactChunk chunk;
+    EXPECT_FALSE(reader->Read(&chunk));
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+}
+
+TEST_F(AuthTest, OnlyWorkerTokensOpenTheWorkerService) {
+  compress::v1::RegisterWorkerRequest request;
+  request.set_worker_id("w1");
+  request.set_device("cpu");
+  compress::v1::RegisterWorkerResponse response;
+  for (const std::string token : {"", "alpha-token-0000000000", "admin-token-0000000000"}) {
+    grpc::ClientContext context;
+    if (!token.empty()) As(&context, token);
+    grpc::StatusCode code = workers_->RegisterWorker(&context, request, &response).error_code();
+    EXPECT_EQ(code, token.empty() ? grpc::StatusCode::UNAUTHENTICATED
+                                  : grpc::StatusCode::PERMISSION_DENIED)
+        << token;
+  }
+  {
+    grpc::ClientContext context;
+    As(&context, "worker-token-000000000");
+    EXPECT_TRUE(workers_->RegisterWorker(&context, request, &response).ok());
+  }
+  // A worker token cannot read jobs either.
+  EXPECT_EQ(GetAs("worker-token-000000000", "job-x").error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  // An upload without the worker token is refused before anything is written.
+  grpc::ClientContext context;
+  As(&context, "alpha-token-0000000000");
+  compress::v1::UploadArtifactResponse uploaded;
+  auto writer = workers_->UploadArtifact(&context, &uploaded);
+  compress::v1::UploadArtifactRequest chunk;
+  chunk.mutable_artifact()->set_name("x");
+  writer->Write(chunk);
+  writer->WritesDone();
+  EXPECT_EQ(writer->Finish().error_code(), grpc::StatusCode::PERMISSION_DENIED);
+}
+
+TEST_F(ServerTest, ServesTlsWithACertificateAndKey) {
+  std::string cert = data_.Sub("cert.pem"), key = data_.Sub("key.pem");
+  std::string command = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost "
+                        "-addext subjectAltName=DNS:localhost -keyout " + key + " -out " + cert +
+                        " >/dev/null 2>&1";
+  if (std::system(command.c_str()) != 0) GTEST_SKIP() << "openssl cannot make a test certificate";
+  server_->Shutdown();
+  ServerConfig config;
+  config.listen = "127.0.0.1:0";
+  config.metrics_listen = "";
+  config.data_dir = data_.path();
+  config.model_roots = {models_.path()};
+  config.tls_cert_file = cert;
+  config.tls_key_file = key;
+  server_ = std::make_unique<CompressServer>(config);
+  ASSERT_TRUE(server_->Start().ok());
+
+  std::ifstream in(cert);
+  std::stringstream pem;
+  pem << in.rdbuf();
+  grpc::SslCredentialsOptions options;
+  options.pem_root_certs = pem.str();
+  auto tls = JobService::NewStub(grpc::CreateChannel(
+      absl::StrCat("localhost:", server_->grpc_port()), grpc::SslCredentials(options)));
+  grpc::ClientContext context;
+  compress::v1::SubmitJobResponse response;
+  grpc::Status status = tls->SubmitJob(&context, RtnRequest(), &response);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+
+  auto plaintext = JobService::NewStub(grpc::CreateChannel(
+      absl::StrCat("127.0.0.1:", server_->grpc_port()), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext plain_context;
+  plain_context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(3));
+  EXPECT_FALSE(plaintext->SubmitJob(&plain_context, RtnRequest(), &response).ok());
 }
 
 }  // namespace
