@@ -46,6 +46,22 @@ std::string NewJobId() {
 
 std::string TaskId(const Job& job) { return absl::StrCat(job.id(), "-a", job.attempts()); }
 
+// Failures that another attempt, maybe on another worker, may not repeat.
+// The rest (a bad recipe, a malformed model) would fail the same way again.
+bool IsRetryable(absl::StatusCode code) {
+  switch (code) {
+    case absl::StatusCode::kUnknown:
+    case absl::StatusCode::kInternal:
+    case absl::StatusCode::kUnavailable:
+    case absl::StatusCode::kResourceExhausted:
+    case absl::StatusCode::kAborted:
+    case absl::StatusCode::kDeadlineExceeded:
+      return true;
+    default:
+      return false;
+  }
+}
+
 }  // namespace
 
 bool IsTerminal(JobState state) {
@@ -456,11 +472,33 @@ void Scheduler::AcquireTask(const compress::v1::AcquireTaskRequest& request,
   Notify(changed);
 }
 
+std::set<Scheduler::QueueKey>::iterator Scheduler::PickNextLocked() {
+  if (queue_.empty()) return queue_.end();
+  const int top_priority = std::get<0>(*queue_.begin());
+  std::map<std::string, int> running;
+  for (const auto& [id, stored] : jobs_) {
+    if (stored.job.state() == compress::v1::RUNNING) ++running[stored.job.tenant()];
+  }
+  auto best = queue_.end();
+  int best_running = 0;
+  for (auto it = queue_.begin(); it != queue_.end() && std::get<0>(*it) == top_priority; ++it) {
+    int tenant_running = running[jobs_.at(std::get<2>(*it)).job.tenant()];
+    // Strictly fewer: among equals the older job (seen first) wins.
+    if (best == queue_.end() || tenant_running < best_running) {
+      best = it;
+      best_running = tenant_running;
+      if (best_running == 0) break;
+    }
+  }
+  return best;
+}
+
 void Scheduler::MatchWaitersLocked(absl::Time now, std::vector<std::function<void()>>* calls,
                                    std::vector<std::string>* changed) {
   auto waiter = waiters_.begin();
   while (waiter != waiters_.end() && !queue_.empty()) {
-    std::string job_id = std::get<2>(*queue_.begin());
+    auto next = PickNextLocked();
+    std::string job_id = std::get<2>(*next);
     StoredJob updated = jobs_.at(job_id);
     Job& job = updated.job;
     job.set_attempts(job.attempts() + 1);
@@ -477,7 +515,7 @@ void Scheduler::MatchWaitersLocked(absl::Time now, std::vector<std::function<voi
       LOG_ERROR("dispatch failed to commit", {{"job", job_id}, {"error", committed.ToString()}});
       break;  // the store is in trouble; leave the job queued and retry next tick
     }
-    queue_.erase(queue_.begin());
+    queue_.erase(next);
     metrics_->dispatch_latency_seconds.Observe(absl::ToDoubleSeconds(now - queued_since_[job_id]));
     queued_since_.erase(job_id);
     workers_[waiter->worker_id].task_id = updated.task_id;
@@ -705,14 +743,30 @@ absl::Status Scheduler::CompleteTask(const compress::v1::CompleteTaskRequest& re
       updated.job.set_progress(1.0);
       AddStateChange(updated, compress::v1::SUCCEEDED, "finished", &events);
     } else {
-      std::string code = absl::StatusCodeToString(static_cast<absl::StatusCode>(request.error_code()));
-      AddStateChange(updated, compress::v1::FAILED,
-                     absl::StrCat(code, ": ", request.error().empty() ? "worker reported failure"
-                                                                      : request.error()),
-                     &events);
+      absl::StatusCode code = static_cast<absl::StatusCode>(request.error_code());
+      std::string error = absl::StrCat(absl::StatusCodeToString(code), ": ",
+                                       request.error().empty() ? "worker reported failure"
+                                                               : request.error());
+      updated.job.set_failed_attempts(updated.job.failed_attempts() + 1);
+      if (IsRetryable(code) && updated.job.failed_attempts() < config_.max_failed_attempts) {
+        updated.task_id.clear();
+        updated.lease_expiry_micros = 0;
+        AddStateChange(updated, compress::v1::QUEUED,
+                       absl::StrCat("attempt ", updated.job.attempts(), " failed on ",
+                                    request.worker_id(), " (", error, "); requeued"),
+                       &events);
+        metrics_->task_retries.Increment();
+      } else {
+        AddStateChange(updated, compress::v1::FAILED, error, &events);
+      }
     }
     job_id = updated.job.id();
     RETURN_IF_ERROR(CommitLocked(std::move(updated), events));
+    const Job& job = jobs_.at(job_id).job;
+    if (job.state() == compress::v1::QUEUED) {
+      queue_.insert({-job.spec().priority(), CreateMicros(job), job_id});
+      queued_since_[job_id] = absl::Now();
+    }
     auto worker = workers_.find(request.worker_id());
     if (worker != workers_.end()) worker->second.task_id.clear();
   }

@@ -30,6 +30,7 @@ struct SchedulerConfig {
   std::string artifact_dir;
   absl::Duration lease_timeout = absl::Seconds(15);
   int max_attempts = 5;                        // dispatches before a job fails
+  int max_failed_attempts = 3;                 // retryable failures before a job fails
   int64_t max_artifact_bytes = int64_t{1} << 40;
   int64_t max_spec_bytes = 1 << 20;
 };
@@ -126,6 +127,9 @@ class Scheduler {
   void MatchWaitersLocked(absl::Time now, std::vector<std::function<void()>>* calls,
                           std::vector<std::string>* changed);
   void UpdateGaugesLocked(absl::Time now);
+  // The next job to dispatch: highest priority; within it, the tenant with
+  // the fewest running jobs; then the oldest.
+  std::set<QueueKey>::iterator PickNextLocked();
 
   // Appends an event to `stored` (sequence, time) and to `events`.
   void AddEvent(StoredJob& stored, compress::v1::JobEvent event,

@@ -159,14 +159,15 @@ class ServerTest : public ::testing::Test {
   }
 
   grpc::Status Complete(const std::string& worker_id, const std::string& task_id, bool success,
-                        const std::string& error = "") {
+                        const std::string& error = "",
+                        grpc::StatusCode code = grpc::StatusCode::INVALID_ARGUMENT) {
     grpc::ClientContext context;
     compress::v1::CompleteTaskRequest request;
     request.set_worker_id(worker_id);
     request.set_task_id(task_id);
     request.set_success(success);
     request.set_error(error);
-    request.set_error_code(success ? 0 : 3);
+    request.set_error_code(success ? 0 : static_cast<int>(code));
     request.mutable_report()->set_bits_per_weight(4.25);
     compress::v1::CompleteTaskResponse response;
     return workers_->CompleteTask(&context, request, &response);
@@ -366,6 +367,38 @@ TEST_F(ServerTest, ALapsedLeaseRequeuesTheJobAndRefusesTheLateWorker) {
   EXPECT_EQ(Get(id).attempts(), 2);
 }
 
+TEST_F(ServerTest, RetryableFailuresRetryElsewhereAndTheThirdFailsTheJob) {
+  std::string id = SubmitOk(RtnRequest());
+  for (int attempt = 1; attempt <= 3; ++attempt) {
+    std::string worker = Register(absl::StrCat("w", attempt));
+    auto task = Acquire(worker).task();
+    ASSERT_EQ(task.job_id(), id);
+    EXPECT_EQ(task.attempt(), attempt);
+    ASSERT_TRUE(Complete(worker, task.task_id(), false, absl::StrCat("out of memory ", attempt),
+                         grpc::StatusCode::RESOURCE_EXHAUSTED)
+                    .ok());
+    EXPECT_EQ(Get(id).state(), attempt < 3 ? compress::v1::QUEUED : compress::v1::FAILED);
+  }
+  EXPECT_NE(Get(id).message().find("out of memory 3"), std::string::npos) << Get(id).message();
+
+  // A deterministic failure (a bad recipe) fails at once.
+  std::string bad = SubmitOk(RtnRequest());
+  std::string worker = Register("w9");
+  auto task = Acquire(worker).task();
+  ASSERT_TRUE(Complete(worker, task.task_id(), false, "group size", grpc::StatusCode::INVALID_ARGUMENT).ok());
+  EXPECT_EQ(Get(bad).state(), compress::v1::FAILED);
+}
+
+TEST_F(ServerTest, HigherPriorityRunsFirst) {
+  std::string low = SubmitOk(RtnRequest());
+  auto urgent_request = RtnRequest();
+  urgent_request.mutable_spec()->set_priority(10);
+  std::string urgent = SubmitOk(urgent_request);
+  std::string worker = Register("w1");
+  EXPECT_EQ(Acquire(worker).task().job_id(), urgent);
+  EXPECT_EQ(Acquire(Register("w2")).task().job_id(), low);
+}
+
 TEST_F(ServerTest, CancelStopsQueuedAndTellsTheRunningWorker) {
   std::string running = SubmitOk(RtnRequest());
   std::string worker = Register("w1");
@@ -548,6 +581,41 @@ TEST_F(AuthTest, TenantsSeeOnlyTheirOwnJobs) {
     EXPECT_FALSE(reader->Read(&chunk));
     EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
   }
+}
+
+TEST_F(AuthTest, TenantsShareWorkersFairly) {
+  auto submit_as = [&](const std::string& token) {
+    grpc::ClientContext context;
+    As(&context, token);
+    compress::v1::SubmitJobResponse response;
+    EXPECT_TRUE(jobs_->SubmitJob(&context, RtnRequest(), &response).ok());
+    return response.job().id();
+  };
+  std::vector<std::string> alpha;
+  for (int i = 0; i < 5; ++i) alpha.push_back(submit_as("alpha-token-0000000000"));
+  std::string beta = submit_as("beta-token-00000000000");
+  auto acquire_as_worker = [&](const std::string& worker_id) {
+    grpc::ClientContext register_context;
+    As(&register_context, "worker-token-000000000");
+    compress::v1::RegisterWorkerRequest request;
+    request.set_worker_id(worker_id);
+    request.set_device("cpu");
+    compress::v1::RegisterWorkerResponse registered;
+    EXPECT_TRUE(workers_->RegisterWorker(&register_context, request, &registered).ok());
+    grpc::ClientContext context;
+    As(&context, "worker-token-000000000");
+    compress::v1::AcquireTaskRequest acquire;
+    acquire.set_worker_id(worker_id);
+    acquire.set_wait_millis(1000);
+    compress::v1::AcquireTaskResponse response;
+    EXPECT_TRUE(workers_->AcquireTask(&context, acquire, &response).ok());
+    return response.task().job_id();
+  };
+  // alpha's hundred jobs do not starve beta's one: with alpha running one
+  // job, beta's goes next although it is younger than alpha's backlog.
+  EXPECT_EQ(acquire_as_worker("w1"), alpha[0]);
+  EXPECT_EQ(acquire_as_worker("w2"), beta);
+  EXPECT_EQ(acquire_as_worker("w3"), alpha[1]);
 }
 
 TEST_F(AuthTest, OnlyWorkerTokensOpenTheWorkerService) {
