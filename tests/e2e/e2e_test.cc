@@ -372,6 +372,12 @@ TEST_F(EndToEndTest, TokensGuardClientsAndWorkers) {
   EXPECT_EQ(rc, 0) << output;
   EXPECT_NE(output.find("worker-t"), std::string::npos) << output;
   EXPECT_EQ(output.find("worker-a"), std::string::npos) << output;
+  // The tokenless worker may still be starting on a loaded machine: give it time to be refused.
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (workers_["worker-a"]->Log().find("UNAUTHENTICATED") == std::string::npos &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
   EXPECT_NE(workers_["worker-a"]->Log().find("UNAUTHENTICATED"), std::string::npos)
       << workers_["worker-a"]->Log();
 }
