@@ -35,4 +35,4 @@ echo "== the report"
 echo "== fetch the artifacts (sha256 verified)"
 "$BIN/client/compressctl" fetch "$JOB" --out "$DEMO/out"
 find "$DEMO/out" -type f | sort | xargs ls -l
-echo "== server metrics: $(grep -o 'metrics_port=[0-9]*' "$DEMO/server.log")"
+echo "== server metrics on port $(grep -o "metrics_port=[0-9]*" "$DEMO/server.log" | head -1 | cut -d= -f2) (/metrics)"
