@@ -46,7 +46,10 @@ int RunLocal(int argc, char** argv) {
   flags.Add("out", &output_dir, "folder for the outputs");
   flags.Add("device", &device, "cpu or cuda:N");
   flags.Add("calibration", &calibration, "calibration text file (overrides the recipe)");
+  int threads = 0;
+  flags.Add("threads", &threads, "CPU threads per operation (0: one per core)");
   if (int rc = ParseOrExit(flags, argc, argv, 2); rc >= 0) return rc;
+  compress::engine::SetCpuThreads(threads);
   if (recipe_path.empty()) return Fail(absl::InvalidArgumentError("--recipe is required"));
   absl::StatusOr<compress::v1::JobSpec> spec = compress::LoadRecipeFile(recipe_path);
   if (!spec.ok()) return Fail(spec.status());
@@ -135,7 +138,10 @@ int Serve(int argc, char** argv) {
   flags.Add("poll-millis", &config.poll_millis, "long-poll wait for a task");
   flags.Add("token-file", &token_file, "file holding the worker token (else $COMPRESS_WORKER_TOKEN)");
   flags.Add("tls-ca", &tls_ca_file, "dial with TLS, trusting this PEM CA bundle");
+  int threads = 0;
+  flags.Add("threads", &threads, "CPU threads per operation (0: one per core)");
   if (int rc = ParseOrExit(flags, argc, argv, 1); rc >= 0) return rc;
+  compress::engine::SetCpuThreads(threads);
   if (!token_file.empty()) {
     absl::StatusOr<std::string> token = compress::ReadFile(token_file, 4096);
     if (!token.ok()) return Fail(token.status());

@@ -1,10 +1,14 @@
 #include "worker/engine/recipe/device.h"
 
 #include <ATen/Context.h>
+#include <ATen/Parallel.h>
+
+#include <thread>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "worker/engine/recipe/runner.h"
 
 namespace compress::engine {
 
@@ -34,6 +38,11 @@ absl::StatusOr<c10::Device> ParseDevice(const std::string& device) {
         absl::StrCat("device '", device, "' requested, but only ", count, " CUDA device(s) exist"));
   }
   return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index));
+}
+
+void SetCpuThreads(int threads) {
+  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  at::set_num_threads(threads);
 }
 
 }  // namespace compress::engine

@@ -55,6 +55,10 @@ struct RunResult {
   std::vector<ProducedArtifact> artifacts;  // every file written, report.json included
 };
 
+// Sets how many CPU threads LibTorch uses inside one operation; 0 means one
+// per core. LibTorch's own default here can be a single thread.
+void SetCpuThreads(int threads);
+
 // Runs the stages in order and writes the requested outputs. Every file is
 // written atomically.
 //
