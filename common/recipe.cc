@@ -33,6 +33,9 @@ constexpr int kMaxStages = 64;
 constexpr int kMinPriority = -1000;
 constexpr int kMaxPriority = 1000;
 constexpr int kMaxSleepMillisPerTensor = 60000;
+constexpr int kMaxContextLength = 1 << 17;
+constexpr int kMaxSampleTokens = 4096;
+constexpr int kMaxCalibrationSamples = 1 << 16;
 constexpr char kYamlStringTag[] = "tag:yaml.org,2002:str";
 
 // ---------------------------------------------------------------- YAML -> JSON
@@ -255,15 +258,30 @@ class SpecChecker {
     CheckPatterns(field + ".exclude", rtn.exclude());
   }
 
+  void CheckEvaluate(const std::string& field, const v1::EvaluateStage& evaluate) {
+    if (evaluate.text_path().empty()) Fail(field + ".text_path", "is required");
+    CheckRange(field + ".context_length", evaluate.context_length(), 0, kMaxContextLength);
+    const int context = evaluate.context_length() > 0 ? evaluate.context_length() : 256;
+    CheckRange(field + ".stride", evaluate.stride(), 0, context);
+    if (evaluate.max_tokens() < 0 || evaluate.max_tokens() == 1) {
+      Fail(field + ".max_tokens", absl::StrCat(evaluate.max_tokens(), " is invalid (want 0 or >= 2)"));
+    }
+    CheckRange(field + ".sample_tokens", evaluate.sample_tokens(), 0, kMaxSampleTokens);
+  }
+
   void CheckStage(int index, const v1::Stage& stage) {
     const std::string field = absl::StrCat("stages[", index, "]");
     switch (stage.method_case()) {
       case v1::Stage::kRtn: CheckRtn(field + ".rtn", stage.rtn()); break;
+      case v1::Stage::kEvaluate:
+        CheckEvaluate(field + ".evaluate", stage.evaluate());
+        if (++evaluate_stages_ == 2) Fail(field, "a recipe has at most one evaluate stage");
+        break;
       case v1::Stage::kSleep:
         CheckRange(field + ".sleep.millis_per_tensor", stage.sleep().millis_per_tensor(), 0,
                    kMaxSleepMillisPerTensor);
         break;
-      case v1::Stage::METHOD_NOT_SET: Fail(field, "no method set (one of: rtn, sleep)"); break;
+      case v1::Stage::METHOD_NOT_SET: Fail(field, "no method set (one of: rtn, evaluate, sleep)"); break;
     }
   }
 
@@ -289,13 +307,13 @@ class SpecChecker {
       Fail("stages", absl::StrCat(spec.stages_size(), " stages is more than ", kMaxStages));
     }
     for (int i = 0; i < spec.stages_size(); ++i) CheckStage(i, spec.stages(i));
-    if (spec.calibration().num_samples() < 0) {
-      Fail("calibration.num_samples",
-           absl::StrCat(spec.calibration().num_samples(), " is negative"));
-    }
-    if (spec.calibration().sequence_length() < 0) {
-      Fail("calibration.sequence_length",
-           absl::StrCat(spec.calibration().sequence_length(), " is negative"));
+    CheckRange("calibration.num_samples", spec.calibration().num_samples(), 0,
+               kMaxCalibrationSamples);
+    CheckRange("calibration.sequence_length", spec.calibration().sequence_length(), 0,
+               kMaxContextLength);
+    if (!v1::Propagation_IsValid(spec.calibration().propagation())) {
+      Fail("calibration.propagation",
+           absl::StrCat(spec.calibration().propagation(), " is not a propagation mode"));
     }
     CheckOutputs(spec);
     CheckRange("priority", spec.priority(), kMinPriority, kMaxPriority);
@@ -311,6 +329,7 @@ class SpecChecker {
 
  private:
   std::vector<std::string> problems_;
+  int evaluate_stages_ = 0;
 };
 
 }  // namespace

@@ -215,8 +215,8 @@ absl::StatusOr<StoredJob*> Scheduler::FindJobLocked(const std::string& tenant,
 }
 
 absl::Status Scheduler::CheckModelPaths(const compress::v1::JobSpec& spec,
-                                        std::string* model_path,
-                                        std::string* calibration_path) const {
+                                        ResolvedPaths* paths) const {
+  std::string* model_path = &paths->model;
   auto resolve = [&](const std::string& path, const char* field) -> absl::StatusOr<std::string> {
     absl::StatusOr<std::string> resolved = ResolveUnderRoots(path, config_.model_roots);
     if (resolved.ok()) return resolved;
@@ -258,7 +258,12 @@ absl::Status Scheduler::CheckModelPaths(const compress::v1::JobSpec& spec,
     }
   }
   if (!spec.calibration().path().empty()) {
-    ASSIGN_OR_RETURN(*calibration_path, resolve(spec.calibration().path(), "calibration.path"));
+    ASSIGN_OR_RETURN(paths->calibration, resolve(spec.calibration().path(), "calibration.path"));
+  }
+  for (int i = 0; i < spec.stages_size(); ++i) {
+    if (!spec.stages(i).has_evaluate()) continue;
+    const std::string field = absl::StrCat("stages[", i, "].evaluate.text_path");
+    ASSIGN_OR_RETURN(paths->evaluation, resolve(spec.stages(i).evaluate().text_path(), field.c_str()));
   }
   return absl::OkStatus();
 }
@@ -275,8 +280,8 @@ absl::StatusOr<compress::v1::SubmitJobResponse> Scheduler::SubmitJob(
     return absl::InvalidArgumentError("request_id: longer than 128 characters");
   }
   RETURN_IF_ERROR(ValidateJobSpec(spec));
-  std::string model_path, calibration_path;
-  RETURN_IF_ERROR(CheckModelPaths(spec, &model_path, &calibration_path));
+  ResolvedPaths paths;
+  RETURN_IF_ERROR(CheckModelPaths(spec, &paths));
 
   compress::v1::SubmitJobResponse response;
   std::string job_id;
@@ -526,13 +531,14 @@ void Scheduler::MatchWaitersLocked(absl::Time now, std::vector<std::function<voi
     task.set_job_id(job_id);
     *task.mutable_spec() = job.spec();
     task.set_attempt(job.attempts());
-    std::string model_path, calibration_path;
-    absl::Status paths = CheckModelPaths(job.spec(), &model_path, &calibration_path);
-    task.set_model_path(model_path);
-    task.set_calibration_path(calibration_path);
+    ResolvedPaths paths;
+    absl::Status resolved = CheckModelPaths(job.spec(), &paths);
+    task.set_model_path(paths.model);
+    task.set_calibration_path(paths.calibration);
+    task.set_evaluation_path(paths.evaluation);
     // A model removed since submit still goes to the worker, which fails the
     // job with the real error; a path check here would hide the file's name.
-    if (!paths.ok()) task.set_model_path(job.spec().model().path());
+    if (!resolved.ok()) task.set_model_path(job.spec().model().path());
     calls->push_back([done = std::move(waiter->done), response]() { done(response); });
     changed->push_back(job_id);
     waiter = waiters_.erase(waiter);

@@ -141,8 +141,14 @@ class Scheduler {
   absl::StatusOr<StoredJob*> FindJobLocked(const std::string& tenant, const std::string& job_id);
   absl::StatusOr<StoredJob*> FindLeaseLocked(const std::string& worker_id,
                                              const std::string& task_id);
-  absl::Status CheckModelPaths(const compress::v1::JobSpec& spec, std::string* model_path,
-                               std::string* calibration_path) const;
+  // The spec's model, calibration and evaluation paths resolved under the
+  // model roots (empty where the spec has none).
+  struct ResolvedPaths {
+    std::string model;
+    std::string calibration;
+    std::string evaluation;
+  };
+  absl::Status CheckModelPaths(const compress::v1::JobSpec& spec, ResolvedPaths* paths) const;
   void Notify(const std::vector<std::string>& job_ids);
   std::string ArtifactPath(const std::string& job_id, const std::string& name) const;
 

@@ -313,6 +313,7 @@ void WorkerAgent::RunTask(const compress::v1::Task& task) {
   engine::RunOptions options;
   options.model_path = task.model_path();
   options.calibration_path = task.calibration_path();
+  options.evaluation_path = task.evaluation_path();
   options.output_dir = output_dir;
   options.device = config_.device;
   absl::StatusOr<engine::RunResult> result = engine::RunJob(task.spec(), options, callbacks);

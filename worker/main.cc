@@ -62,6 +62,9 @@ int RunLocal(int argc, char** argv) {
   options.output_dir = output_dir;
   options.device = device;
   options.calibration_path = spec->calibration().path();
+  for (const compress::v1::Stage& stage : spec->stages()) {
+    if (stage.has_evaluate()) options.evaluation_path = stage.evaluate().text_path();
+  }
   compress::engine::RunCallbacks callbacks;
   callbacks.on_progress = [](double fraction, const std::string& stage, const std::string& message) {
     std::fprintf(stderr, "[%5.1f%%] %s: %s\n", fraction * 100, stage.c_str(), message.c_str());

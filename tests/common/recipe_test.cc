@@ -253,7 +253,7 @@ TEST(ValidateJobSpecTest, RequiresBetweenOneAnd64Stages) {
 TEST(ValidateJobSpecTest, EveryStageNeedsAMethod) {
   v1::JobSpec spec = ValidSpec();
   spec.add_stages()->set_name("empty");
-  EXPECT_EQ(Problem(spec), "stages[1]: no method set (one of: rtn, sleep)");
+  EXPECT_EQ(Problem(spec), "stages[1]: no method set (one of: rtn, evaluate, sleep)");
 }
 
 TEST(ValidateJobSpecTest, RtnBitsWithin2To8) {
@@ -320,12 +320,38 @@ TEST(ValidateJobSpecTest, OutputsAreKnownAndListedOnce) {
   EXPECT_EQ(Problem(spec), "outputs[1]: PACKED_SAFETENSORS is listed twice");
 }
 
-TEST(ValidateJobSpecTest, CalibrationCountsAreNotNegative) {
+TEST(ValidateJobSpecTest, CalibrationCountsAreInRangeAndPropagationKnown) {
   v1::JobSpec spec = ValidSpec();
   spec.mutable_calibration()->set_num_samples(-1);
   spec.mutable_calibration()->set_sequence_length(-2);
+  spec.mutable_calibration()->set_propagation(static_cast<v1::Propagation>(7));
   EXPECT_EQ(Problem(spec),
-            "calibration.num_samples: -1 is negative; calibration.sequence_length: -2 is negative");
+            "calibration.num_samples: -1 is outside 0..65536; calibration.sequence_length: -2 is "
+            "outside 0..131072; calibration.propagation: 7 is not a propagation mode");
+  spec.mutable_calibration()->set_num_samples(16);
+  spec.mutable_calibration()->set_sequence_length(128);
+  spec.mutable_calibration()->set_propagation(v1::PROPAGATION_PARALLEL);
+  EXPECT_TRUE(ValidateJobSpec(spec).ok());
+}
+
+TEST(ValidateJobSpecTest, EvaluateStageNeedsATextAndSaneWindows) {
+  v1::JobSpec spec = ValidSpec();
+  v1::EvaluateStage* evaluate = spec.add_stages()->mutable_evaluate();
+  EXPECT_EQ(Problem(spec), "stages[1].evaluate.text_path: is required");
+  evaluate->set_text_path("eval.txt");
+  evaluate->set_context_length(64);
+  evaluate->set_stride(65);
+  evaluate->set_max_tokens(1);
+  evaluate->set_sample_tokens(-3);
+  EXPECT_EQ(Problem(spec),
+            "stages[1].evaluate.stride: 65 is outside 0..64; stages[1].evaluate.max_tokens: 1 is "
+            "invalid (want 0 or >= 2); stages[1].evaluate.sample_tokens: -3 is outside 0..4096");
+  evaluate->set_stride(32);
+  evaluate->set_max_tokens(0);
+  evaluate->set_sample_tokens(20);
+  EXPECT_TRUE(ValidateJobSpec(spec).ok());
+  *spec.add_stages() = spec.stages(1);
+  EXPECT_EQ(Problem(spec), "stages[2]: a recipe has at most one evaluate stage");
 }
 
 TEST(ValidateJobSpecTest, ReportsEveryProblemAtOnce) {

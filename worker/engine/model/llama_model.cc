@@ -147,9 +147,10 @@ absl::Status CheckComputeSupported(const at::Device& device, at::ScalarType dtyp
                                                  " by this LibTorch (", probe.message(), ")"));
 }
 
-// Names, shapes and dtypes of the checkpoint against the config, from the
-// headers alone, before any data is read.
-absl::Status CheckCheckpoint(const LlamaConfig& config, const SafetensorsCheckpoint& checkpoint) {
+}  // namespace
+
+absl::Status ValidateLlamaCheckpoint(const LlamaConfig& config,
+                                     const SafetensorsCheckpoint& checkpoint) {
   std::set<std::string> expected;
   for (const SafetensorsTensorSpec& spec : LlamaCheckpointSpecs(config, SafetensorsDtype::kF32)) {
     expected.insert(spec.name);
@@ -185,8 +186,6 @@ absl::Status CheckCheckpoint(const LlamaConfig& config, const SafetensorsCheckpo
   }
   return absl::OkStatus();
 }
-
-}  // namespace
 
 // ------------------------------------------------------------------ weights
 
@@ -558,7 +557,7 @@ absl::StatusOr<LlamaModel> LlamaModel::Load(const std::string& path,
   RETURN_IF_ERROR(CheckComputeSupported(options.device, options.dtype));
   ASSIGN_OR_RETURN(SafetensorsCheckpoint checkpoint, SafetensorsCheckpoint::Open(path));
   ASSIGN_OR_RETURN(LlamaConfig config, ReadLlamaConfig(checkpoint.folder()));
-  RETURN_IF_ERROR(CheckCheckpoint(config, checkpoint));
+  RETURN_IF_ERROR(ValidateLlamaCheckpoint(config, checkpoint));
   LlamaModel model(std::move(config), options, std::move(checkpoint));
   ASSIGN_OR_RETURN(model.embed_tokens_, model.LoadTensor("model.embed_tokens.weight"));
   ASSIGN_OR_RETURN(model.norm_, model.LoadTensor("model.norm.weight"));
@@ -578,26 +577,30 @@ absl::StatusOr<LlamaModel> LlamaModel::Load(const std::string& path,
 }
 
 absl::StatusOr<at::Tensor> LlamaModel::LoadTensor(const std::string& name) const {
-  ASSIGN_OR_RETURN(const at::Tensor stored, checkpoint_.View(name));
-  // An owned copy (never a view of the mapping), converted on the way.
-  return CatchTorchErrors(name, [&]() -> absl::StatusOr<at::Tensor> {
-    return stored.to(options_.device, options_.dtype, /*non_blocking=*/false, /*copy=*/true);
-  });
+  return checkpoint_.Load(name, options_.device, options_.dtype);
 }
 
-absl::StatusOr<DecoderBlockWeights> LlamaModel::LoadBlock(int64_t layer) const {
-  if (layer < 0 || layer >= config_.num_hidden_layers) {
+absl::StatusOr<DecoderBlockWeights> LoadDecoderBlock(const SafetensorsCheckpoint& checkpoint,
+                                                     const LlamaConfig& config, int64_t layer,
+                                                     const at::Device& device,
+                                                     at::ScalarType dtype) {
+  if (layer < 0 || layer >= config.num_hidden_layers) {
     return absl::InvalidArgumentError(
-        absl::StrCat("layer ", layer, " is outside [0, ", config_.num_hidden_layers, ")"));
+        absl::StrCat("layer ", layer, " is outside [0, ", config.num_hidden_layers, ")"));
   }
   DecoderBlockWeights block;
   block.layer = layer;
   for (const Slot& slot : BlockSlots()) {
-    if (!ExpectedShape(config_, slot).has_value()) continue;  // a bias this variant lacks
-    ASSIGN_OR_RETURN(SlotTensor(block, slot), LoadTensor(BlockTensorName(layer, slot.name)));
+    if (!ExpectedShape(config, slot).has_value()) continue;  // a bias this variant lacks
+    ASSIGN_OR_RETURN(SlotTensor(block, slot),
+                     checkpoint.Load(BlockTensorName(layer, slot.name), device, dtype));
   }
-  RETURN_IF_ERROR(ValidateBlockWeights(config_, block));
+  RETURN_IF_ERROR(ValidateBlockWeights(config, block));
   return block;
+}
+
+absl::StatusOr<DecoderBlockWeights> LlamaModel::LoadBlock(int64_t layer) const {
+  return LoadDecoderBlock(checkpoint_, config_, layer, options_.device, options_.dtype);
 }
 
 absl::StatusOr<at::Tensor> LlamaModel::Forward(const at::Tensor& input_ids, KvCache* cache,

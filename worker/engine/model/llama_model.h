@@ -115,6 +115,23 @@ std::string BlockTensorName(int64_t layer, absl::string_view suffix);
 // device from the block's q_proj weight.
 absl::Status ValidateBlockWeights(const LlamaConfig& config, const DecoderBlockWeights& block);
 
+// Names, shapes and dtypes of `checkpoint` against `config`, from the
+// headers alone: INVALID_ARGUMENT naming the file, tensor and both shapes for
+// a missing or mis-shaped tensor, a dtype other than F32/F16/BF16, or a
+// tensor the config does not explain (biases of another variant, quantized
+// tensors). Rotary inv_freq buffers of old checkpoints are allowed, as is
+// lm_head.weight when the embeddings are tied.
+absl::Status ValidateLlamaCheckpoint(const LlamaConfig& config,
+                                     const SafetensorsCheckpoint& checkpoint);
+
+// Block `layer` of `checkpoint` as fresh tensors in `dtype` on `device`; the
+// mapping's pages are released as each tensor is read, so only the block
+// stays resident.
+absl::StatusOr<DecoderBlockWeights> LoadDecoderBlock(const SafetensorsCheckpoint& checkpoint,
+                                                     const LlamaConfig& config, int64_t layer,
+                                                     const at::Device& device,
+                                                     at::ScalarType dtype);
+
 // ------------------------------------------------------------------ kernels
 // ATen semantics: these throw c10::Error on misuse.
 

@@ -103,6 +103,15 @@ absl::string_view SafetensorsFile::Bytes(const SafetensorsTensorInfo& info) cons
   return absl::string_view(base + info.data_begin, info.NumBytes());
 }
 
+void SafetensorsFile::ReleasePages(const SafetensorsTensorInfo& info) const {
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  absl::string_view bytes = Bytes(info);
+  // Only the pages wholly inside the tensor: its neighbours may be in use.
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(bytes.data()) + page - 1) / page * page;
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(bytes.data()) + bytes.size()) / page * page;
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
 absl::StatusOr<at::Tensor> SafetensorsFile::View(const SafetensorsTensorInfo& info) const {
   std::optional<at::ScalarType> type = ToScalarType(info.dtype);
   if (!type) {
@@ -277,13 +286,23 @@ absl::StatusOr<at::Tensor> SafetensorsCheckpoint::View(absl::string_view name) c
 }
 
 absl::StatusOr<at::Tensor> SafetensorsCheckpoint::Load(absl::string_view name,
-                                                       const at::Device& device) const {
+                                                       const at::Device& device,
+                                                       std::optional<at::ScalarType> dtype) const {
   ASSIGN_OR_RETURN(at::Tensor view, View(name));
-  return CatchTorchErrors(absl::StrCat("load tensor ", Quoted(name)),
-                          [&]() -> absl::StatusOr<at::Tensor> {
-                            if (device.is_cpu()) return view.clone();
-                            return view.to(device);  // a fresh tensor on the device
-                          });
+  absl::StatusOr<at::Tensor> loaded = CatchTorchErrors(
+      absl::StrCat("load tensor ", Quoted(name)), [&]() -> absl::StatusOr<at::Tensor> {
+        // Always a fresh tensor, never a view of the mapping.
+        return view.to(device, dtype.value_or(view.scalar_type()), /*non_blocking=*/false,
+                       /*copy=*/true);
+      });
+  view = at::Tensor();
+  ReleasePages(name);
+  return loaded;
+}
+
+void SafetensorsCheckpoint::ReleasePages(absl::string_view name) const {
+  const CheckpointTensor* t = Find(name);
+  if (t != nullptr) shards_[t->shard]->ReleasePages(t->info);
 }
 
 }  // namespace compress::engine

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <map>
+#include <optional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -38,6 +39,12 @@ class SafetensorsFile {
   // for the dtype, a copy otherwise. Writes to it change private pages only,
   // never the file. INVALID_ARGUMENT for a dtype ATen cannot hold.
   absl::StatusOr<at::Tensor> View(const SafetensorsTensorInfo& info) const;
+  // Drops this process's pages of the tensor's bytes (they stay in the page
+  // cache), so that streaming through a checkpoint keeps resident memory at
+  // the tensors in use rather than the whole file. A view of the tensor
+  // still alive reads the file's bytes again on its next access: writes made
+  // through it are lost.
+  void ReleasePages(const SafetensorsTensorInfo& info) const;
 
  private:
   SafetensorsFile(std::string path, std::shared_ptr<MappedFile> mapping, SafetensorsHeader header)
@@ -80,8 +87,12 @@ class SafetensorsCheckpoint {
   absl::StatusOr<absl::string_view> RawBytes(absl::string_view name) const;
   // See SafetensorsFile::View.
   absl::StatusOr<at::Tensor> View(absl::string_view name) const;
-  // An owned copy on `device` in the stored dtype.
-  absl::StatusOr<at::Tensor> Load(absl::string_view name, const at::Device& device) const;
+  // An owned copy on `device` in the stored dtype, or in `dtype` when given.
+  // The mapping's pages of the tensor are released afterwards (ReleasePages).
+  absl::StatusOr<at::Tensor> Load(absl::string_view name, const at::Device& device,
+                                  std::optional<at::ScalarType> dtype = std::nullopt) const;
+  // See SafetensorsFile::ReleasePages; nothing for an unknown name.
+  void ReleasePages(absl::string_view name) const;
 
  private:
   std::string folder_;

@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -23,13 +24,20 @@
 #include "common/files.h"
 #include "common/sha256.h"
 #include "common/status_macros.h"
+#include "worker/engine/eval/eval.h"
+#include "worker/engine/model/llama_config.h"
+#include "worker/engine/model/llama_model.h"
 #include "worker/engine/model/safetensors_reader.h"
 #include "worker/engine/model/safetensors_writer.h"
+#include "worker/engine/model/tensor_dtype.h"
 #include "worker/engine/quant/packing.h"
 #include "worker/engine/quant/quantized_tensor.h"
 #include "worker/engine/quant/rtn.h"
+#include "worker/engine/recipe/calibration.h"
 #include "worker/engine/recipe/device.h"
+#include "worker/engine/recipe/layerwise.h"
 #include "worker/engine/recipe/targets.h"
+#include "worker/engine/tokenizer/tokenizer.h"
 #include "worker/engine/util/torch_status.h"
 
 namespace compress::engine {
@@ -109,9 +117,17 @@ const char* MethodName(Method m) { return m == Method::kRtn ? "rtn" : "sleep"; }
 
 int64_t NormalizedGroupSize(const RtnOptions& o) { return o.group_size > 0 ? o.group_size : -1; }
 
+// The evaluate stage: not a per-tensor stage; it runs after the others.
+struct EvaluatePlan {
+  std::string label;
+  v1::EvaluateStage spec;
+};
+
 absl::StatusOr<std::vector<StagePlan>> PlanStages(const v1::JobSpec& spec,
-                                                  const SafetensorsCheckpoint& checkpoint) {
+                                                  const SafetensorsCheckpoint& checkpoint,
+                                                  std::optional<EvaluatePlan>* evaluate) {
   if (spec.stages_size() == 0) return absl::InvalidArgumentError("the recipe has no stages");
+  evaluate->reset();
   std::vector<SafetensorsTensorInfo> infos;
   for (const CheckpointTensor& t : checkpoint.tensors()) infos.push_back(t.info);
 
@@ -119,6 +135,17 @@ absl::StatusOr<std::vector<StagePlan>> PlanStages(const v1::JobSpec& spec,
   std::set<std::string> labels;
   for (int i = 0; i < spec.stages_size(); ++i) {
     const v1::Stage& stage = spec.stages(i);
+    if (stage.has_evaluate()) {
+      if (evaluate->has_value()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("stages[", i, "]: a recipe has at most one evaluate stage"));
+      }
+      std::string label = stage.name().empty() ? "evaluate" : stage.name();
+      if (!labels.insert(label).second) label = absl::StrCat(label, "_", i + 1);
+      labels.insert(label);
+      *evaluate = EvaluatePlan{label, stage.evaluate()};
+      continue;
+    }
     StagePlan plan;
     std::vector<std::string> include, exclude;
     switch (stage.method_case()) {
@@ -404,7 +431,7 @@ absl::Status MoveIntoPlace(const std::string& staging, const std::string& output
 // ------------------------------------------------------------------ running
 
 struct TensorResult {
-  at::Tensor dequantized;  // in the input dtype; undefined when unchanged
+  at::Tensor dequantized;  // in the stored dtype; undefined when unchanged
   std::optional<QuantizedTensor> packing_source;
 };
 
@@ -418,6 +445,39 @@ absl::Status SleepPolling(int millis, Events& events) {
   return absl::OkStatus();
 }
 
+// The decoder block a tensor belongs to: "model.layers.<n>.…" -> n.
+std::optional<int64_t> LayerOf(absl::string_view name) {
+  if (!absl::ConsumePrefix(&name, "model.layers.")) return std::nullopt;
+  const size_t dot = name.find('.');
+  int64_t layer = 0;
+  if (dot == absl::string_view::npos || !absl::SimpleAtoi(name.substr(0, dot), &layer)) {
+    return std::nullopt;
+  }
+  return layer;
+}
+
+// The linear a block weight belongs to ("model.layers.3.mlp.up_proj.weight"
+// -> "mlp.up_proj"); empty for anything else.
+std::string BlockLinearOf(absl::string_view name) {
+  if (!absl::ConsumePrefix(&name, "model.layers.")) return "";
+  name.remove_prefix(std::min(name.size(), name.find('.') + 1));
+  if (!absl::ConsumeSuffix(&name, ".weight")) return "";
+  for (const BlockLinear& linear : kBlockLinears) {
+    if (name == linear.name) return linear.name;
+  }
+  return "";
+}
+
+// Whether a method needs per-linear input statistics from calibration.
+bool NeedsCalibration(Method) { return false; }
+
+// Evaluation weights: models whose two F32 copies fit this are kept
+// resident; larger ones are read block by block on every forward pass.
+constexpr int64_t kResidentEvaluationBytes = int64_t{4} << 30;
+constexpr int64_t kDefaultEvaluationContext = 256;
+constexpr int64_t kDefaultEvaluationTokens = 16384;
+constexpr int64_t kDefaultSampleTokens = 48;
+
 class JobRunner {
  public:
   JobRunner(const v1::JobSpec& spec, const RunOptions& options, Events& events)
@@ -429,30 +489,45 @@ class JobRunner {
     if (options_.output_dir.empty()) return absl::InvalidArgumentError("output_dir is empty");
     ASSIGN_OR_RETURN(const Outputs outputs, PlanOutputs(spec_));
     ASSIGN_OR_RETURN(checkpoint_, SafetensorsCheckpoint::Open(options_.model_path));
-    ASSIGN_OR_RETURN(stages_, PlanStages(spec_, checkpoint_));
+    ASSIGN_OR_RETURN(stages_, PlanStages(spec_, checkpoint_, &evaluate_));
     ASSIGN_OR_RETURN(tensor_plans_, PlanTensors(checkpoint_, stages_, outputs, &packed_options_));
+    for (const StagePlan& stage : stages_) calibrate_ = calibrate_ || NeedsCalibration(stage.method);
+    if (calibrate_ || evaluate_) {
+      ASSIGN_OR_RETURN(config_, ReadLlamaConfig(checkpoint_.folder()));
+      RETURN_IF_ERROR(ValidateLlamaCheckpoint(*config_, checkpoint_));
+    }
+    at::Tensor calibration_ids;
+    if (calibrate_) {
+      ASSIGN_OR_RETURN(calibration_ids, LoadCalibration());
+    }
     events_.Log("INFO",
                 absl::StrCat("model ", options_.model_path, ": ", checkpoint_.tensors().size(),
                              " tensors in ", checkpoint_.shards().size(), " file(s); device ",
                              device_.str()));
 
     ASSIGN_OR_RETURN(StagingFolder staging, StagingFolder::Create(options_.output_dir));
+    // Evaluation reads the compressed model back from the dequantized
+    // checkpoint, written (and then dropped) even when not asked for.
+    const bool write_dequantized = outputs.dequantized || evaluate_.has_value();
     std::vector<OutputTree*> trees;
     dequantized_.dir_name = kDequantizedOutputDir;
     dequantized_.format = v1::DEQUANTIZED_SAFETENSORS;
     packed_.dir_name = kPackedOutputDir;
     packed_.format = v1::PACKED_SAFETENSORS;
-    if (outputs.dequantized) trees.push_back(&dequantized_);
+    if (write_dequantized) trees.push_back(&dequantized_);
     if (outputs.packed) trees.push_back(&packed_);
     for (OutputTree* tree : trees) {
       RETURN_IF_ERROR(MakeDirs((fs::path(staging.path()) / tree->dir_name).string()));
     }
 
     for (const TensorPlan& p : tensor_plans_) total_units_ += static_cast<int64_t>(p.stages.size());
-    for (size_t shard = 0; shard < checkpoint_.shards().size(); ++shard) {
-      RETURN_IF_ERROR(RunShard(static_cast<int>(shard), staging.path(), outputs));
-    }
+    tensor_share_ = evaluate_ ? 0.6 * kWorkFraction : kWorkFraction;
+    PlanProductionOrder();
+    RETURN_IF_ERROR(OpenWriters(staging.path(), write_dequantized, outputs.packed));
+    for (size_t i : rest_) RETURN_IF_ERROR(StreamTensor(i));
+    if (calibrate_) RETURN_IF_ERROR(RunBlocksLayerwise(calibration_ids));
     if (events_.Cancelled()) return CancelledStatus();
+    RETURN_IF_ERROR(CommitWriters());
 
     // Indexes mirror the input's sharding; then configs and companions.
     for (OutputTree* tree : trees) {
@@ -465,6 +540,10 @@ class JobRunner {
     }
 
     RunResult result;
+    if (evaluate_) {
+      RETURN_IF_ERROR(Evaluate((fs::path(staging.path()) / kDequantizedOutputDir).string(),
+                               result.report.mutable_evaluation()));
+    }
     BuildReport(&result.report);
     for (const StagePlan& stage : stages_) {
       events_.Metric(stage.label, kMetricStageSeconds, stage.seconds, "s");
@@ -491,6 +570,7 @@ class JobRunner {
     if (events_.Cancelled()) return CancelledStatus();
     std::vector<std::string> entries;
     for (OutputTree* tree : trees) {
+      if (tree == &dequantized_ && !outputs.dequantized) continue;  // written for evaluation only
       entries.push_back(tree->dir_name);
       result.artifacts.insert(result.artifacts.end(), tree->artifacts.begin(),
                               tree->artifacts.end());
@@ -505,131 +585,254 @@ class JobRunner {
   }
 
  private:
-  absl::Status RunShard(int shard, const std::string& staging, const Outputs& outputs) {
-    const SafetensorsFile& file = *checkpoint_.shards()[shard];
-    const std::string file_name = FileBaseName(file.path());
-    std::vector<size_t> members;  // indexes into checkpoint_.tensors(), data order
-    for (size_t i = 0; i < checkpoint_.tensors().size(); ++i) {
-      if (checkpoint_.tensors()[i].shard == shard) members.push_back(i);
-    }
-
-    std::map<std::string, std::string> metadata = file.header().metadata;
-    if (metadata.empty()) metadata["format"] = "pt";
-    std::optional<SafetensorsWriter> dequantized_writer;
-    std::optional<SafetensorsWriter> packed_writer;
-    if (outputs.dequantized) {
-      std::vector<SafetensorsTensorSpec> specs;
-      for (size_t i : members) {
-        const SafetensorsTensorInfo& info = checkpoint_.tensors()[i].info;
-        specs.push_back({info.name, info.dtype, info.shape});
+  // The order tensors are produced in; each output shard declares its
+  // tensors in that order, so every tensor is written as soon as it is
+  // final. Without calibration tensors stream one at a time in the
+  // checkpoint's own order (a job that changes nothing reproduces the files
+  // byte for byte). With calibration: the tensors outside the decoder blocks
+  // first, then block after block (those the block loader knows; anything
+  // else under model.layers, such as old rotary buffers, goes with the rest).
+  void PlanProductionOrder() {
+    std::set<std::string> block_tensor_names;
+    if (calibrate_) {
+      for (const SafetensorsTensorSpec& spec :
+           LlamaCheckpointSpecs(*config_, SafetensorsDtype::kF32)) {
+        if (LayerOf(spec.name)) block_tensor_names.insert(spec.name);
       }
-      ASSIGN_OR_RETURN(
-          SafetensorsWriter w,
-          SafetensorsWriter::Open((fs::path(staging) / kDequantizedOutputDir / file_name).string(),
-                                  specs, metadata));
-      dequantized_writer.emplace(std::move(w));
     }
-    if (outputs.packed) {
-      std::vector<SafetensorsTensorSpec> specs;
-      for (size_t i : members) {
-        const SafetensorsTensorInfo& info = checkpoint_.tensors()[i].info;
+    for (size_t i = 0; i < checkpoint_.tensors().size(); ++i) {
+      const std::string& name = checkpoint_.tensors()[i].info.name;
+      std::optional<int64_t> layer = LayerOf(name);
+      if (layer && block_tensor_names.count(name) > 0) {
+        blocks_[*layer].push_back(i);
+      } else {
+        rest_.push_back(i);
+      }
+    }
+  }
+
+  std::vector<size_t> ProductionOrder() const {
+    std::vector<size_t> order = rest_;
+    for (const auto& [layer, members] : blocks_) order.insert(order.end(), members.begin(), members.end());
+    return order;
+  }
+
+  absl::Status OpenWriters(const std::string& staging, bool dequantized, bool packed) {
+    const std::vector<size_t> order = ProductionOrder();
+    writers_.resize(checkpoint_.shards().size());
+    for (size_t shard = 0; shard < checkpoint_.shards().size(); ++shard) {
+      const SafetensorsFile& file = *checkpoint_.shards()[shard];
+      const std::string file_name = FileBaseName(file.path());
+      std::vector<SafetensorsTensorSpec> dequantized_specs, packed_specs;
+      for (size_t i : order) {
+        const CheckpointTensor& tensor = checkpoint_.tensors()[i];
+        if (tensor.shard != static_cast<int>(shard)) continue;
+        const SafetensorsTensorInfo& info = tensor.info;
+        dequantized_specs.push_back({info.name, info.dtype, info.shape});
         const TensorPlan& plan = tensor_plans_[i];
         if (plan.packing_stage < 0) {
-          specs.push_back({info.name, info.dtype, info.shape});
+          packed_specs.push_back({info.name, info.dtype, info.shape});
           continue;
         }
         for (SafetensorsTensorSpec& spec :
              PackedLinearSpecs(plan.packed_prefix, info.shape[0], info.shape[1],
                                stages_[plan.packing_stage].rtn.bits, plan.group_size)) {
-          specs.push_back(std::move(spec));
+          packed_specs.push_back(std::move(spec));
         }
       }
-      std::map<std::string, std::string> packed_metadata = metadata;
-      packed_metadata["quantization_config"] = QuantizationConfig(*packed_options_).dump();
-      ASSIGN_OR_RETURN(
-          SafetensorsWriter w,
-          SafetensorsWriter::Open((fs::path(staging) / kPackedOutputDir / file_name).string(),
-                                  specs, packed_metadata));
-      packed_writer.emplace(std::move(w));
-    }
-
-    for (size_t i : members) {
-      if (events_.Cancelled()) return CancelledStatus();
-      const CheckpointTensor& tensor = checkpoint_.tensors()[i];
-      const TensorPlan& plan = tensor_plans_[i];
-      const std::string& name = tensor.info.name;
-      ASSIGN_OR_RETURN(absl::string_view raw, checkpoint_.RawBytes(name));
-
-      TensorResult result;
-      if (!plan.stages.empty()) {
-        ASSIGN_OR_RETURN(result, TransformTensor(tensor, plan));
+      std::map<std::string, std::string> metadata = file.header().metadata;
+      if (metadata.empty()) metadata["format"] = "pt";
+      if (dequantized) {
+        ASSIGN_OR_RETURN(SafetensorsWriter w,
+                         SafetensorsWriter::Open(
+                             (fs::path(staging) / kDequantizedOutputDir / file_name).string(),
+                             dequantized_specs, metadata));
+        writers_[shard].dequantized.emplace(std::move(w));
       }
-      // Everything this tensor produces is computed and validated before any
-      // of it is written.
-      std::optional<PackedLinear> packed;
-      if (packed_writer && result.packing_source) {
-        ASSIGN_OR_RETURN(packed, PackLinear(*result.packing_source, name));
+      if (packed) {
+        std::map<std::string, std::string> packed_metadata = metadata;
+        packed_metadata["quantization_config"] = QuantizationConfig(*packed_options_).dump();
+        ASSIGN_OR_RETURN(
+            SafetensorsWriter w,
+            SafetensorsWriter::Open((fs::path(staging) / kPackedOutputDir / file_name).string(),
+                                    packed_specs, packed_metadata));
+        writers_[shard].packed.emplace(std::move(w));
       }
-      if (dequantized_writer) {
-        if (result.dequantized.defined()) {
-          RETURN_IF_ERROR(dequantized_writer->WriteTensor(name, result.dequantized));
-        } else {
-          RETURN_IF_ERROR(dequantized_writer->WriteBytes(name, raw));
-        }
-        dequantized_.weight_map.emplace_back(name, file_name);
-        dequantized_.tensor_bytes += tensor.info.NumBytes();
-      }
-      if (packed_writer) {
-        if (packed) {
-          const std::pair<const char*, const at::Tensor*> parts[] = {
-              {kQweightSuffix, &packed->qweight},
-              {kQzerosSuffix, &packed->qzeros},
-              {kScalesSuffix, &packed->scales},
-              {kGidxSuffix, &packed->g_idx}};
-          for (const auto& [suffix, part] : parts) {
-            const std::string part_name = plan.packed_prefix + suffix;
-            RETURN_IF_ERROR(packed_writer->WriteTensor(part_name, *part));
-            packed_.weight_map.emplace_back(part_name, file_name);
-            packed_.tensor_bytes += part->nbytes();
-          }
-        } else if (result.dequantized.defined()) {
-          // Targeted only by stages that change values without packing.
-          RETURN_IF_ERROR(packed_writer->WriteTensor(name, result.dequantized));
-          packed_.weight_map.emplace_back(name, file_name);
-          packed_.tensor_bytes += tensor.info.NumBytes();
-        } else {
-          RETURN_IF_ERROR(packed_writer->WriteBytes(name, raw));
-          packed_.weight_map.emplace_back(name, file_name);
-          packed_.tensor_bytes += tensor.info.NumBytes();
-        }
-      }
-    }
-
-    if (events_.Cancelled()) return CancelledStatus();
-    const std::pair<std::optional<SafetensorsWriter>*, OutputTree*> finished[] = {
-        {&dequantized_writer, &dequantized_}, {&packed_writer, &packed_}};
-    for (const auto& [writer, tree] : finished) {
-      if (!writer->has_value()) continue;
-      SafetensorsWriter& w = **writer;
-      RETURN_IF_ERROR(w.Commit());
-      tree->artifacts.push_back(ProducedArtifact{absl::StrCat(tree->dir_name, "/", file_name),
-                                                 tree->format, w.bytes_written(), w.sha256()});
     }
     return absl::OkStatus();
   }
 
-  // Passes one tensor through every stage that targets it, in stage order.
-  absl::StatusOr<TensorResult> TransformTensor(const CheckpointTensor& tensor,
-                                               const TensorPlan& plan) {
+  absl::Status CommitWriters() {
+    for (size_t shard = 0; shard < writers_.size(); ++shard) {
+      const std::string file_name = FileBaseName(checkpoint_.shards()[shard]->path());
+      const std::pair<std::optional<SafetensorsWriter>*, OutputTree*> finished[] = {
+          {&writers_[shard].dequantized, &dequantized_}, {&writers_[shard].packed, &packed_}};
+      for (const auto& [writer, tree] : finished) {
+        if (!writer->has_value()) continue;
+        SafetensorsWriter& w = **writer;
+        RETURN_IF_ERROR(w.Commit());
+        tree->artifacts.push_back(ProducedArtifact{absl::StrCat(tree->dir_name, "/", file_name),
+                                                   tree->format, w.bytes_written(), w.sha256()});
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // A tensor streamed on its own: read, passed through its stages, written.
+  absl::Status StreamTensor(size_t i) {
+    if (events_.Cancelled()) return CancelledStatus();
+    const CheckpointTensor& tensor = checkpoint_.tensors()[i];
+    TensorResult result;
+    if (!tensor_plans_[i].stages.empty()) {
+      ASSIGN_OR_RETURN(at::Tensor loaded, checkpoint_.Load(tensor.info.name, device_));
+      ASSIGN_OR_RETURN(result, TransformTensor(i, std::move(loaded), nullptr));
+    }
+    return WriteTensor(i, result);
+  }
+
+  // Writes tensor i's outputs: the transformed values, else its bytes as
+  // stored. Everything is computed and validated before any of it is written.
+  absl::Status WriteTensor(size_t i, const TensorResult& result) {
+    const CheckpointTensor& tensor = checkpoint_.tensors()[i];
+    const TensorPlan& plan = tensor_plans_[i];
     const std::string& name = tensor.info.name;
-    ASSIGN_OR_RETURN(at::Tensor current, checkpoint_.Load(name, device_));
-    const at::ScalarType dtype = current.scalar_type();
+    const std::string file_name = FileBaseName(checkpoint_.shards()[tensor.shard]->path());
+    ShardWriters& writers = writers_[tensor.shard];
+    ASSIGN_OR_RETURN(absl::string_view raw, checkpoint_.RawBytes(name));
+    std::optional<PackedLinear> packed;
+    if (writers.packed && result.packing_source) {
+      ASSIGN_OR_RETURN(packed, PackLinear(*result.packing_source, name));
+    }
+    if (writers.dequantized) {
+      if (result.dequantized.defined()) {
+        RETURN_IF_ERROR(writers.dequantized->WriteTensor(name, result.dequantized));
+      } else {
+        RETURN_IF_ERROR(writers.dequantized->WriteBytes(name, raw));
+      }
+      dequantized_.weight_map.emplace_back(name, file_name);
+      dequantized_.tensor_bytes += tensor.info.NumBytes();
+    }
+    if (writers.packed) {
+      if (packed) {
+        const std::pair<const char*, const at::Tensor*> parts[] = {
+            {kQweightSuffix, &packed->qweight},
+            {kQzerosSuffix, &packed->qzeros},
+            {kScalesSuffix, &packed->scales},
+            {kGidxSuffix, &packed->g_idx}};
+        for (const auto& [suffix, part] : parts) {
+          const std::string part_name = plan.packed_prefix + suffix;
+          RETURN_IF_ERROR(writers.packed->WriteTensor(part_name, *part));
+          packed_.weight_map.emplace_back(part_name, file_name);
+          packed_.tensor_bytes += part->nbytes();
+        }
+      } else {
+        // Unquantized, or changed only by stages that do not pack.
+        if (result.dequantized.defined()) {
+          RETURN_IF_ERROR(writers.packed->WriteTensor(name, result.dequantized));
+        } else {
+          RETURN_IF_ERROR(writers.packed->WriteBytes(name, raw));
+        }
+        packed_.weight_map.emplace_back(name, file_name);
+        packed_.tensor_bytes += tensor.info.NumBytes();
+      }
+    }
+    checkpoint_.ReleasePages(name);
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<at::Tensor> LoadCalibration() {
+    const v1::CalibrationData& calibration = spec_.calibration();
+    const std::string path =
+        options_.calibration_path.empty() ? calibration.path() : options_.calibration_path;
+    if (path.empty()) {
+      return absl::InvalidArgumentError(
+          "calibration.path: required by the recipe's stages (a text or .tokens file)");
+    }
+    std::optional<Tokenizer> tokenizer;
+    const fs::path tokenizer_path = fs::path(checkpoint_.folder()) / "tokenizer.json";
+    std::error_code ec;
+    if (fs::is_regular_file(tokenizer_path, ec)) {
+      ASSIGN_OR_RETURN(tokenizer, Tokenizer::FromFile(tokenizer_path.string()));
+    }
+    CalibrationSampleOptions sample_options;
+    if (calibration.num_samples() > 0) sample_options.num_samples = calibration.num_samples();
+    if (calibration.sequence_length() > 0) {
+      sample_options.sequence_length = calibration.sequence_length();
+    }
+    sample_options.vocab_size = config_->vocab_size;
+    ASSIGN_OR_RETURN(at::Tensor ids, LoadCalibrationSamples(path, tokenizer ? &*tokenizer : nullptr,
+                                                            sample_options));
+    events_.Log("INFO", absl::StrCat("calibration: ", ids.size(0), " samples of ", ids.size(1),
+                                     " tokens from ", path));
+    return ids;
+  }
+
+  absl::Status RunBlocksLayerwise(const at::Tensor& calibration_ids) {
+    LayerwiseOptions layerwise;
+    layerwise.device = device_;
+    layerwise.calibration_ids = calibration_ids.to(device_);
+    layerwise.propagation = spec_.calibration().propagation() == v1::PROPAGATION_PARALLEL
+                                ? PropagationMode::kParallel
+                                : PropagationMode::kSequential;
+    layerwise.is_cancelled = [this] { return events_.Cancelled(); };
+    for (size_t i = 0; i < tensor_plans_.size(); ++i) {
+      for (int s : tensor_plans_[i].stages) {
+        if (!NeedsCalibration(stages_[s].method)) continue;
+        std::string linear = BlockLinearOf(checkpoint_.tensors()[i].info.name);
+        if (!linear.empty()) layerwise.statistics_for.insert(linear);
+      }
+    }
+    std::map<size_t, TensorResult> pending;  // the current block's results
+    LayerwiseCallbacks callbacks;
+    callbacks.transform = [&](DecoderBlockWeights& block,
+                              const BlockStatistics& statistics) -> absl::Status {
+      pending.clear();
+      std::map<std::string, at::Tensor*> by_name;
+      for (auto& [suffix, tensor] : block.NamedTensors()) {
+        by_name[BlockTensorName(block.layer, suffix)] = tensor;
+      }
+      for (size_t i : blocks_[block.layer]) {
+        if (tensor_plans_[i].stages.empty()) continue;
+        const std::string& name = checkpoint_.tensors()[i].info.name;
+        at::Tensor* weight = by_name.at(name);
+        const LinearInputStatistics* stats = statistics.Find(BlockLinearOf(name));
+        ASSIGN_OR_RETURN(TensorResult result, TransformTensor(i, *weight, stats));
+        if (result.dequantized.defined()) {
+          // The next block's activations see the weights as stored.
+          *weight = result.dequantized.to(weight->scalar_type());
+        }
+        pending.emplace(i, std::move(result));
+      }
+      return absl::OkStatus();
+    };
+    callbacks.finished = [&](const DecoderBlockWeights& block) -> absl::Status {
+      for (size_t i : blocks_[block.layer]) {
+        if (events_.Cancelled()) return CancelledStatus();
+        auto found = pending.find(i);
+        RETURN_IF_ERROR(WriteTensor(i, found == pending.end() ? TensorResult() : found->second));
+      }
+      pending.clear();
+      return absl::OkStatus();
+    };
+    return RunLayerwise(checkpoint_, *config_, layerwise, callbacks);
+  }
+
+  // Passes one tensor through every stage that targets it, in stage order.
+  // `current` is the weight as loaded (any dtype); results are in the dtype
+  // the checkpoint stores. `statistics`: its input's, when calibrated.
+  absl::StatusOr<TensorResult> TransformTensor(size_t index, at::Tensor current,
+                                               const LinearInputStatistics* statistics) {
+    static_cast<void>(statistics);  // no method uses them yet
+    const CheckpointTensor& tensor = checkpoint_.tensors()[index];
+    const TensorPlan& plan = tensor_plans_[index];
+    const std::string& name = tensor.info.name;
+    const at::ScalarType dtype = *ToScalarType(tensor.info.dtype);
     TensorResult result;
     for (int s : plan.stages) {
       if (events_.Cancelled()) return CancelledStatus();
       StagePlan& stage = stages_[s];
       const Clock::time_point start = Clock::now();
-      const int64_t bytes_in = current.nbytes();
+      const int64_t bytes_in = static_cast<int64_t>(tensor.info.NumBytes());
       std::string message;
       if (stage.method == Method::kSleep) {
         RETURN_IF_ERROR(SleepPolling(stage.sleep_millis, events_));
@@ -671,12 +874,101 @@ class JobRunner {
       }
       stage.seconds += Seconds(Clock::now() - start);
       ++done_units_;
-      events_.Progress(kWorkFraction * static_cast<double>(done_units_) /
+      events_.Progress(tensor_share_ * static_cast<double>(done_units_) /
                            static_cast<double>(std::max<int64_t>(total_units_, 1)),
                        stage.label,
                        absl::StrCat(message, " (", done_units_, "/", total_units_, ")"));
     }
     return result;
+  }
+
+  // Perplexity of the original and of `compressed_dir` on the evaluation
+  // text, the compressed model's divergence from the original on the same
+  // windows, and a greedy sample from each.
+  absl::Status Evaluate(const std::string& compressed_dir, v1::EvaluationReport* report) {
+    const Clock::time_point start = Clock::now();
+    const EvaluatePlan& plan = *evaluate_;
+    const std::string& label = plan.label;
+    const std::string text_path =
+        options_.evaluation_path.empty() ? plan.spec.text_path() : options_.evaluation_path;
+    const fs::path tokenizer_path = fs::path(checkpoint_.folder()) / "tokenizer.json";
+    std::error_code ec;
+    if (!fs::is_regular_file(tokenizer_path, ec)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          label, ": the evaluate stage needs the model's tokenizer.json (", tokenizer_path.string(),
+          " is missing)"));
+    }
+    ASSIGN_OR_RETURN(const Tokenizer tokenizer, Tokenizer::FromFile(tokenizer_path.string()));
+    ASSIGN_OR_RETURN(const std::string text, ReadFile(text_path));
+    const std::vector<int32_t> tokens = tokenizer.Encode(text);
+
+    PerplexityOptions windows;
+    windows.context_length =
+        plan.spec.context_length() > 0 ? plan.spec.context_length() : kDefaultEvaluationContext;
+    windows.context_length = std::min(windows.context_length, config_->max_position_embeddings);
+    windows.stride = plan.spec.stride() > 0 ? std::min<int64_t>(plan.spec.stride(), windows.context_length)
+                                            : std::max<int64_t>(1, windows.context_length / 2);
+    windows.max_tokens =
+        plan.spec.max_tokens() > 0 ? plan.spec.max_tokens() : kDefaultEvaluationTokens;
+    windows.is_cancelled = [this] { return events_.Cancelled(); };
+
+    LlamaLoadOptions load;
+    load.device = device_;
+    int64_t parameters = 0;
+    for (const CheckpointTensor& t : checkpoint_.tensors()) parameters += t.info.NumElements();
+    load.resident = 2 * 4 * parameters <= kResidentEvaluationBytes;
+    const double begin_fraction = tensor_share_;
+    events_.Progress(begin_fraction, label,
+                     absl::StrCat("evaluating on ", std::min<int64_t>(tokens.size(), windows.max_tokens),
+                                  " tokens of ", text_path));
+    ASSIGN_OR_RETURN(const LlamaModel original, LlamaModel::Load(checkpoint_.folder(), load));
+    ASSIGN_OR_RETURN(const LlamaModel compressed, LlamaModel::Load(compressed_dir, load));
+    ASSIGN_OR_RETURN(const DivergenceResult divergence,
+                     CompareToReference(original, compressed, tokens, windows));
+    const double after_compare = begin_fraction + 0.8 * (kWorkFraction - begin_fraction);
+    events_.Progress(after_compare, label,
+                     absl::StrFormat("perplexity %.4g -> %.4g, KL %.4g", divergence.reference.perplexity,
+                                     divergence.candidate.perplexity, divergence.mean_kl));
+
+    report->set_text_path(plan.spec.text_path());
+    report->set_context_length(static_cast<int32_t>(divergence.reference.context_length));
+    report->set_stride(static_cast<int32_t>(divergence.reference.stride));
+    report->set_sample_prompt(plan.spec.sample_prompt());
+    const std::pair<const PerplexityResult*, v1::ModelEvaluation*> models[] = {
+        {&divergence.reference, report->mutable_before()},
+        {&divergence.candidate, report->mutable_after()}};
+    for (const auto& [result, evaluation] : models) {
+      evaluation->set_perplexity(result->perplexity);
+      evaluation->set_tokens_scored(result->tokens_scored);
+      evaluation->set_tokens_per_second(result->tokens_per_second);
+    }
+    report->set_mean_kl_divergence(divergence.mean_kl);
+    report->set_max_kl_divergence(divergence.max_kl);
+    report->set_top1_agreement(divergence.top1_agreement);
+
+    if (!plan.spec.sample_prompt().empty()) {
+      GenerateOptions generate;  // greedy: before and after are comparable
+      generate.max_new_tokens =
+          plan.spec.sample_tokens() > 0 ? plan.spec.sample_tokens() : kDefaultSampleTokens;
+      generate.on_token = [this](int32_t, const at::Tensor&) {
+        return events_.Cancelled() ? CancelledStatus() : absl::OkStatus();
+      };
+      const std::pair<const LlamaModel*, v1::ModelEvaluation*> samplers[] = {
+          {&original, report->mutable_before()}, {&compressed, report->mutable_after()}};
+      for (const auto& [model, evaluation] : samplers) {
+        ASSIGN_OR_RETURN(SampleResult sample,
+                         SampleText(*model, tokenizer, plan.spec.sample_prompt(), generate));
+        evaluation->set_sample(sample.completion);
+      }
+    }
+    report->set_seconds(Seconds(Clock::now() - start));
+    events_.Metric(label, "perplexity_before", report->before().perplexity(), "");
+    events_.Metric(label, "perplexity_after", report->after().perplexity(), "");
+    events_.Metric(label, "mean_kl_divergence", report->mean_kl_divergence(), "nats");
+    events_.Metric(label, "top1_agreement", report->top1_agreement(), "ratio");
+    events_.Metric(label, kMetricStageSeconds, report->seconds(), "s");
+    events_.Progress(kWorkFraction, label, "evaluation done");
+    return absl::OkStatus();
   }
 
   static double MeanRelativeError(const StagePlan& stage) {
@@ -722,20 +1014,38 @@ class JobRunner {
       s->set_mean_relative_error(MeanRelativeError(stage));
       for (const v1::TensorReport& t : stage.tensor_reports) *s->add_tensors() = t;
     }
+    if (evaluate_) {
+      v1::StageReport* s = report->add_stages();
+      s->set_name(evaluate_->label);
+      s->set_method("evaluate");
+      s->set_seconds(report->evaluation().seconds());
+    }
   }
+
+  struct ShardWriters {
+    std::optional<SafetensorsWriter> dequantized;
+    std::optional<SafetensorsWriter> packed;
+  };
 
   const v1::JobSpec& spec_;
   const RunOptions& options_;
   Events& events_;
   c10::Device device_ = c10::Device(c10::kCPU);
   SafetensorsCheckpoint checkpoint_;
+  std::optional<LlamaConfig> config_;  // when calibrating or evaluating
   std::vector<StagePlan> stages_;
+  std::optional<EvaluatePlan> evaluate_;
+  bool calibrate_ = false;
   std::vector<TensorPlan> tensor_plans_;
   const RtnOptions* packed_options_ = nullptr;  // points into stages_
+  std::vector<size_t> rest_;                     // tensors outside the blocks
+  std::map<int64_t, std::vector<size_t>> blocks_;  // layer -> its tensors
+  std::vector<ShardWriters> writers_;            // per input shard
   OutputTree dequantized_;
   OutputTree packed_;
   int64_t total_units_ = 0;
   int64_t done_units_ = 0;
+  double tensor_share_ = kWorkFraction;  // of the progress, for the tensors
 };
 
 }  // namespace

@@ -27,7 +27,10 @@ struct RunOptions {
   std::string model_path;        // HF directory or a single .safetensors file
   std::string output_dir;        // artifacts are written under here
   std::string device = "cpu";    // "cpu", "cuda:N"
-  std::string calibration_path;  // optional
+  // Resolved paths of the spec's calibration data and of its evaluate
+  // stage's text (the worker does not resolve spec paths itself).
+  std::string calibration_path;
+  std::string evaluation_path;
 };
 
 // Callbacks the engine calls while it runs; any may be empty.

@@ -1,0 +1,111 @@
+#include "worker/engine/recipe/layerwise.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "worker/engine/util/torch_status.h"
+
+namespace compress::engine {
+
+namespace {
+
+constexpr char kEmbedTokens[] = "model.embed_tokens.weight";
+
+enum class Output { kReplaceInput, kDiscard };
+
+// Runs `block` over every sample of `hidden` in passes of samples_per_pass;
+// each pass's output replaces its input (samples are independent) or is
+// dropped (a pass for statistics only).
+absl::Status RunBlock(const LlamaConfig& config, const DecoderBlockWeights& block,
+                      at::Tensor& hidden, const RotaryCache& rope, const LayerwiseOptions& options,
+                      LinearHook* hook, Output output) {
+  const int64_t samples = hidden.size(0);
+  const int64_t step = std::max<int64_t>(options.samples_per_pass, 1);
+  for (int64_t begin = 0; begin < samples; begin += step) {
+    if (options.is_cancelled && options.is_cancelled()) return absl::CancelledError("job cancelled");
+    const int64_t count = std::min(step, samples - begin);
+    at::Tensor slice = hidden.narrow(0, begin, count);
+    ASSIGN_OR_RETURN(at::Tensor out, DecoderBlockForward(config, block, slice, rope, nullptr, hook));
+    if (output == Output::kDiscard) continue;
+    RETURN_IF_ERROR(CatchTorchErrors(absl::StrCat("layer ", block.layer, " propagation"),
+                                     [&]() -> absl::Status {
+                                       slice.copy_(out);
+                                       return absl::OkStatus();
+                                     }));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status RunLayerwise(const SafetensorsCheckpoint& checkpoint, const LlamaConfig& config,
+                          const LayerwiseOptions& options, const LayerwiseCallbacks& callbacks) {
+  if (!callbacks.transform || !callbacks.finished) {
+    return absl::InvalidArgumentError("layer-wise runner: transform and finished are required");
+  }
+  RETURN_IF_ERROR(ValidateLlamaCheckpoint(config, checkpoint));
+  const int64_t layers = config.num_hidden_layers;
+  const int64_t end = options.end_layer < 0 ? layers : options.end_layer;
+  if (options.first_layer < 0 || options.first_layer > end || end > layers) {
+    return absl::InvalidArgumentError(absl::StrCat("layer range [", options.first_layer, ", ", end,
+                                                   ") is not within [0, ", layers, "]"));
+  }
+  const bool calibrating = options.calibration_ids.defined();
+
+  at::Tensor hidden;
+  RotaryCache rope;
+  if (calibrating) {
+    if (options.calibration_ids.dim() != 2 || options.calibration_ids.size(0) < 1 ||
+        options.calibration_ids.size(1) < 1) {
+      return absl::InvalidArgumentError(
+          "calibration ids must be [samples, sequence] with both at least 1");
+    }
+    {
+      ASSIGN_OR_RETURN(const at::Tensor embed_tokens,
+                       checkpoint.Load(kEmbedTokens, options.device, options.compute_dtype));
+      ASSIGN_OR_RETURN(hidden, Embed(embed_tokens, options.calibration_ids));
+    }  // the embeddings are dropped here
+    ASSIGN_OR_RETURN(rope, MakeRotaryCache(config, 0, hidden.size(1), options.device,
+                                           options.compute_dtype));
+  }
+
+  StatisticsCollector statistics(options.statistics_for, options.with_hessian,
+                                 options.hessian_dtype);
+  for (int64_t layer = 0; layer < end; ++layer) {
+    if (options.is_cancelled && options.is_cancelled()) return absl::CancelledError("job cancelled");
+    ASSIGN_OR_RETURN(DecoderBlockWeights block,
+                     LoadDecoderBlock(checkpoint, config, layer, options.device,
+                                      options.compute_dtype));
+    if (layer < options.first_layer) {
+      // Only bringing the activations to the first block of the range.
+      if (calibrating) {
+        RETURN_IF_ERROR(
+            RunBlock(config, block, hidden, rope, options, nullptr, Output::kReplaceInput));
+      }
+      continue;
+    }
+    statistics.Clear();
+    if (calibrating) {
+      // Parallel: one pass gives the statistics and the original block's
+      // outputs. Sequential: statistics only; the outputs come from the
+      // changed block below.
+      RETURN_IF_ERROR(RunBlock(config, block, hidden, rope, options, &statistics,
+                               options.propagation == PropagationMode::kParallel
+                                   ? Output::kReplaceInput
+                                   : Output::kDiscard));
+    }
+    RETURN_IF_ERROR(callbacks.transform(block, statistics));
+    RETURN_IF_ERROR(ValidateBlockWeights(config, block));
+    statistics.Clear();  // the Hessians can be large: gone before propagating
+    if (calibrating && options.propagation == PropagationMode::kSequential) {
+      RETURN_IF_ERROR(RunBlock(config, block, hidden, rope, options, nullptr, Output::kReplaceInput));
+    }
+    RETURN_IF_ERROR(callbacks.finished(block));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace compress::engine

@@ -1,0 +1,82 @@
+// The layer-wise runner (../../../../shared/ARCHITECTURE.md): one decoder
+// block resident at a time. For each block: load it from the mmapped
+// checkpoint, run the calibration activations through it collecting
+// per-linear input statistics, let the methods change its weights, propagate
+// the activations to the next block, hand the finished block on and drop it.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <cstdint>
+#include <functional>
+#include <set>
+#include <string>
+
+#include "absl/status/status.h"
+#include "worker/engine/model/llama_config.h"
+#include "worker/engine/model/llama_model.h"
+#include "worker/engine/model/safetensors_reader.h"
+#include "worker/engine/recipe/calibration.h"
+
+namespace compress::engine {
+
+enum class PropagationMode {
+  // Through the compressed block: each block is calibrated on what the
+  // compressed model really feeds it.
+  kSequential,
+  // Through the original block: every block sees the original model's
+  // activations, so blocks do not depend on each other's compression.
+  kParallel,
+};
+
+struct LayerwiseOptions {
+  at::Device device = at::kCPU;
+  // Blocks are loaded and run in this dtype (the statistics' precision).
+  at::ScalarType compute_dtype = at::kFloat;
+  // [samples, sequence] token ids; undefined: no calibration (statistics
+  // are not collected and nothing is propagated).
+  at::Tensor calibration_ids;
+  PropagationMode propagation = PropagationMode::kSequential;
+  // Linears (names inside a block, kBlockLinears) whose input statistics are
+  // collected; with_hessian adds X^T X in hessian_dtype.
+  std::set<std::string> statistics_for;
+  bool with_hessian = true;
+  at::ScalarType hessian_dtype = at::kFloat;
+  // Calibration samples per forward pass (bounds the attention's memory).
+  int64_t samples_per_pass = 8;
+  // Blocks [first_layer, end_layer) are run; end_layer < 0: to the last.
+  // The calibration activations are still computed through the blocks
+  // before first_layer (original weights).
+  int64_t first_layer = 0;
+  int64_t end_layer = -1;
+  std::function<bool()> is_cancelled;
+};
+
+// The finished statistics of one block, by linear name.
+using BlockStatistics = StatisticsCollector;
+
+struct LayerwiseCallbacks {
+  // Changes the block's weights in place (replace or edit the tensors; keep
+  // shapes, dtype and device). Statistics are those of the block's input
+  // under the original weights. Required.
+  std::function<absl::Status(DecoderBlockWeights& block, const BlockStatistics& statistics)>
+      transform;
+  // Receives the finished block (the weights the next block's activations
+  // were propagated through, in sequential mode). Required.
+  std::function<absl::Status(const DecoderBlockWeights& block)> finished;
+};
+
+// Runs the blocks of the checkpoint in order. `config` must describe the
+// checkpoint (ValidateLlamaCheckpoint is applied first). The embeddings are
+// loaded only to embed the calibration samples, then dropped; resident
+// memory is one block, its statistics and the calibration activations
+// ([samples, sequence, hidden], updated in place: samples are independent).
+// Sequential mode runs each block twice (statistics, then propagation
+// through the changed weights); parallel mode once. CANCELLED when
+// is_cancelled says so (polled between passes); INVALID_ARGUMENT for ids
+// outside the vocabulary or a bad layer range; what the callbacks return.
+absl::Status RunLayerwise(const SafetensorsCheckpoint& checkpoint, const LlamaConfig& config,
+                          const LayerwiseOptions& options, const LayerwiseCallbacks& callbacks);
+
+}  // namespace compress::engine
