@@ -15,10 +15,15 @@
 #include "absl/strings/match.h"
 #include "common/sha256.h"
 #include "tests/engine/test_util.h"
+#include "worker/engine/eval/eval.h"
+#include "worker/engine/model/llama_model.h"
 #include "worker/engine/model/random_model.h"
 #include "worker/engine/model/safetensors_reader.h"
 #include "worker/engine/quant/packing.h"
 #include "worker/engine/quant/quantized_tensor.h"
+#include "worker/engine/tokenizer/bpe_trainer.h"
+#include "worker/engine/tokenizer/tokenizer.h"
+#include "worker/engine/tokenizer/unicode.h"
 
 namespace compress::engine {
 namespace {
@@ -485,6 +490,155 @@ TEST_F(RunJobTest, SingleFileInputAndRerunsReplaceEarlierOutputs) {
       << "dequantized/ and report.json: the first run's packed/ is gone, nothing hidden left";
   EXPECT_LT(second->report.stages(0).mean_relative_error(),
             first->report.stages(0).mean_relative_error());
+}
+
+// ------------------------------------------------------------------ evaluate
+
+// A random Llama with a tokenizer trained on a small text, and a text to
+// evaluate on.
+class EvaluateStageTest : public RunJobTest {
+ protected:
+  void SetUp() override {
+    std::string text;
+    for (int i = 0; i < 30; ++i) {
+      text += "and the light shineth in darkness; and the darkness comprehended it not. ";
+    }
+    BpeTrainerOptions trainer;
+    trainer.vocab_size = 300;
+    absl::StatusOr<std::string> json = TrainByteLevelBpe(text, trainer);
+    ASSERT_TRUE(json.ok());
+    absl::StatusOr<Tokenizer> tokenizer = Tokenizer::FromJson(*json, "trained.json");
+    ASSERT_TRUE(tokenizer.ok());
+    RandomModelOptions options;
+    options.vocab_size = tokenizer->vocab_size();
+    options.init_std = 0.1;  // peaked enough that quantization moves the measures
+    options.seed = 9;
+    model_dir_ = dir_ / "model";
+    ASSERT_TRUE(WriteRandomLlamaModel(options, model_dir_).ok());
+    testing::WriteBytes(model_dir_ + "/tokenizer.json", *json);
+    text_path_ = dir_ / "eval.txt";
+    testing::WriteBytes(text_path_, text);
+    tokens_ = tokenizer->Encode(text);
+    tokenizer_.emplace(std::move(*tokenizer));
+    out_dir_ = dir_ / "out";
+  }
+
+  v1::JobSpec Spec(int bits, std::vector<v1::OutputFormat> outputs) const {
+    v1::JobSpec spec = bits > 0 ? RtnSpec(bits, false, 32, std::move(outputs)) : v1::JobSpec();
+    if (bits == 0) {
+      for (v1::OutputFormat f : outputs) spec.add_outputs(f);
+    }
+    v1::EvaluateStage* evaluate = spec.add_stages()->mutable_evaluate();
+    evaluate->set_text_path(text_path_);
+    evaluate->set_context_length(32);
+    evaluate->set_stride(16);
+    evaluate->set_sample_prompt("and the light");
+    evaluate->set_sample_tokens(5);
+    return spec;
+  }
+
+  PerplexityOptions Windows() const {
+    PerplexityOptions windows;
+    windows.context_length = 32;
+    windows.stride = 16;
+    return windows;
+  }
+
+  std::string Sample(const LlamaModel& model) const {
+    GenerateOptions greedy;
+    greedy.max_new_tokens = 5;
+    return ToValidUtf8(SampleText(model, *tokenizer_, "and the light", greedy)->completion);
+  }
+
+  std::string text_path_;
+  std::vector<int32_t> tokens_;
+  std::optional<Tokenizer> tokenizer_;
+};
+
+TEST_F(EvaluateStageTest, ReportsTheOriginalAndTheWrittenModelOnTheSameWindows) {
+  Recorded recorded;
+  absl::StatusOr<RunResult> result =
+      Run(Spec(3, {v1::DEQUANTIZED_SAFETENSORS}), recorded.callbacks);
+  ASSERT_TRUE(result.ok()) << result.status();
+  const v1::EvaluationReport& evaluation = result->report.evaluation();
+
+  // Each figure is what eval/ computes on the models on disk.
+  const LlamaModel original = *LlamaModel::Load(model_dir_);
+  const LlamaModel written = *LlamaModel::Load(out_dir_ + "/dequantized");
+  const PerplexityResult before = *Perplexity(original, tokens_, Windows());
+  const DivergenceResult divergence = *CompareToReference(original, written, tokens_, Windows());
+  EXPECT_NEAR(evaluation.before().perplexity(), before.perplexity, 1e-9 * before.perplexity);
+  EXPECT_NEAR(evaluation.after().perplexity(), divergence.candidate.perplexity,
+              1e-9 * divergence.candidate.perplexity);
+  EXPECT_EQ(evaluation.before().tokens_scored(), static_cast<int64_t>(tokens_.size()) - 1);
+  EXPECT_NEAR(evaluation.mean_kl_divergence(), divergence.mean_kl, 1e-12);
+  EXPECT_GT(evaluation.mean_kl_divergence(), 0.0);
+  EXPECT_GE(evaluation.max_kl_divergence(), evaluation.mean_kl_divergence());
+  EXPECT_EQ(evaluation.top1_agreement(), divergence.top1_agreement);
+  EXPECT_EQ(evaluation.context_length(), 32);
+  EXPECT_EQ(evaluation.stride(), 16);
+  EXPECT_EQ(evaluation.before().sample(), Sample(original));
+  EXPECT_EQ(evaluation.after().sample(), Sample(written));
+  EXPECT_FALSE(evaluation.before().sample().empty());
+
+  ASSERT_EQ(result->report.stages_size(), 2);
+  EXPECT_EQ(result->report.stages(1).method(), "evaluate");
+  std::set<std::string> metric_names;
+  for (const auto& [stage, name, value, unit] : recorded.metrics) {
+    if (stage == "evaluate") metric_names.insert(name);
+  }
+  EXPECT_EQ(metric_names, (std::set<std::string>{"perplexity_before", "perplexity_after",
+                                                  "mean_kl_divergence", "top1_agreement",
+                                                  kMetricStageSeconds}));
+  // Progress stays ordered through the evaluation and ends at 1.
+  for (size_t i = 1; i < recorded.progress.size(); ++i) {
+    EXPECT_GE(std::get<0>(recorded.progress[i]), std::get<0>(recorded.progress[i - 1]));
+  }
+  EXPECT_EQ(std::get<0>(recorded.progress.back()), 1.0);
+}
+
+TEST_F(EvaluateStageTest, FewerBitsDivergeMoreAndAnUnchangedModelNotAtAll) {
+  absl::StatusOr<RunResult> unchanged = Run(Spec(0, {}));
+  ASSERT_TRUE(unchanged.ok()) << unchanged.status();
+  const v1::EvaluationReport& same = unchanged->report.evaluation();
+  EXPECT_EQ(same.mean_kl_divergence(), 0.0);
+  EXPECT_EQ(same.top1_agreement(), 1.0);
+  EXPECT_EQ(same.before().perplexity(), same.after().perplexity());
+  EXPECT_EQ(same.before().sample(), same.after().sample());
+
+  absl::StatusOr<RunResult> eight = Run(Spec(8, {}));
+  absl::StatusOr<RunResult> two = Run(Spec(2, {}));
+  ASSERT_TRUE(eight.ok() && two.ok());
+  EXPECT_GT(eight->report.evaluation().mean_kl_divergence(), 0.0);
+  EXPECT_LT(eight->report.evaluation().mean_kl_divergence(),
+            two->report.evaluation().mean_kl_divergence());
+  EXPECT_GT(eight->report.evaluation().top1_agreement(), two->report.evaluation().top1_agreement());
+}
+
+TEST_F(EvaluateStageTest, PackedOnlyJobsEvaluateWithoutPublishingTheDequantizedModel) {
+  absl::StatusOr<RunResult> packed = Run(Spec(3, {v1::PACKED_SAFETENSORS}));
+  ASSERT_TRUE(packed.ok()) << packed.status();
+  const std::set<std::string> files = FilesInOutput();
+  ExpectArtifactsMatchDisk(*packed, out_dir_, files);
+  for (const std::string& file : files) EXPECT_FALSE(absl::StartsWith(file, "dequantized")) << file;
+  absl::StatusOr<RunResult> both = Run(Spec(3, {v1::DEQUANTIZED_SAFETENSORS}));
+  ASSERT_TRUE(both.ok());
+  EXPECT_EQ(packed->report.evaluation().after().perplexity(),
+            both->report.evaluation().after().perplexity());
+}
+
+TEST_F(EvaluateStageTest, NeedsATokenizerAndATextBeforeAnythingIsPublished) {
+  v1::JobSpec spec = Spec(4, {});
+  spec.mutable_stages(1)->mutable_evaluate()->set_text_path(dir_ / "missing.txt");
+  EXPECT_EQ(Run(spec).status().code(), absl::StatusCode::kNotFound);
+  ExpectNothingWritten();
+  fs::remove(model_dir_ + "/tokenizer.json");
+  ExpectInvalidArgument(Run(Spec(4, {})).status(), {"evaluate", "tokenizer.json"});
+  ExpectNothingWritten();
+  // A checkpoint without config.json cannot be evaluated.
+  fs::remove(model_dir_ + "/config.json");
+  EXPECT_FALSE(Run(Spec(4, {})).ok());
+  ExpectNothingWritten();
 }
 
 }  // namespace

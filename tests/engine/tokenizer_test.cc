@@ -126,6 +126,14 @@ void ExpectRoundTrips(const Tokenizer& tokenizer, const std::string& text) {
 // and the special tokens <|begin_of_text|> 268 and <|end_of_text|> 269. The
 // pre-tokenizer is Llama-3's form: Split(GPT-2 regex) then ByteLevel.
 
+TEST(Utf8, InvalidBytesBecomeReplacementCharactersAndValidTextIsKept) {
+  EXPECT_EQ(ToValidUtf8("plain \xC3\xA9t\xC3\xA9 \xE2\x82\xAC"), "plain \xC3\xA9t\xC3\xA9 \xE2\x82\xAC");
+  // A sequence cut short, a stray continuation byte, an overlong form.
+  EXPECT_EQ(ToValidUtf8("a\xE2\x82"), "a\xEF\xBF\xBD\xEF\xBF\xBD");
+  EXPECT_EQ(ToValidUtf8("\x80" "b"), "\xEF\xBF\xBD" "b");
+  EXPECT_EQ(ToValidUtf8("\xC0\xAF"), "\xEF\xBF\xBD\xEF\xBF\xBD");
+}
+
 TEST(TokenizerByteLevel, LoadsVocabularySpecialsAndBos) {
   LOAD_FIXTURE(tokenizer, "byte_level_tiny.json");
   EXPECT_EQ(tokenizer.vocab_size(), 270);

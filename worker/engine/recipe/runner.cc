@@ -38,6 +38,7 @@
 #include "worker/engine/recipe/layerwise.h"
 #include "worker/engine/recipe/targets.h"
 #include "worker/engine/tokenizer/tokenizer.h"
+#include "worker/engine/tokenizer/unicode.h"
 #include "worker/engine/util/torch_status.h"
 
 namespace compress::engine {
@@ -958,7 +959,7 @@ class JobRunner {
       for (const auto& [model, evaluation] : samplers) {
         ASSIGN_OR_RETURN(SampleResult sample,
                          SampleText(*model, tokenizer, plan.spec.sample_prompt(), generate));
-        evaluation->set_sample(sample.completion);
+        evaluation->set_sample(ToValidUtf8(sample.completion));
       }
     }
     report->set_seconds(Seconds(Clock::now() - start));

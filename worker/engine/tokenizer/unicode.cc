@@ -76,4 +76,19 @@ ByteLevelAlphabet::ByteLevelAlphabet() {
   }
 }
 
+std::string ToValidUtf8(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  for (size_t pos = 0; pos < text.size();) {
+    const Utf8Char c = DecodeUtf8(text, pos);
+    if (c.valid) {
+      out.append(text.substr(pos, static_cast<size_t>(c.length)));
+    } else {
+      AppendUtf8(0xFFFD, &out);
+    }
+    pos += static_cast<size_t>(c.length);
+  }
+  return out;
+}
+
 }  // namespace compress::engine

@@ -24,6 +24,10 @@ Utf8Char DecodeUtf8(std::string_view text, size_t pos);
 
 void AppendUtf8(char32_t code_point, std::string* out);
 
+// `text` with every invalid byte replaced by U+FFFD: what may go into a
+// protobuf string or JSON (a generated sample can end mid-character).
+std::string ToValidUtf8(std::string_view text);
+
 // Unicode White_Space (what \s means to Oniguruma, which HF tokenizers uses):
 // U+0009-U+000D, U+0020, U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028,
 // U+2029, U+202F, U+205F, U+3000.
