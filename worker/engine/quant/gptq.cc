@@ -1,0 +1,171 @@
+#include "worker/engine/quant/gptq.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "worker/engine/util/torch_status.h"
+
+namespace compress::engine {
+
+namespace {
+
+using at::indexing::Slice;
+
+// The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying
+// with more dampening while the factorization fails.
+absl::StatusOr<at::Tensor> InverseCholesky(const at::Tensor& hessian, const GptqOptions& options,
+                                           absl::string_view name, GptqResult* result) {
+  const double mean_diagonal = hessian.diagonal().mean().item<double>();
+  double dampening = options.dampening;
+  for (int attempt = 0; attempt <= options.max_dampening_retries; ++attempt) {
+    at::Tensor damped = hessian.clone();
+    damped.diagonal().add_(dampening * mean_diagonal);
+    auto [lower, info] = at::linalg_cholesky_ex(damped);
+    if (info.item<int64_t>() == 0) {
+      const at::Tensor inverse = at::cholesky_inverse(lower);
+      auto [upper, inverse_info] = at::linalg_cholesky_ex(inverse, /*upper=*/true);
+      if (inverse_info.item<int64_t>() == 0 && at::isfinite(upper).all().item<bool>()) {
+        result->dampening_used = dampening;
+        result->retries = attempt;
+        return upper;
+      }
+    }
+    dampening *= 10;
+  }
+  return absl::FailedPreconditionError(absl::StrCat(
+      "gptq: tensor '", name, "': the Hessian is not positive definite even with dampening ",
+      dampening / 10, " of its mean diagonal"));
+}
+
+}  // namespace
+
+absl::Status ValidateGptqOptions(const GptqOptions& options) {
+  RETURN_IF_ERROR(ValidateRtnOptions(options.grid));
+  if (!(options.dampening > 0) || options.dampening > 10) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("gptq: dampening ", options.dampening, " is outside (0, 10]"));
+  }
+  if (options.block_size < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("gptq: block_size ", options.block_size, " is below 1"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<GptqResult> QuantizeGptq(const at::Tensor& weight, const at::Tensor& hessian,
+                                        const GptqOptions& options, absl::string_view name) {
+  RETURN_IF_ERROR(ValidateGptqOptions(options));
+  ASSIGN_OR_RETURN(const int64_t group_size,
+                   RtnGroupSize(options.grid, weight.sizes().vec(), name));
+  const int64_t rows = weight.size(0);
+  const int64_t columns = weight.size(1);
+  if (hessian.dim() != 2 || hessian.size(0) != columns || hessian.size(1) != columns) {
+    return absl::InvalidArgumentError(absl::StrCat("gptq: tensor '", name, "' has ", columns,
+                                                   " inputs but its Hessian is ",
+                                                   hessian.sizes().vec().size() == 2
+                                                       ? absl::StrCat("[", hessian.size(0), ", ",
+                                                                      hessian.size(1), "]")
+                                                       : "not 2-D"));
+  }
+  return CatchTorchErrors(absl::StrCat("gptq: tensor '", name, "'"), [&]()
+                                                                         -> absl::StatusOr<GptqResult> {
+    at::Tensor w = weight.to(at::kFloat).clone();
+    at::Tensor h = hessian.clone();
+    if (!at::isfinite(w).all().item<bool>() || !at::isfinite(h).all().item<bool>()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("gptq: tensor '", name, "' or its Hessian contains NaN or Inf"));
+    }
+    GptqResult result;
+    // An input that was always zero carries no information: its weights
+    // cannot change the output, so they are zeroed and H[i, i] set to 1.
+    const at::Tensor dead = h.diagonal() == 0;
+    result.dead_columns = dead.sum().item<int64_t>();
+    if (result.dead_columns > 0) {
+      h.diagonal().masked_fill_(dead, 1);
+      w.index_put_({Slice(), dead}, 0);
+    }
+
+    QuantizedTensor& q = result.quantized;
+    q.bits = options.grid.bits;
+    q.group_size = group_size;
+    q.codes = at::empty({rows, columns}, w.options().dtype(at::kByte));
+    const bool static_groups = group_size == columns || options.act_order;
+    if (static_groups) {
+      // Every group's grid from the (original) weight, before any update.
+      RtnOptions grid = options.grid;
+      grid.group_size = group_size;
+      ASSIGN_OR_RETURN(QuantizedTensor initial, QuantizeRtn(w, grid, name));
+      q.scales = initial.scales;
+      q.zeros = initial.zeros;
+    } else {
+      q.scales = at::empty({rows, columns / group_size}, w.options().dtype(at::kHalf));
+      q.zeros = at::empty({rows, columns / group_size}, w.options().dtype(at::kByte));
+    }
+
+    at::Tensor order = at::arange(columns, w.options().dtype(at::kLong));
+    if (options.act_order) {
+      order = std::get<1>(h.diagonal().sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
+      w = w.index_select(1, order);
+      h = h.index_select(0, order).index_select(1, order);
+    }
+    ASSIGN_OR_RETURN(const at::Tensor upper_factor, InverseCholesky(h, options, name, &result));
+    const at::Tensor upper = upper_factor.to(at::kFloat);
+    const std::vector<int64_t> original_column(order.data_ptr<int64_t>(),
+                                               order.data_ptr<int64_t>() + columns);
+
+    // Dynamic groups must not straddle a lazy block: round it up to whole groups.
+    const int64_t block =
+        static_groups ? options.block_size
+                      : (options.block_size + group_size - 1) / group_size * group_size;
+    const double qmax = static_cast<double>((1 << options.grid.bits) - 1);
+    at::Tensor scale_column, zero_column;  // [rows] float32, the current column's grid
+    for (int64_t begin = 0; begin < columns; begin += block) {
+      const int64_t end = std::min(begin + block, columns);
+      const int64_t count = end - begin;
+      at::Tensor w1 = w.narrow(1, begin, count).clone();
+      at::Tensor errors = at::zeros({rows, count}, w.options());
+      const at::Tensor u1 = upper.index({Slice(begin, end), Slice(begin, end)});
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t column = original_column[static_cast<size_t>(begin + i)];
+        const int64_t group = column / group_size;
+        if (!static_groups && (begin + i) % group_size == 0) {
+          RtnOptions grid = options.grid;
+          grid.group_size = group_size;
+          ASSIGN_OR_RETURN(QuantizedTensor params,
+                           QuantizeRtn(w1.narrow(1, i, group_size), grid, name));
+          q.scales.narrow(1, group, 1).copy_(params.scales);
+          q.zeros.narrow(1, group, 1).copy_(params.zeros);
+        }
+        scale_column = q.scales.select(1, group).to(at::kFloat);
+        zero_column = q.zeros.select(1, group).to(at::kFloat);
+        const at::Tensor x = w1.select(1, i);
+        // RTN's rounding exactly (rtn.h): codes from x / scale, values (q - zero) * scale.
+        const at::Tensor codes = x.div(scale_column).round_().add_(zero_column).clamp_(0, qmax);
+        q.codes.select(1, column).copy_(codes.to(at::kShort));
+        const at::Tensor value = (codes - zero_column).mul_(scale_column);
+        const at::Tensor error = (x - value).div_(u1[i][i]);
+        w1.narrow(1, i, count - i).sub_(error.unsqueeze(1).mm(u1.index({Slice(i, i + 1), Slice(i, count)})));
+        errors.select(1, i).copy_(error);
+      }
+      if (end < columns) {
+        w.narrow(1, end, columns - end).sub_(errors.mm(upper.index({Slice(begin, end), Slice(end, columns)})));
+      }
+    }
+    return result;
+  });
+}
+
+double RelativeOutputError(const at::Tensor& weight, const at::Tensor& approximation,
+                           const at::Tensor& hessian) {
+  const at::Tensor w = weight.to(at::kDouble);
+  const at::Tensor h = hessian.to(at::kDouble);
+  const at::Tensor d = w - approximation.to(at::kDouble);
+  const double error = (d.mm(h) * d).sum().item<double>();
+  const double reference = (w.mm(h) * w).sum().item<double>();
+  return reference == 0 ? (error == 0 ? 0.0 : INFINITY) : error / reference;
+}
+
+}  // namespace compress::engine
