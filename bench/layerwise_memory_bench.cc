@@ -19,6 +19,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -31,6 +32,7 @@
 #include "worker/engine/model/llama_config.h"
 #include "worker/engine/model/random_model.h"
 #include "worker/engine/quant/rtn.h"
+#include "worker/engine/recipe/device.h"
 #include "worker/engine/recipe/layerwise.h"
 #include "worker/engine/recipe/runner.h"
 
@@ -70,15 +72,17 @@ bool ParseFlags(int argc, char** argv, Flags* flags) {
   return true;
 }
 
-// VmHWM of this process, in bytes.
-int64_t PeakRss() {
+// A field of /proc/self/status ("VmHWM", "RssAnon", "RssFile"), in bytes.
+int64_t StatusBytes(const std::string& field) {
   std::ifstream status("/proc/self/status");
   std::string line;
   while (std::getline(status, line)) {
-    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+    if (line.rfind(field + ":", 0) == 0) return std::stoll(line.substr(field.size() + 1)) * 1024;
   }
   return -1;
 }
+
+int64_t PeakRss() { return StatusBytes("VmHWM"); }
 
 int64_t FolderBytes(const std::string& dir) {
   int64_t total = 0;
@@ -92,6 +96,7 @@ int64_t FolderBytes(const std::string& dir) {
 
 int RunMode(const Flags& flags) {
   c10::InferenceMode inference;
+  ReturnLargeAllocationsToTheSystem();  // as RunJob does
   const Clock::time_point start = Clock::now();
   absl::Status status;
   if (flags.mode == "idle") {
@@ -107,7 +112,15 @@ int RunMode(const Flags& flags) {
     RunOptions options;
     options.model_path = flags.dir;
     options.output_dir = flags.dir + "-out";
-    status = RunJob(spec, options, {}).status();
+    RunCallbacks callbacks;
+    if (getenv("BENCH_TRACE") != nullptr) {
+      callbacks.on_progress = [](double fraction, const std::string&, const std::string& message) {
+        std::fprintf(stderr, "%.3f anon %lld MB file %lld MB  %s\n", fraction,
+                     static_cast<long long>(StatusBytes("RssAnon") >> 20),
+                     static_cast<long long>(StatusBytes("RssFile") >> 20), message.c_str());
+      };
+    }
+    status = RunJob(spec, options, callbacks).status();
     fs::remove_all(options.output_dir);
   } else if (flags.mode == "calibrated" || flags.mode == "load") {
     absl::StatusOr<SafetensorsCheckpoint> checkpoint = SafetensorsCheckpoint::Open(flags.dir);
@@ -127,10 +140,12 @@ int RunMode(const Flags& flags) {
       options.calibration_ids =
           at::randint(0, config->vocab_size, {flags.samples, flags.sequence}, at::kLong);
       LayerwiseCallbacks callbacks;
-      callbacks.transform = [](DecoderBlockWeights& block, const BlockStatistics& statistics) {
+      callbacks.transform = [](DecoderBlockWeights& block, const BlockStatistics& statistics,
+                               const std::vector<std::string>& linears) {
         RtnOptions rtn;
         rtn.group_size = 128;
         for (const BlockLinear& linear : kBlockLinears) {
+          if (std::find(linears.begin(), linears.end(), linear.name) == linears.end()) continue;
           if (statistics.Find(linear.name) == nullptr) return absl::InternalError("no statistics");
           at::Tensor& weight = (block.*linear.member).weight;
           absl::StatusOr<QuantizedTensor> q = QuantizeRtn(weight, rtn, linear.name);

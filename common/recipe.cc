@@ -258,6 +258,20 @@ class SpecChecker {
     CheckPatterns(field + ".exclude", rtn.exclude());
   }
 
+  void CheckGptq(const std::string& field, const v1::GptqStage& gptq) {
+    CheckRange(field + ".bits", gptq.bits(), 2, 8);
+    if (gptq.group_size() < -1) {
+      Fail(field + ".group_size",
+           absl::StrCat(gptq.group_size(), " is invalid (want -1 or 0 for per-channel, or > 0)"));
+    }
+    if (!(gptq.dampening() >= 0 && gptq.dampening() <= 10)) {
+      Fail(field + ".dampening", absl::StrCat(gptq.dampening(), " is outside 0..10"));
+    }
+    CheckRange(field + ".block_size", gptq.block_size(), 0, 1 << 16);
+    CheckPatterns(field + ".include", gptq.include());
+    CheckPatterns(field + ".exclude", gptq.exclude());
+  }
+
   void CheckEvaluate(const std::string& field, const v1::EvaluateStage& evaluate) {
     if (evaluate.text_path().empty()) Fail(field + ".text_path", "is required");
     CheckRange(field + ".context_length", evaluate.context_length(), 0, kMaxContextLength);
@@ -273,6 +287,12 @@ class SpecChecker {
     const std::string field = absl::StrCat("stages[", index, "]");
     switch (stage.method_case()) {
       case v1::Stage::kRtn: CheckRtn(field + ".rtn", stage.rtn()); break;
+      case v1::Stage::kGptq:
+        CheckGptq(field + ".gptq", stage.gptq());
+        if (calibration_path_empty_) {
+          Fail(field + ".gptq", "needs calibration data (calibration.path)");
+        }
+        break;
       case v1::Stage::kEvaluate:
         CheckEvaluate(field + ".evaluate", stage.evaluate());
         if (++evaluate_stages_ == 2) Fail(field, "a recipe has at most one evaluate stage");
@@ -281,7 +301,7 @@ class SpecChecker {
         CheckRange(field + ".sleep.millis_per_tensor", stage.sleep().millis_per_tensor(), 0,
                    kMaxSleepMillisPerTensor);
         break;
-      case v1::Stage::METHOD_NOT_SET: Fail(field, "no method set (one of: rtn, evaluate, sleep)"); break;
+      case v1::Stage::METHOD_NOT_SET: Fail(field, "no method set (one of: rtn, gptq, evaluate, sleep)"); break;
     }
   }
 
@@ -306,6 +326,7 @@ class SpecChecker {
     if (spec.stages_size() > kMaxStages) {
       Fail("stages", absl::StrCat(spec.stages_size(), " stages is more than ", kMaxStages));
     }
+    calibration_path_empty_ = spec.calibration().path().empty();
     for (int i = 0; i < spec.stages_size(); ++i) CheckStage(i, spec.stages(i));
     CheckRange("calibration.num_samples", spec.calibration().num_samples(), 0,
                kMaxCalibrationSamples);
@@ -330,6 +351,7 @@ class SpecChecker {
  private:
   std::vector<std::string> problems_;
   int evaluate_stages_ = 0;
+  bool calibration_path_empty_ = true;
 };
 
 }  // namespace

@@ -253,7 +253,7 @@ TEST(ValidateJobSpecTest, RequiresBetweenOneAnd64Stages) {
 TEST(ValidateJobSpecTest, EveryStageNeedsAMethod) {
   v1::JobSpec spec = ValidSpec();
   spec.add_stages()->set_name("empty");
-  EXPECT_EQ(Problem(spec), "stages[1]: no method set (one of: rtn, evaluate, sleep)");
+  EXPECT_EQ(Problem(spec), "stages[1]: no method set (one of: rtn, gptq, evaluate, sleep)");
 }
 
 TEST(ValidateJobSpecTest, RtnBitsWithin2To8) {
@@ -332,6 +332,26 @@ TEST(ValidateJobSpecTest, CalibrationCountsAreInRangeAndPropagationKnown) {
   spec.mutable_calibration()->set_sequence_length(128);
   spec.mutable_calibration()->set_propagation(v1::PROPAGATION_PARALLEL);
   EXPECT_TRUE(ValidateJobSpec(spec).ok());
+}
+
+TEST(ValidateJobSpecTest, GptqNeedsCalibrationAndSaneSettings) {
+  v1::JobSpec spec = ValidSpec();
+  v1::GptqStage* gptq = spec.add_stages()->mutable_gptq();
+  gptq->set_bits(1);
+  gptq->set_group_size(-2);
+  gptq->set_dampening(-0.5);
+  gptq->add_include("(");
+  EXPECT_THAT(Problem(spec), HasSubstr("stages[1].gptq.bits: 1 is outside 2..8"));
+  EXPECT_THAT(Problem(spec), HasSubstr("stages[1].gptq.group_size: -2 is invalid"));
+  EXPECT_THAT(Problem(spec), HasSubstr("stages[1].gptq.dampening: -0.5 is outside 0..10"));
+  EXPECT_THAT(Problem(spec), HasSubstr("stages[1].gptq.include[0]"));
+  EXPECT_THAT(Problem(spec), HasSubstr("stages[1].gptq: needs calibration data"));
+  gptq->set_bits(3);
+  gptq->set_group_size(128);
+  gptq->set_dampening(0);
+  gptq->clear_include();
+  spec.mutable_calibration()->set_path("calib.txt");
+  EXPECT_TRUE(ValidateJobSpec(spec).ok()) << ValidateJobSpec(spec);
 }
 
 TEST(ValidateJobSpecTest, EvaluateStageNeedsATextAndSaneWindows) {

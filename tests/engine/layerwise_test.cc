@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <map>
 #include <string>
 #include <utility>
@@ -177,9 +178,10 @@ class RecordingHook : public LinearHook {
 };
 
 // The transform the runner tests apply: a coarse rounding that changes
-// every linear weight noticeably.
-void Coarsen(DecoderBlockWeights& block) {
+// the linear weights noticeably (all of them, or those named).
+void Coarsen(DecoderBlockWeights& block, const std::vector<std::string>& only = {}) {
   for (const BlockLinear& linear : kBlockLinears) {
+    if (!only.empty() && std::find(only.begin(), only.end(), linear.name) == only.end()) continue;
     at::Tensor& w = (block.*linear.member).weight;
     w = at::round(w * 8) / 8;
   }
@@ -211,6 +213,7 @@ class LayerwiseTest : public ::testing::Test {
     options.propagation = mode;
     options.samples_per_pass = 2;  // three passes over five samples
     options.hessian_dtype = at::kDouble;
+    options.sequential_linears = false;  // all statistics from the original block
     return options;
   }
 
@@ -220,14 +223,15 @@ class LayerwiseTest : public ::testing::Test {
                    std::map<std::pair<int64_t, std::string>, at::Tensor>* hessians,
                    std::vector<DecoderBlockWeights>* finished) {
     LayerwiseCallbacks callbacks;
-    callbacks.transform = [&](DecoderBlockWeights& block, const BlockStatistics& statistics) {
-      for (const BlockLinear& linear : kBlockLinears) {
-        const LinearInputStatistics* s = statistics.Find(linear.name);
-        if (s == nullptr) return absl::InternalError(std::string("no statistics for ") + linear.name);
+    callbacks.transform = [&](DecoderBlockWeights& block, const BlockStatistics& statistics,
+                              const std::vector<std::string>& linears) {
+      for (const std::string& linear : linears) {
+        const LinearInputStatistics* s = statistics.Find(linear);
+        if (s == nullptr) return absl::InternalError("no statistics for " + linear);
         EXPECT_EQ(s->tokens, ids_.numel());
-        (*hessians)[{block.layer, linear.name}] = s->hessian.clone();
+        (*hessians)[{block.layer, linear}] = s->hessian.clone();
       }
-      Coarsen(block);
+      Coarsen(block, linears);
       return absl::OkStatus();
     };
     callbacks.finished = [&](const DecoderBlockWeights& block) {
@@ -293,6 +297,45 @@ TEST_F(LayerwiseTest, SequentialStatisticsSeeTheCompressedBlocksBefore) {
                             parallel.at({2, "self_attn.q_proj"}), 1e-3, 1e-3));
 }
 
+TEST_F(LayerwiseTest, SequentialLinearsAreFittedToTheAlreadyChangedOnesBeforeThem) {
+  std::map<std::pair<int64_t, std::string>, at::Tensor> hessians;
+  std::vector<DecoderBlockWeights> finished;
+  LayerwiseOptions options = Options(PropagationMode::kParallel);
+  options.sequential_linears = true;
+  ASSERT_TRUE(Run(options, &hessians, &finished).ok());
+  ASSERT_EQ(hessians.size(), 3u * kNumBlockLinears);
+
+  // Parallel: block 1's input is the original block 0's output.
+  const RotaryCache rope = *MakeRotaryCache(model_->config(), 0, ids_.size(1), at::kCPU, at::kFloat);
+  at::Tensor input = *Embed(model_->embed_tokens(), ids_);
+  for (int64_t layer = 0; layer < 2; ++layer) {
+    const DecoderBlockWeights original = *model_->LoadBlock(layer);
+    std::vector<std::string> done;
+    for (const std::vector<std::string>& step : SequentialLinearSteps()) {
+      DecoderBlockWeights partly = *model_->LoadBlock(layer);
+      if (!done.empty()) Coarsen(partly, done);
+      RecordingHook reference;
+      ASSERT_TRUE(DecoderBlockForward(model_->config(), partly, input, rope, nullptr, &reference).ok());
+      for (const std::string& linear : step) {
+        SCOPED_TRACE(::testing::Message() << "layer " << layer << " " << linear);
+        const at::Tensor expected = reference.XtX(layer, linear);
+        EXPECT_LT((hessians.at({layer, linear}) - expected).abs().max().item<double>(),
+                  1e-4 * expected.abs().max().item<double>());
+      }
+      done.insert(done.end(), step.begin(), step.end());
+    }
+    input = *DecoderBlockForward(model_->config(), original, input, rope, nullptr, nullptr);
+  }
+  // The steps matter: down_proj's inputs differ from the original block's.
+  std::map<std::pair<int64_t, std::string>, at::Tensor> all_at_once;
+  finished.clear();
+  ASSERT_TRUE(Run(Options(PropagationMode::kParallel), &all_at_once, &finished).ok());
+  EXPECT_FALSE(at::allclose(hessians.at({0, "mlp.down_proj"}), all_at_once.at({0, "mlp.down_proj"}),
+                            1e-3, 1e-3));
+  EXPECT_TRUE(at::allclose(hessians.at({0, "self_attn.q_proj"}),
+                           all_at_once.at({0, "self_attn.q_proj"}), 1e-6, 1e-6));
+}
+
 TEST_F(LayerwiseTest, ALayerRangeSeesTheSameActivationsAsTheWholeRun) {
   std::map<std::pair<int64_t, std::string>, at::Tensor> whole, range;
   std::vector<DecoderBlockWeights> finished;
@@ -314,8 +357,10 @@ TEST_F(LayerwiseTest, WithoutCalibrationEveryBlockIsTransformedWithoutStatistics
   LayerwiseOptions options;
   std::vector<int64_t> layers;
   LayerwiseCallbacks callbacks;
-  callbacks.transform = [&](DecoderBlockWeights& block, const BlockStatistics& statistics) {
+  callbacks.transform = [&](DecoderBlockWeights& block, const BlockStatistics& statistics,
+                            const std::vector<std::string>& linears) {
     EXPECT_EQ(statistics.Find("self_attn.q_proj"), nullptr);
+    EXPECT_EQ(linears.size(), static_cast<size_t>(kNumBlockLinears));
     layers.push_back(block.layer);
     return absl::OkStatus();
   };
@@ -340,7 +385,8 @@ TEST_F(LayerwiseTest, BadInputsAndCancellationStopTheRun) {
   EXPECT_TRUE(finished.empty());
   // A transform that breaks a shape is caught before the block is used.
   LayerwiseCallbacks callbacks;
-  callbacks.transform = [](DecoderBlockWeights& block, const BlockStatistics&) {
+  callbacks.transform = [](DecoderBlockWeights& block, const BlockStatistics&,
+                           const std::vector<std::string>&) {
     block.up_proj.weight = block.up_proj.weight.narrow(0, 0, 3);
     return absl::OkStatus();
   };

@@ -19,7 +19,9 @@
 #include "worker/engine/model/llama_model.h"
 #include "worker/engine/model/random_model.h"
 #include "worker/engine/model/safetensors_reader.h"
+#include "worker/engine/quant/gptq.h"
 #include "worker/engine/quant/packing.h"
+#include "worker/engine/recipe/calibration.h"
 #include "worker/engine/quant/quantized_tensor.h"
 #include "worker/engine/tokenizer/bpe_trainer.h"
 #include "worker/engine/tokenizer/tokenizer.h"
@@ -496,6 +498,14 @@ TEST_F(RunJobTest, SingleFileInputAndRerunsReplaceEarlierOutputs) {
 
 // A random Llama with a tokenizer trained on a small text, and a text to
 // evaluate on.
+// Progress never goes back and ends at 1.
+bool ExpectProgressOrdered(const Recorded& recorded) {
+  for (size_t i = 1; i < recorded.progress.size(); ++i) {
+    if (std::get<0>(recorded.progress[i]) < std::get<0>(recorded.progress[i - 1])) return false;
+  }
+  return !recorded.progress.empty() && std::get<0>(recorded.progress.back()) == 1.0;
+}
+
 class EvaluateStageTest : public RunJobTest {
  protected:
   void SetUp() override {
@@ -638,6 +648,115 @@ TEST_F(EvaluateStageTest, NeedsATokenizerAndATextBeforeAnythingIsPublished) {
   // A checkpoint without config.json cannot be evaluated.
   fs::remove(model_dir_ + "/config.json");
   EXPECT_FALSE(Run(Spec(4, {})).ok());
+  ExpectNothingWritten();
+}
+
+// ------------------------------------------------------------------ gptq
+
+// Records the inputs of one linear as float64 rows.
+class InputRecorder : public LinearHook {
+ public:
+  InputRecorder(int64_t layer, std::string linear) : layer_(layer), linear_(std::move(linear)) {}
+  absl::Status OnLinearInput(int64_t layer, absl::string_view linear,
+                             const at::Tensor& input) override {
+    if (layer == layer_ && linear == linear_) {
+      rows.push_back(input.reshape({-1, input.size(-1)}).to(at::kDouble));
+    }
+    return absl::OkStatus();
+  }
+  at::Tensor XtX() const {
+    const at::Tensor x = at::cat(rows);
+    return x.t().mm(x);
+  }
+  std::vector<at::Tensor> rows;
+
+ private:
+  int64_t layer_;
+  std::string linear_;
+};
+
+TEST_F(EvaluateStageTest, GptqJobsBeatRtnOnTheLayersOutputErrorAndPackTheSameWay) {
+  auto spec_for = [&](bool gptq) {
+    v1::JobSpec spec = Spec(3, {v1::DEQUANTIZED_SAFETENSORS, v1::PACKED_SAFETENSORS});
+    if (gptq) {
+      v1::GptqStage* stage = spec.mutable_stages(0)->mutable_gptq();
+      stage->set_bits(3);
+      stage->set_group_size(32);
+    }
+    spec.mutable_calibration()->set_path(text_path_);
+    spec.mutable_calibration()->set_num_samples(8);
+    spec.mutable_calibration()->set_sequence_length(32);
+    return spec;
+  };
+  Recorded recorded;
+  absl::StatusOr<RunResult> gptq = Run(spec_for(true), recorded.callbacks);
+  ASSERT_TRUE(gptq.ok()) << gptq.status();
+  const std::string gptq_out = dir_ / "gptq";
+  fs::rename(out_dir_, gptq_out);
+  absl::StatusOr<RunResult> rtn = Run(spec_for(false));
+  ASSERT_TRUE(rtn.ok()) << rtn.status();
+
+  // Layer 0's q_proj sees the original model's inputs: the test can compute
+  // its Hessian on the same calibration samples.
+  const std::string name = "model.layers.0.self_attn.q_proj.weight";
+  CalibrationSampleOptions sample_options;
+  sample_options.num_samples = 8;
+  sample_options.sequence_length = 32;
+  sample_options.vocab_size = tokenizer_->vocab_size();
+  const at::Tensor samples = *LoadCalibrationSamples(text_path_, &*tokenizer_, sample_options);
+  const LlamaModel original = *LlamaModel::Load(model_dir_);
+  InputRecorder recorder(0, "self_attn.q_proj");
+  ASSERT_TRUE(original.Forward(samples, nullptr, &recorder).ok());
+  const at::Tensor h = recorder.XtX();
+  const at::Tensor w = *original.checkpoint().Load(name, at::kCPU);
+  const at::Tensor w_gptq = *SafetensorsCheckpoint::Open(gptq_out + "/dequantized")->Load(name, at::kCPU);
+  const at::Tensor w_rtn = *SafetensorsCheckpoint::Open(out_dir_ + "/dequantized")->Load(name, at::kCPU);
+  const double gptq_error = RelativeOutputError(w, w_gptq, h);
+  EXPECT_LT(gptq_error, 0.8 * RelativeOutputError(w, w_rtn, h));
+
+  // The report's output error for every tensor, and the same figure here.
+  const v1::StageReport& stage = gptq->report.stages(0);
+  EXPECT_EQ(stage.method(), "gptq");
+  ASSERT_EQ(stage.tensors_size(), 2 * kTargetsPerLayer);
+  for (const v1::TensorReport& t : stage.tensors()) {
+    EXPECT_GT(t.output_error(), 0.0) << t.name();
+    if (t.name() == name) EXPECT_NEAR(t.output_error(), gptq_error, 1e-3 * gptq_error);
+  }
+  // Less output error, less divergence on the text.
+  EXPECT_LT(gptq->report.evaluation().mean_kl_divergence(),
+            rtn->report.evaluation().mean_kl_divergence());
+
+  // The packed checkpoint holds exactly the dequantized values.
+  const SafetensorsCheckpoint packed = *SafetensorsCheckpoint::Open(gptq_out + "/packed");
+  const std::string prefix = "model.layers.1.mlp.down_proj";
+  PackedLinear parts;
+  parts.qweight = *packed.Load(prefix + ".qweight", at::kCPU);
+  parts.qzeros = *packed.Load(prefix + ".qzeros", at::kCPU);
+  parts.scales = *packed.Load(prefix + ".scales", at::kCPU);
+  parts.g_idx = *packed.Load(prefix + ".g_idx", at::kCPU);
+  absl::StatusOr<QuantizedTensor> unpacked = UnpackLinear(parts, 3, prefix);
+  ASSERT_TRUE(unpacked.ok()) << unpacked.status();
+  EXPECT_TRUE(Dequantize(*unpacked, at::kFloat)
+                  .equal(*SafetensorsCheckpoint::Open(gptq_out + "/dequantized")
+                              ->Load(prefix + ".weight", at::kCPU)));
+  EXPECT_TRUE(ExpectProgressOrdered(recorded));
+}
+
+TEST_F(EvaluateStageTest, GptqRefusesTensorsOutsideTheBlocksAndMissingCalibration) {
+  v1::JobSpec spec;
+  v1::GptqStage* gptq = spec.add_stages()->mutable_gptq();
+  gptq->set_bits(4);
+  gptq->add_include("lm_head");
+  spec.mutable_calibration()->set_path(text_path_);
+  ExpectInvalidArgument(Run(spec).status(), {"lm_head.weight", "not a linear of a decoder block"});
+  ExpectNothingWritten();
+  gptq->clear_include();
+  spec.mutable_calibration()->clear_path();
+  ExpectInvalidArgument(Run(spec).status(), {"calibration.path"});
+  ExpectNothingWritten();
+  spec.mutable_calibration()->set_path(text_path_);
+  spec.mutable_calibration()->set_sequence_length(100000);
+  ExpectInvalidArgument(Run(spec).status(), {"eval.txt", "sequence_length 100000"});
   ExpectNothingWritten();
 }
 

@@ -2,7 +2,9 @@
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <malloc.h>
 
+#include <mutex>
 #include <thread>
 
 #include "absl/strings/numbers.h"
@@ -38,6 +40,15 @@ absl::StatusOr<c10::Device> ParseDevice(const std::string& device) {
         absl::StrCat("device '", device, "' requested, but only ", count, " CUDA device(s) exist"));
   }
   return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index));
+}
+
+void ReturnLargeAllocationsToTheSystem() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    // Setting either value turns off glibc's dynamic adjustment of both.
+    ::mallopt(M_MMAP_THRESHOLD, 1 << 20);
+    ::mallopt(M_TRIM_THRESHOLD, 4 << 20);
+  });
 }
 
 void SetCpuThreads(int threads) {

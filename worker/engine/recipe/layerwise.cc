@@ -14,25 +14,24 @@ namespace {
 
 constexpr char kEmbedTokens[] = "model.embed_tokens.weight";
 
-enum class Output { kReplaceInput, kDiscard };
-
-// Runs `block` over every sample of `hidden` in passes of samples_per_pass;
-// each pass's output replaces its input (samples are independent) or is
-// dropped (a pass for statistics only).
+// Runs `block` over every sample of `hidden` in passes of samples_per_pass,
+// writing the outputs into `output` (which may be `hidden` itself: samples
+// are independent) or dropping them (null: a pass for statistics only).
 absl::Status RunBlock(const LlamaConfig& config, const DecoderBlockWeights& block,
-                      at::Tensor& hidden, const RotaryCache& rope, const LayerwiseOptions& options,
-                      LinearHook* hook, Output output) {
+                      const at::Tensor& hidden, const RotaryCache& rope,
+                      const LayerwiseOptions& options, LinearHook* hook, at::Tensor* output) {
   const int64_t samples = hidden.size(0);
   const int64_t step = std::max<int64_t>(options.samples_per_pass, 1);
   for (int64_t begin = 0; begin < samples; begin += step) {
     if (options.is_cancelled && options.is_cancelled()) return absl::CancelledError("job cancelled");
     const int64_t count = std::min(step, samples - begin);
-    at::Tensor slice = hidden.narrow(0, begin, count);
-    ASSIGN_OR_RETURN(at::Tensor out, DecoderBlockForward(config, block, slice, rope, nullptr, hook));
-    if (output == Output::kDiscard) continue;
+    ASSIGN_OR_RETURN(at::Tensor out, DecoderBlockForward(config, block,
+                                                         hidden.narrow(0, begin, count), rope,
+                                                         nullptr, hook));
+    if (output == nullptr) continue;
     RETURN_IF_ERROR(CatchTorchErrors(absl::StrCat("layer ", block.layer, " propagation"),
                                      [&]() -> absl::Status {
-                                       slice.copy_(out);
+                                       output->narrow(0, begin, count).copy_(out);
                                        return absl::OkStatus();
                                      }));
   }
@@ -64,10 +63,14 @@ absl::Status RunLayerwise(const SafetensorsCheckpoint& checkpoint, const LlamaCo
           "calibration ids must be [samples, sequence] with both at least 1");
     }
     {
-      ASSIGN_OR_RETURN(const at::Tensor embed_tokens,
-                       checkpoint.Load(kEmbedTokens, options.device, options.compute_dtype));
-      ASSIGN_OR_RETURN(hidden, Embed(embed_tokens, options.calibration_ids));
-    }  // the embeddings are dropped here
+      // Only the samples' rows are read from the mapping, not the whole table.
+      ASSIGN_OR_RETURN(const at::Tensor embed_tokens, checkpoint.View(kEmbedTokens));
+      ASSIGN_OR_RETURN(const at::Tensor rows, Embed(embed_tokens, options.calibration_ids));
+      ASSIGN_OR_RETURN(hidden, CatchTorchErrors("calibration embeddings", [&]() -> absl::StatusOr<at::Tensor> {
+                         return rows.to(options.device, options.compute_dtype, false, /*copy=*/true);
+                       }));
+    }
+    checkpoint.ReleasePages(kEmbedTokens);
     ASSIGN_OR_RETURN(rope, MakeRotaryCache(config, 0, hidden.size(1), options.device,
                                            options.compute_dtype));
   }
@@ -82,26 +85,46 @@ absl::Status RunLayerwise(const SafetensorsCheckpoint& checkpoint, const LlamaCo
     if (layer < options.first_layer) {
       // Only bringing the activations to the first block of the range.
       if (calibrating) {
-        RETURN_IF_ERROR(
-            RunBlock(config, block, hidden, rope, options, nullptr, Output::kReplaceInput));
+        RETURN_IF_ERROR(RunBlock(config, block, hidden, rope, options, nullptr, &hidden));
       }
       continue;
     }
-    statistics.Clear();
-    if (calibrating) {
-      // Parallel: one pass gives the statistics and the original block's
-      // outputs. Sequential: statistics only; the outputs come from the
-      // changed block below.
-      RETURN_IF_ERROR(RunBlock(config, block, hidden, rope, options, &statistics,
-                               options.propagation == PropagationMode::kParallel
-                                   ? Output::kReplaceInput
-                                   : Output::kDiscard));
+    if (!calibrating || !options.sequential_linears) {
+      std::vector<std::string> all;
+      for (const BlockLinear& linear : kBlockLinears) all.push_back(linear.name);
+      statistics.Clear();
+      if (calibrating) {
+        // Parallel: one pass gives the statistics and the original block's
+        // outputs. Sequential: statistics only; the outputs come from the
+        // changed block below.
+        RETURN_IF_ERROR(RunBlock(config, block, hidden, rope, options, &statistics,
+                                 options.propagation == PropagationMode::kParallel ? &hidden
+                                                                                   : nullptr));
+      }
+      RETURN_IF_ERROR(callbacks.transform(block, statistics, all));
+    } else {
+      // Parallel: the original block's outputs, kept apart until the block
+      // is done (each step's statistics need the block's inputs).
+      at::Tensor original_outputs;
+      if (options.propagation == PropagationMode::kParallel) {
+        RETURN_IF_ERROR(CatchTorchErrors("calibration activations", [&]() -> absl::Status {
+          original_outputs = at::empty_like(hidden);
+          return absl::OkStatus();
+        }));
+      }
+      for (const std::vector<std::string>& step : SequentialLinearSteps()) {
+        statistics.Clear();
+        const bool first = &step == &SequentialLinearSteps().front();
+        RETURN_IF_ERROR(RunBlock(config, block, hidden, rope, options, &statistics,
+                                 first && original_outputs.defined() ? &original_outputs : nullptr));
+        RETURN_IF_ERROR(callbacks.transform(block, statistics, step));
+      }
+      if (original_outputs.defined()) hidden = original_outputs;
     }
-    RETURN_IF_ERROR(callbacks.transform(block, statistics));
     RETURN_IF_ERROR(ValidateBlockWeights(config, block));
     statistics.Clear();  // the Hessians can be large: gone before propagating
     if (calibrating && options.propagation == PropagationMode::kSequential) {
-      RETURN_IF_ERROR(RunBlock(config, block, hidden, rope, options, nullptr, Output::kReplaceInput));
+      RETURN_IF_ERROR(RunBlock(config, block, hidden, rope, options, nullptr, &hidden));
     }
     RETURN_IF_ERROR(callbacks.finished(block));
   }

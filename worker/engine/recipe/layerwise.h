@@ -12,6 +12,7 @@
 #include <functional>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "worker/engine/model/llama_config.h"
@@ -43,6 +44,12 @@ struct LayerwiseOptions {
   std::set<std::string> statistics_for;
   bool with_hessian = true;
   at::ScalarType hessian_dtype = at::kFloat;
+  // With calibration: the linears are changed in four steps (q/k/v_proj,
+  // o_proj, gate/up_proj, down_proj), each step's statistics collected with
+  // the earlier steps' linears already changed, so that each linear is fitted
+  // to the inputs the compressed block will really give it. false: one step,
+  // every statistic from the original block.
+  bool sequential_linears = true;
   // Calibration samples per forward pass (bounds the attention's memory).
   int64_t samples_per_pass = 8;
   // Blocks [first_layer, end_layer) are run; end_layer < 0: to the last.
@@ -56,11 +63,24 @@ struct LayerwiseOptions {
 // The finished statistics of one block, by linear name.
 using BlockStatistics = StatisticsCollector;
 
+// The steps of sequential_linears, in forward order.
+inline const std::vector<std::vector<std::string>>& SequentialLinearSteps() {
+  static const auto* steps = new std::vector<std::vector<std::string>>{
+      {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"},
+      {"self_attn.o_proj"},
+      {"mlp.gate_proj", "mlp.up_proj"},
+      {"mlp.down_proj"}};
+  return *steps;
+}
+
 struct LayerwiseCallbacks {
-  // Changes the block's weights in place (replace or edit the tensors; keep
-  // shapes, dtype and device). Statistics are those of the block's input
-  // under the original weights. Required.
-  std::function<absl::Status(DecoderBlockWeights& block, const BlockStatistics& statistics)>
+  // Changes the weights of `linears` (names inside the block) in place
+  // (replace or edit the tensors; keep shapes, dtype and device), using the
+  // statistics of their inputs. Called once per step and block; without
+  // calibration or with sequential_linears off, once per block with all
+  // seven linears. Required.
+  std::function<absl::Status(DecoderBlockWeights& block, const BlockStatistics& statistics,
+                             const std::vector<std::string>& linears)>
       transform;
   // Receives the finished block (the weights the next block's activations
   // were propagated through, in sequential mode). Required.
@@ -71,9 +91,11 @@ struct LayerwiseCallbacks {
 // checkpoint (ValidateLlamaCheckpoint is applied first). The embeddings are
 // loaded only to embed the calibration samples, then dropped; resident
 // memory is one block, its statistics and the calibration activations
-// ([samples, sequence, hidden], updated in place: samples are independent).
-// Sequential mode runs each block twice (statistics, then propagation
-// through the changed weights); parallel mode once. CANCELLED when
+// ([samples, sequence, hidden], updated in place: samples are independent;
+// twice that in parallel mode with sequential_linears). Each block runs once
+// per step for the statistics (four steps with sequential_linears, else
+// one), plus once more in sequential mode to propagate through the changed
+// weights. CANCELLED when
 // is_cancelled says so (polled between passes); INVALID_ARGUMENT for ids
 // outside the vocabulary or a bad layer range; what the callbacks return.
 absl::Status RunLayerwise(const SafetensorsCheckpoint& checkpoint, const LlamaConfig& config,

@@ -30,6 +30,7 @@
 #include "worker/engine/model/safetensors_reader.h"
 #include "worker/engine/model/safetensors_writer.h"
 #include "worker/engine/model/tensor_dtype.h"
+#include "worker/engine/quant/gptq.h"
 #include "worker/engine/quant/packing.h"
 #include "worker/engine/quant/quantized_tensor.h"
 #include "worker/engine/quant/rtn.h"
@@ -98,12 +99,13 @@ absl::Status CancelledStatus() { return absl::CancelledError("job cancelled"); }
 
 // ------------------------------------------------------------------ plan
 
-enum class Method { kRtn, kSleep };
+enum class Method { kRtn, kGptq, kSleep };
 
 struct StagePlan {
   std::string label;  // shown in progress, metrics and the report
   Method method = Method::kRtn;
-  RtnOptions rtn;
+  RtnOptions rtn;    // RTN's options; GPTQ's grid
+  GptqOptions gptq;  // GPTQ's other settings
   int sleep_millis = 0;
   std::set<std::string> targets;
 
@@ -114,7 +116,17 @@ struct StagePlan {
   std::vector<v1::TensorReport> tensor_reports;
 };
 
-const char* MethodName(Method m) { return m == Method::kRtn ? "rtn" : "sleep"; }
+const char* MethodName(Method m) {
+  switch (m) {
+    case Method::kRtn: return "rtn";
+    case Method::kGptq: return "gptq";
+    case Method::kSleep: return "sleep";
+  }
+  return "?";
+}
+
+// Methods whose result is a QuantizedTensor on an RTN grid (packable).
+bool Quantizes(Method m) { return m == Method::kRtn || m == Method::kGptq; }
 
 int64_t NormalizedGroupSize(const RtnOptions& o) { return o.group_size > 0 ? o.group_size : -1; }
 
@@ -158,6 +170,23 @@ absl::StatusOr<std::vector<StagePlan>> PlanStages(const v1::JobSpec& spec,
         include.assign(stage.rtn().include().begin(), stage.rtn().include().end());
         exclude.assign(stage.rtn().exclude().begin(), stage.rtn().exclude().end());
         break;
+      case v1::Stage::kGptq: {
+        const v1::GptqStage& gptq = stage.gptq();
+        plan.method = Method::kGptq;
+        plan.rtn.bits = gptq.bits();
+        plan.rtn.symmetric = gptq.symmetric();
+        plan.rtn.group_size = gptq.group_size();
+        plan.gptq.grid = plan.rtn;
+        if (gptq.dampening() > 0) plan.gptq.dampening = gptq.dampening();
+        if (gptq.block_size() > 0) plan.gptq.block_size = gptq.block_size();
+        plan.gptq.act_order = gptq.act_order();
+        include.assign(gptq.include().begin(), gptq.include().end());
+        exclude.assign(gptq.exclude().begin(), gptq.exclude().end());
+        if (absl::Status valid = ValidateGptqOptions(plan.gptq); !valid.ok()) {
+          return absl::InvalidArgumentError(absl::StrCat("stages[", i, "]: ", valid.message()));
+        }
+        break;
+      }
       case v1::Stage::kSleep:
         plan.method = Method::kSleep;
         plan.sleep_millis = stage.sleep().millis_per_tensor();
@@ -173,7 +202,7 @@ absl::StatusOr<std::vector<StagePlan>> PlanStages(const v1::JobSpec& spec,
     if (!labels.insert(plan.label).second) plan.label = absl::StrCat(plan.label, "_", i + 1);
     labels.insert(plan.label);
 
-    if (plan.method == Method::kRtn) {
+    if (Quantizes(plan.method)) {
       absl::Status valid = ValidateRtnOptions(plan.rtn);
       if (!valid.ok()) {
         return absl::InvalidArgumentError(absl::StrCat("stages[", i, "]: ", valid.message()));
@@ -182,7 +211,7 @@ absl::StatusOr<std::vector<StagePlan>> PlanStages(const v1::JobSpec& spec,
     ASSIGN_OR_RETURN(std::vector<std::string> targets,
                      SelectTargets(infos, include, exclude, plan.label));
     plan.targets.insert(targets.begin(), targets.end());
-    if (plan.method == Method::kRtn) {
+    if (Quantizes(plan.method)) {
       // Every group-size problem is reported before any work is done.
       for (const std::string& name : targets) {
         const CheckpointTensor* t = checkpoint.Find(name);
@@ -245,7 +274,7 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const SafetensorsCheckpoint&
     for (size_t s = 0; s < stages.size(); ++s) {
       if (stages[s].targets.count(t.info.name) == 0) continue;
       plans[i].stages.push_back(static_cast<int>(s));
-      if (stages[s].method == Method::kRtn) {
+      if (Quantizes(stages[s].method)) {
         plans[i].packing_stage = static_cast<int>(s);
         const RtnOptions& o = stages[s].rtn;
         rtn_configs.emplace(o.bits, o.symmetric, NormalizedGroupSize(o));
@@ -470,7 +499,7 @@ std::string BlockLinearOf(absl::string_view name) {
 }
 
 // Whether a method needs per-linear input statistics from calibration.
-bool NeedsCalibration(Method) { return false; }
+bool NeedsCalibration(Method m) { return m == Method::kGptq; }
 
 // Evaluation weights: models whose two F32 copies fit this are kept
 // resident; larger ones are read block by block on every forward pass.
@@ -496,6 +525,16 @@ class JobRunner {
     if (calibrate_ || evaluate_) {
       ASSIGN_OR_RETURN(config_, ReadLlamaConfig(checkpoint_.folder()));
       RETURN_IF_ERROR(ValidateLlamaCheckpoint(*config_, checkpoint_));
+    }
+    PlanProductionOrder();
+    for (size_t i : rest_) {
+      for (int s : tensor_plans_[i].stages) {
+        if (!NeedsCalibration(stages_[s].method)) continue;
+        return absl::InvalidArgumentError(absl::StrCat(
+            stages_[s].label, ": tensor '", checkpoint_.tensors()[i].info.name,
+            "' is not a linear of a decoder block; ", MethodName(stages_[s].method),
+            " needs a block linear's calibration inputs (exclude it, or use rtn for it)"));
+      }
     }
     at::Tensor calibration_ids;
     if (calibrate_) {
@@ -523,7 +562,6 @@ class JobRunner {
 
     for (const TensorPlan& p : tensor_plans_) total_units_ += static_cast<int64_t>(p.stages.size());
     tensor_share_ = evaluate_ ? 0.6 * kWorkFraction : kWorkFraction;
-    PlanProductionOrder();
     RETURN_IF_ERROR(OpenWriters(staging.path(), write_dequantized, outputs.packed));
     for (size_t i : rest_) RETURN_IF_ERROR(StreamTensor(i));
     if (calibrate_) RETURN_IF_ERROR(RunBlocksLayerwise(calibration_ids));
@@ -785,16 +823,23 @@ class JobRunner {
     }
     std::map<size_t, TensorResult> pending;  // the current block's results
     LayerwiseCallbacks callbacks;
-    callbacks.transform = [&](DecoderBlockWeights& block,
-                              const BlockStatistics& statistics) -> absl::Status {
-      pending.clear();
+    callbacks.transform = [&](DecoderBlockWeights& block, const BlockStatistics& statistics,
+                              const std::vector<std::string>& linears) -> absl::Status {
       std::map<std::string, at::Tensor*> by_name;
       for (auto& [suffix, tensor] : block.NamedTensors()) {
         by_name[BlockTensorName(block.layer, suffix)] = tensor;
       }
+      const bool first_step = linears.size() == static_cast<size_t>(kNumBlockLinears) ||
+                              linears == SequentialLinearSteps().front();
       for (size_t i : blocks_[block.layer]) {
         if (tensor_plans_[i].stages.empty()) continue;
         const std::string& name = checkpoint_.tensors()[i].info.name;
+        // A linear's weight in its own step; anything else in the first.
+        const std::string linear = BlockLinearOf(name);
+        const bool now = linear.empty()
+                             ? first_step
+                             : std::find(linears.begin(), linears.end(), linear) != linears.end();
+        if (!now) continue;
         at::Tensor* weight = by_name.at(name);
         const LinearInputStatistics* stats = statistics.Find(BlockLinearOf(name));
         ASSIGN_OR_RETURN(TensorResult result, TransformTensor(i, *weight, stats));
@@ -823,7 +868,6 @@ class JobRunner {
   // the checkpoint stores. `statistics`: its input's, when calibrated.
   absl::StatusOr<TensorResult> TransformTensor(size_t index, at::Tensor current,
                                                const LinearInputStatistics* statistics) {
-    static_cast<void>(statistics);  // no method uses them yet
     const CheckpointTensor& tensor = checkpoint_.tensors()[index];
     const TensorPlan& plan = tensor_plans_[index];
     const std::string& name = tensor.info.name;
@@ -841,7 +885,29 @@ class JobRunner {
         stage.bytes_out += bytes_in;
         message = absl::StrCat("sleep: ", name);
       } else {
-        ASSIGN_OR_RETURN(QuantizedTensor q, QuantizeRtn(current, stage.rtn, name));
+        QuantizedTensor q;
+        if (stage.method == Method::kGptq) {
+          if (statistics == nullptr || !statistics->hessian.defined()) {
+            return absl::InternalError(
+                absl::StrCat("gptq: tensor '", name, "': no calibration statistics"));
+          }
+          ASSIGN_OR_RETURN(GptqResult gptq,
+                           QuantizeGptq(current, statistics->hessian, stage.gptq, name));
+          if (gptq.retries > 0) {
+            events_.Log("WARNING",
+                        absl::StrFormat("gptq: tensor '%s': the Hessian was not positive definite; "
+                                        "retried %d time(s), dampening %.3g of its mean diagonal",
+                                        name, gptq.retries, gptq.dampening_used));
+          }
+          if (gptq.dead_columns > 0) {
+            events_.Log("INFO", absl::StrCat("gptq: tensor '", name, "': ", gptq.dead_columns,
+                                             " inputs were zero on every calibration token; their "
+                                             "weights are zeroed"));
+          }
+          q = std::move(gptq.quantized);
+        } else {
+          ASSIGN_OR_RETURN(q, QuantizeRtn(current, stage.rtn, name));
+        }
         RETURN_IF_ERROR(ValidateQuantized(q, name));
         ASSIGN_OR_RETURN(
             at::Tensor dequantized, CatchTorchErrors(name, [&]() -> absl::StatusOr<at::Tensor> {
@@ -863,12 +929,20 @@ class JobRunner {
         for (int64_t d : tensor.info.shape) report.add_shape(d);
         report.set_bits(q.bits);
         report.set_relative_error(error);
+        if (statistics != nullptr && statistics->hessian.defined()) {
+          ASSIGN_OR_RETURN(const double output_error,
+                           CatchTorchErrors(name, [&]() -> absl::StatusOr<double> {
+                             return RelativeOutputError(current, dequantized,
+                                                        statistics->hessian);
+                           }));
+          report.set_output_error(output_error);
+        }
         report.set_bytes_before(bytes_in);
         report.set_bytes_after(bytes_out);
         stage.bytes_in += bytes_in;
         stage.bytes_out += bytes_out;
-        message = absl::StrFormat("rtn: %s %s %d-bit, relative error %.4g", name,
-                                  ShapeString(tensor.info.shape), q.bits, error);
+        message = absl::StrFormat("%s: %s %s %d-bit, relative error %.4g", MethodName(stage.method),
+                                  name, ShapeString(tensor.info.shape), q.bits, error);
         current = dequantized;
         result.dequantized = dequantized;
         if (s == plan.packing_stage) result.packing_source = std::move(q);
@@ -1053,6 +1127,7 @@ class JobRunner {
 
 absl::StatusOr<RunResult> RunJob(const compress::v1::JobSpec& spec, const RunOptions& options,
                                  const RunCallbacks& callbacks) {
+  ReturnLargeAllocationsToTheSystem();
   Events events(callbacks);
   // The boundary: nothing thrown inside the engine gets past here.
   return CatchTorchErrors("engine", [&]() -> absl::StatusOr<RunResult> {
