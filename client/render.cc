@@ -46,11 +46,37 @@ std::string FormatReport(const v1::JobReport& report) {
                                          report.parameters(), report.quantized_parameters()));
   absl::StrAppend(&text, absl::StrFormat("  %-17s %.1f s\n", "Time:", report.seconds()));
   for (const v1::StageReport& stage : report.stages()) {
+    if (stage.method() == "evaluate") {
+      absl::StrAppend(&text, absl::StrFormat("  Stage %s (evaluate): %.1f s\n", stage.name(),
+                                             stage.seconds()));
+      continue;
+    }
     absl::StrAppend(
         &text, absl::StrFormat("  Stage %s (%s): %.1f s, %s, mean relative error %.4g\n",
                                stage.name().empty() ? "-" : stage.name(), stage.method(),
                                stage.seconds(), SizeChange(stage.bytes_in(), stage.bytes_out()),
                                stage.mean_relative_error()));
+  }
+  if (report.has_evaluation()) {
+    const v1::EvaluationReport& e = report.evaluation();
+    absl::StrAppend(&text, absl::StrFormat("Evaluation on %s (%d tokens, windows of %d, stride %d):\n",
+                                           e.text_path(), e.before().tokens_scored(),
+                                           e.context_length(), e.stride()));
+    absl::StrAppend(&text, absl::StrFormat("  %-17s %.3f -> %.3f (%+.2f%%)\n", "Perplexity:",
+                                           e.before().perplexity(), e.after().perplexity(),
+                                           e.before().perplexity() > 0
+                                               ? 100.0 * (e.after().perplexity() /
+                                                              e.before().perplexity() -
+                                                          1.0)
+                                               : 0.0));
+    absl::StrAppend(&text, absl::StrFormat("  %-17s mean %.4f, max %.4f nats\n", "KL divergence:",
+                                           e.mean_kl_divergence(), e.max_kl_divergence()));
+    absl::StrAppend(&text, absl::StrFormat("  %-17s %.2f%%\n", "Top-1 agreement:",
+                                           100.0 * e.top1_agreement()));
+    if (!e.sample_prompt().empty()) {
+      absl::StrAppend(&text, "  Sample before:    ", e.sample_prompt(), e.before().sample(), "\n");
+      absl::StrAppend(&text, "  Sample after:     ", e.sample_prompt(), e.after().sample(), "\n");
+    }
   }
   return text;
 }

@@ -12,6 +12,10 @@
 
 namespace compress {
 
+// What CalibrationData's zeros mean.
+inline constexpr int kDefaultCalibrationSamples = 128;
+inline constexpr int kDefaultCalibrationSequenceLength = 512;
+
 // Parses JSON, or YAML (detected: text not starting with '{'). Enum values
 // are case-insensitive ("dequantized_safetensors"). Unknown fields are an
 // INVALID_ARGUMENT naming the field. `source` names the input in errors.

@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <random>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
@@ -259,6 +260,23 @@ absl::Status Scheduler::CheckModelPaths(const compress::v1::JobSpec& spec,
   }
   if (!spec.calibration().path().empty()) {
     ASSIGN_OR_RETURN(paths->calibration, resolve(spec.calibration().path(), "calibration.path"));
+    // Every token takes at least one byte of text (four in a .tokens file):
+    // a file smaller than that cannot hold one sample, whatever the tokenizer.
+    const int64_t length = spec.calibration().sequence_length() > 0
+                               ? spec.calibration().sequence_length()
+                               : kDefaultCalibrationSequenceLength;
+    const bool token_file = absl::EndsWith(paths->calibration, ".tokens");
+    const uintmax_t size = fs::file_size(paths->calibration, ec);
+    if (ec) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("calibration.path: ", spec.calibration().path(), ": ", ec.message()));
+    }
+    const int64_t most_tokens = static_cast<int64_t>(token_file ? size / 4 : size);
+    if (most_tokens < length) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "calibration.path: ", spec.calibration().path(), " holds at most ", most_tokens,
+          " tokens, fewer than one sample of calibration.sequence_length ", length));
+    }
   }
   for (int i = 0; i < spec.stages_size(); ++i) {
     if (!spec.stages(i).has_evaluate()) continue;

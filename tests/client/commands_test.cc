@@ -371,6 +371,36 @@ TEST_F(CommandsTest, GetShowsTheKeyFields) {
       text, HasSubstr("dequantized/model.safetensors     1.5 KiB  sha256 " + std::string(64, 'a')));
 }
 
+TEST_F(CommandsTest, GetShowsTheEvaluationBeforeAndAfter) {
+  v1::Job finished = FinishedJob();
+  v1::EvaluationReport* e = finished.mutable_report()->mutable_evaluation();
+  e->set_text_path("eval/revelation.txt");
+  e->set_context_length(256);
+  e->set_stride(128);
+  e->set_sample_prompt("And God said");
+  e->mutable_before()->set_perplexity(20.0);
+  e->mutable_before()->set_tokens_scored(20482);
+  e->mutable_before()->set_sample(", Let there be light");
+  e->mutable_after()->set_perplexity(21.0);
+  e->mutable_after()->set_sample(", Let there be lights");
+  e->set_mean_kl_divergence(0.0312);
+  e->set_max_kl_divergence(1.5);
+  e->set_top1_agreement(0.9375);
+  EXPECT_CALL(stub_, GetJob(_, _, _))
+      .WillOnce(Invoke([&](grpc::ClientContext*, const v1::GetJobRequest&, v1::Job* job) {
+        *job = finished;
+        return grpc::Status::OK;
+      }));
+  ASSERT_EQ(Run({"get", "j-7"}), kExitOk);
+  const std::string text = out_.str();
+  EXPECT_THAT(text, HasSubstr("Evaluation on eval/revelation.txt (20482 tokens, windows of 256, stride 128)"));
+  EXPECT_THAT(text, HasSubstr("Perplexity:       20.000 -> 21.000 (+5.00%)"));
+  EXPECT_THAT(text, HasSubstr("KL divergence:    mean 0.0312, max 1.5000 nats"));
+  EXPECT_THAT(text, HasSubstr("Top-1 agreement:  93.75%"));
+  EXPECT_THAT(text, HasSubstr("Sample before:    And God said, Let there be light\n"));
+  EXPECT_THAT(text, HasSubstr("Sample after:     And God said, Let there be lights\n"));
+}
+
 TEST_F(CommandsTest, GetJsonIsTheJobMessage) {
   EXPECT_CALL(stub_, GetJob(_, _, _))
       .WillOnce(Invoke([](grpc::ClientContext*, const v1::GetJobRequest&, v1::Job* job) {

@@ -273,6 +273,46 @@ TEST_F(ServerTest, BadRequestsGetClearCodesAndTheServerKeepsServing) {
   EXPECT_FALSE(SubmitOk(RtnRequest()).empty());  // still serving
 }
 
+TEST_F(ServerTest, CalibrationAndEvaluationFilesAreCheckedAtSubmitAndResolvedForTheWorker) {
+  compress::v1::SubmitJobResponse response;
+  std::ofstream(models_.Sub("short.txt")) << "too short for one sample";
+  std::ofstream(models_.Sub("eval.txt")) << std::string(600, 'x');
+  auto gptq = RtnRequest();
+  compress::v1::JobSpec& spec = *gptq.mutable_spec();
+  spec.clear_stages();
+  spec.add_stages()->mutable_gptq()->set_bits(4);
+  EXPECT_EQ(Submit(gptq, &response).error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+      << "gptq without calibration data";
+
+  spec.mutable_calibration()->set_path("short.txt");
+  spec.mutable_calibration()->set_sequence_length(64);
+  grpc::Status short_text = Submit(gptq, &response);
+  EXPECT_EQ(short_text.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(short_text.error_message().find("calibration.path: short.txt holds at most 24 tokens"),
+            std::string::npos)
+      << short_text.error_message();
+  // The same bytes as ids: a quarter as many tokens.
+  std::ofstream(models_.Sub("ids.tokens")) << std::string(200, '\0');
+  spec.mutable_calibration()->set_path("ids.tokens");
+  EXPECT_EQ(Submit(gptq, &response).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+
+  spec.mutable_calibration()->set_path("eval.txt");
+  compress::v1::EvaluateStage* evaluate = spec.add_stages()->mutable_evaluate();
+  evaluate->set_text_path(outside_.Sub("model.safetensors"));
+  grpc::Status outside = Submit(gptq, &response);
+  EXPECT_EQ(outside.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(outside.error_message().find("stages[1].evaluate.text_path"), std::string::npos)
+      << outside.error_message();
+
+  evaluate->set_text_path("eval.txt");
+  SubmitOk(gptq);
+  const std::string worker = Register("w-calibration");
+  const compress::v1::AcquireTaskResponse acquired = Acquire(worker);
+  ASSERT_TRUE(acquired.has_task());
+  EXPECT_EQ(acquired.task().calibration_path(), fs::canonical(models_.Sub("eval.txt")).string());
+  EXPECT_EQ(acquired.task().evaluation_path(), fs::canonical(models_.Sub("eval.txt")).string());
+}
+
 TEST_F(ServerTest, WorkerLifecycleEventsArtifactAndResumableDownload) {
   std::string id = SubmitOk(RtnRequest());
   std::string worker = Register("w1");

@@ -22,6 +22,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "common/files.h"
+#include "common/recipe.h"
 #include "common/sha256.h"
 #include "common/status_macros.h"
 #include "worker/engine/eval/eval.h"
@@ -794,10 +795,11 @@ class JobRunner {
       ASSIGN_OR_RETURN(tokenizer, Tokenizer::FromFile(tokenizer_path.string()));
     }
     CalibrationSampleOptions sample_options;
-    if (calibration.num_samples() > 0) sample_options.num_samples = calibration.num_samples();
-    if (calibration.sequence_length() > 0) {
-      sample_options.sequence_length = calibration.sequence_length();
-    }
+    sample_options.num_samples = calibration.num_samples() > 0 ? calibration.num_samples()
+                                                               : kDefaultCalibrationSamples;
+    sample_options.sequence_length = calibration.sequence_length() > 0
+                                         ? calibration.sequence_length()
+                                         : kDefaultCalibrationSequenceLength;
     sample_options.vocab_size = config_->vocab_size;
     ASSIGN_OR_RETURN(at::Tensor ids, LoadCalibrationSamples(path, tokenizer ? &*tokenizer : nullptr,
                                                             sample_options));
