@@ -13,4 +13,4 @@ $SUDO apt-get install -y -q --no-install-recommends \
   libtorch-dev libopenblas0-pthread libopenblas-dev \
   libsqlite3-dev libgtest-dev libgmock-dev \
   libcpp-httplib-dev nlohmann-json3-dev libyaml-cpp-dev \
-  bible-kjv prometheus openssl python3 curl
+  bible-kjv prometheus openssl python3 curl jq

@@ -433,36 +433,5 @@ TEST(EvalSampleText, EncodesGeneratesAndDecodes) {
   ExpectInvalidArgument(SampleText(model, *tokenizer, "", options).status(), {"prompt"});
 }
 
-// ------------------------------------------------------------------ benchmark
-
-// The figure quoted for Perplexity's speed (not run by default), from the
-// build folder:
-//   ./tests/engine/engine_test --gtest_also_run_disabled_tests --gtest_filter='EvalBench.*'
-TEST(EvalBench, DISABLED_PerplexityThroughputHidden256Layers6) {
-  RandomModelOptions options;
-  options.hidden_size = 256;
-  options.intermediate_size = 688;
-  options.num_layers = 6;
-  options.num_heads = 8;
-  options.num_kv_heads = 4;
-  options.vocab_size = 32000;
-  TempDir dir;
-  ASSERT_TRUE(WriteRandomLlamaModel(options, dir.path()).ok());
-  const LlamaModel model = LoadOrDie(dir.path());
-  const Ids tokens = RandomTokens(2049, options.vocab_size, 1);
-  for (const auto& [context, stride] :
-       std::vector<std::pair<int64_t, int64_t>>{{256, 256}, {256, 128}, {512, 512}}) {
-    const absl::StatusOr<PerplexityResult> result =
-        Perplexity(model, tokens, Options(context, stride));
-    ASSERT_TRUE(result.ok()) << result.status();
-    std::printf(
-        "perplexity hidden 256, 6 layers, vocab 32000, %lld tokens, context %lld stride %lld: "
-        "%.1f tokens/s (%.2f s, %lld windows, ppl %.1f)\n",
-        static_cast<long long>(result->tokens_scored + 1), static_cast<long long>(context),
-        static_cast<long long>(stride), result->tokens_per_second, result->seconds,
-        static_cast<long long>(result->windows), result->perplexity);
-  }
-}
-
 }  // namespace
 }  // namespace compress::engine

@@ -1086,45 +1086,5 @@ TEST(LlamaSampler, FollowsTheDistributionAndTheNucleus) {
   ExpectInvalidArgument(sampler.Next(at::zeros({2, 2})).status(), {"[vocab]"});
 }
 
-// ------------------------------------------------------------------ speed
-
-// Not run by default:
-//   ./tests/engine/engine_test --gtest_also_run_disabled_tests \
-//       --gtest_filter='LlamaBench.*'
-TEST(LlamaBench, DISABLED_ForwardTokensPerSecond) {
-  TempDir dir;
-  RandomModelOptions options;
-  options.hidden_size = 256;
-  options.intermediate_size = 688;
-  options.num_layers = 6;
-  options.num_heads = 8;
-  options.num_kv_heads = 4;
-  options.vocab_size = 4096;
-  ASSERT_TRUE(WriteRandomLlamaModel(options, dir.path()).ok());
-  const LlamaModel model = LoadOrDie(dir.path());
-  c10::InferenceMode inference;
-  const at::Tensor ids = RandomIds(4, 128, options.vocab_size, 1);
-  ForwardOrDie(model, ids);  // warm-up
-  const int iterations = 10;
-  const auto start = std::chrono::steady_clock::now();
-  for (int i = 0; i < iterations; ++i) ForwardOrDie(model, ids);
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  const double tokens_per_second = iterations * ids.numel() / seconds;
-
-  GenerateOptions generate;
-  generate.max_new_tokens = 64;
-  std::vector<int32_t> prompt(32);
-  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>(i * 37 % 4096);
-  absl::StatusOr<GenerateResult> result = Generate(model, prompt, generate);
-  ASSERT_TRUE(result.ok()) << result.status();
-  std::printf(
-      "llama hidden 256, 6 layers, 8/4 heads, vocab 4096, F32 CPU (%d threads):\n"
-      "  forward [4, 128]: %.0f tokens/s\n"
-      "  generate: prefill %.0f tokens/s, decode %.0f tokens/s (KV cache, batch 1)\n",
-      at::get_num_threads(), tokens_per_second, result->prefill_tokens_per_second(),
-      result->decode_tokens_per_second());
-}
-
 }  // namespace
 }  // namespace compress::engine

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Quality of each quantization method on the trained test model: perplexity
+# on the held-out text (Revelation) and KL divergence against the original,
+# bits per weight and file size, as a Markdown table (the README's).
+#
+#   bash bench/quality.sh [MODEL_DIR] [WORK_DIR]
+#
+# Every job runs through `compress-worker run` (the worker's local mode) with
+# an evaluate stage, so the figures are the ones a job's report shows.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL="${1:-tests/fixtures/kjv-llama}"
+WORK="${2:-build/quality}"
+WORKER=build/worker/compress-worker
+command -v jq >/dev/null || { echo "jq is missing: bash scripts/setup.sh" >&2; exit 1; }
+[ -x "$WORKER" ] || { echo "build first: bash scripts/build.sh" >&2; exit 1; }
+rm -rf "$WORK" && mkdir -p "$WORK"
+
+# Held-out text as the model was evaluated in training; calibration text
+# from the training part (the Gospels), as a user calibrates on their data.
+bible -f Rev1:1-Rev22:21 | sed 's/^[^ ]* //' >"$WORK/revelation.txt"
+bible -f Matt1:1-John21:25 | sed 's/^[^ ]* //' >"$WORK/gospels.txt"
+
+run() {  # name method bits group
+  local name=$1 method=$2 bits=$3 group=$4 settings
+  settings="{\"bits\": $bits, \"group_size\": $group}"
+  cat >"$WORK/$name.json" <<EOF
+{
+  "name": "$name",
+  "model": {"path": "$MODEL"},
+  "stages": [
+    {"$method": $settings},
+    {"evaluate": {"text_path": "$WORK/revelation.txt", "context_length": 128, "stride": 64}}
+  ],
+  "calibration": {"path": "$WORK/gospels.txt", "num_samples": 128, "sequence_length": 128},
+  "outputs": ["PACKED_SAFETENSORS"]
+}
+EOF
+  local start end
+  start=$(date +%s.%N)
+  "$WORKER" run --recipe "$WORK/$name.json" --out "$WORK/$name" >"$WORK/$name.report.json" \
+    2>"$WORK/$name.log"
+  end=$(date +%s.%N)
+  jq -r --arg name "$name" --arg seconds "$(awk -v a="$start" -v b="$end" 'BEGIN { print b - a }')" '
+    "| \($name) | \(.evaluation.after.perplexity * 1000 | round / 1000) | " +
+    "\(.evaluation.mean_kl_divergence * 10000 | round / 10000) | " +
+    "\(.evaluation.top1_agreement * 1000 | round / 10)% | " +
+    "\(.bits_per_weight * 100 | round / 100) | " +
+    "\(.size_after_bytes / 1048576 * 100 | round / 100) MiB | \($seconds | tonumber | round) s |"' \
+    "$WORK/$name.report.json"
+}
+
+echo "| method | perplexity | KL (nats) | top-1 agreement | bits/weight | size | time |"
+echo "|---|---|---|---|---|---|---|"
+ORIGINAL=$(stat -c %s "$MODEL/model.safetensors")
+first=1
+for setting in "w4-g128 4 128" "w4-channel 4 -1" "w3-g128 3 128" "w2-g64 2 64"; do
+  set -- $setting
+  for method in rtn gptq; do
+    line=$(run "$method-$1" "$method" "$2" "$3")
+    if [ $first = 1 ]; then
+      jq -r --arg size "$ORIGINAL" '
+        "| original (BF16) | \(.evaluation.before.perplexity * 1000 | round / 1000) | 0 | 100% | 16 | " +
+        "\($size | tonumber / 1048576 * 100 | round / 100) MiB | |"' "$WORK/$method-$1.report.json"
+      first=0
+    fi
+    echo "$line"
+  done
+done
