@@ -12,9 +12,11 @@ BIN=build
 rm -rf "$DEMO" && mkdir -p "$DEMO/models"
 export COMPRESS_SERVER="127.0.0.1:$PORT"
 
-echo "== a Llama-shaped model with random weights (4 blocks, hidden 512)"
-"$BIN/worker/compress-worker" make-random-model --out "$DEMO/models/llama" \
-  --layers 4 --hidden 512 --intermediate 1536 --heads 8 --kv-heads 4 --vocab 2048
+echo "== the project's trained test model: a 6-block Llama trained on the King James Bible"
+cp -r tests/fixtures/kjv-llama "$DEMO/models/kjv-llama"
+# Revelation was held out of training; the Gospels calibrate.
+bible -f Rev1:1-Rev22:21 | sed 's/^[^ ]* //' >"$DEMO/models/revelation.txt"
+bible -f Matt1:1-John21:25 | sed 's/^[^ ]* //' >"$DEMO/models/gospels.txt"
 
 "$BIN/server/compress-server" --listen "127.0.0.1:$PORT" --metrics-listen 127.0.0.1:0 \
   --data-dir "$DEMO/data" --model-root "$DEMO/models" >"$DEMO/server.log" 2>&1 &
@@ -25,12 +27,17 @@ WORKER_PID=$!
 trap 'kill $WORKER_PID $SERVER_PID 2>/dev/null || true' EXIT
 for _ in $(seq 50); do grep -q grpc_port "$DEMO/server.log" && break; sleep 0.1; done
 
-echo "== submit examples/w4-rtn.yaml and watch it"
-"$BIN/client/compressctl" submit --recipe examples/w4-rtn.yaml --watch | tee "$DEMO/submit.out"
+echo "== submit examples/kjv-w4-gptq.yaml (GPTQ W4 g128, then evaluate) and watch it"
+"$BIN/client/compressctl" submit --recipe examples/kjv-w4-gptq.yaml --watch | tee "$DEMO/submit.out"
 JOB=$(grep -o 'job-[0-9a-f]*' "$DEMO/submit.out" | head -1)
 
-echo "== the report"
+echo "== the report: size, bits per weight, perplexity and KL before and after, samples"
 "$BIN/client/compressctl" get "$JOB"
+
+echo "== the same with round-to-nearest and an evaluate stage, for comparison"
+"$BIN/client/compressctl" submit --recipe examples/w4-rtn.yaml --watch >"$DEMO/rtn.out"
+RTN_JOB=$(grep -o 'job-[0-9a-f]*' "$DEMO/rtn.out" | head -1)
+"$BIN/client/compressctl" get "$RTN_JOB" | sed -n '/^Report:/,$p'
 
 echo "== fetch the artifacts (sha256 verified)"
 "$BIN/client/compressctl" fetch "$JOB" --out "$DEMO/out"

@@ -15,6 +15,7 @@
 #include "common/flags.h"
 #include "common/http_server.h"
 #include "common/log.h"
+#include "common/paths.h"
 #include "common/recipe.h"
 #include "worker/agent.h"
 #include "worker/engine/model/random_model.h"
@@ -48,6 +49,10 @@ int RunLocal(int argc, char** argv) {
   flags.Add("calibration", &calibration, "calibration text file (overrides the recipe)");
   int threads = 0;
   flags.Add("threads", &threads, "CPU threads per operation (0: one per core)");
+  std::string model_root;
+  flags.Add("model-root", &model_root,
+            "resolve the recipe's paths under this folder, as compress-server does "
+            "(default: as given, relative to the current folder)");
   if (int rc = ParseOrExit(flags, argc, argv, 2); rc >= 0) return rc;
   compress::engine::SetCpuThreads(threads);
   if (recipe_path.empty()) return Fail(absl::InvalidArgumentError("--recipe is required"));
@@ -58,12 +63,24 @@ int RunLocal(int argc, char** argv) {
   if (absl::Status valid = compress::ValidateJobSpec(*spec); !valid.ok()) return Fail(valid);
 
   compress::engine::RunOptions options;
-  options.model_path = spec->model().path();
   options.output_dir = output_dir;
   options.device = device;
-  options.calibration_path = spec->calibration().path();
+  std::string evaluation_path;
   for (const compress::v1::Stage& stage : spec->stages()) {
-    if (stage.has_evaluate()) options.evaluation_path = stage.evaluate().text_path();
+    if (stage.has_evaluate()) evaluation_path = stage.evaluate().text_path();
+  }
+  const std::pair<const std::string*, std::string*> paths[] = {
+      {&spec->model().path(), &options.model_path},
+      {&spec->calibration().path(), &options.calibration_path},
+      {&evaluation_path, &options.evaluation_path}};
+  for (const auto& [given, resolved] : paths) {
+    if (model_root.empty() || given->empty()) {
+      *resolved = *given;
+      continue;
+    }
+    absl::StatusOr<std::string> under_root = compress::ResolveUnderRoots(*given, {model_root});
+    if (!under_root.ok()) return Fail(under_root.status());
+    *resolved = *under_root;
   }
   compress::engine::RunCallbacks callbacks;
   callbacks.on_progress = [](double fraction, const std::string& stage, const std::string& message) {

@@ -374,6 +374,18 @@ TEST(ValidateJobSpecTest, EvaluateStageNeedsATextAndSaneWindows) {
   EXPECT_EQ(Problem(spec), "stages[2]: a recipe has at most one evaluate stage");
 }
 
+TEST(RecipeExamplesTest, EveryExampleParsesAndValidates) {
+  int examples = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(EXAMPLES_DIR)) {
+    SCOPED_TRACE(entry.path().string());
+    absl::StatusOr<v1::JobSpec> spec = LoadRecipeFile(entry.path().string());
+    ASSERT_TRUE(spec.ok()) << spec.status();
+    EXPECT_TRUE(ValidateJobSpec(*spec).ok()) << ValidateJobSpec(*spec);
+    ++examples;
+  }
+  EXPECT_GE(examples, 2);
+}
+
 TEST(ValidateJobSpecTest, ReportsEveryProblemAtOnce) {
   v1::JobSpec spec;
   spec.set_priority(5000);

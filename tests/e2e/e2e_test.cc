@@ -1,6 +1,7 @@
 // The whole service as a user runs it: a real compress-server and two real
 // compress-worker processes on loopback ports, driven through the public API
 // and the CLI. Models are random Llama-shaped checkpoints the worker writes.
+#include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
@@ -409,6 +410,64 @@ TEST_F(EndToEndTest, MetricsPagesPassPromtool) {
     EXPECT_EQ(rc, 0) << who << ": " << output;
   }
   if (!fs::exists("/usr/bin/promtool")) GTEST_SKIP() << "promtool not installed (scripts/setup.sh installs it)";
+}
+
+// The project's trained model (tests/fixtures/kjv-llama) under the model
+// root, with held-out text (Revelation) and calibration text (the Gospels)
+// from Debian's bible-kjv.
+void AddTrainedModel(const testing::TempDir& dir) {
+  fs::copy(FIXTURES_DIR "/kjv-llama", dir.Sub("models/kjv-llama"), fs::copy_options::recursive);
+  for (const auto& [file, range] : {std::pair{"revelation.txt", "Rev1:1-Rev22:21"},
+                                    std::pair{"gospels.txt", "Matt1:1-John21:25"}}) {
+    std::string text;
+    ASSERT_EQ(testing::RunCommand({"/bin/sh", "-c",
+                                   absl::StrCat("bible -f ", range, " | sed 's/^[^ ]* //'")},
+                                  &text),
+              0);
+    ASSERT_GT(text.size(), 10000u) << "bible-kjv is missing: bash scripts/setup.sh installs it";
+    std::ofstream(dir.Sub(absl::StrCat("models/", file))) << text;
+  }
+}
+
+std::string ReadText(const std::string& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+TEST_F(EndToEndTest, TheTrainedModelIsQuantizedWithGptqAndEvaluatedByTheServiceAndLocally) {
+  AddTrainedModel(dir_);
+  // Through the service: the example recipe, as the README's demo submits it.
+  const Job gptq = WaitForEnd(Submit(ReadText(EXAMPLES_DIR "/kjv-w4-gptq.yaml")), 300);
+  ASSERT_EQ(gptq.state(), v1::SUCCEEDED) << gptq.message();
+  const v1::EvaluationReport& service = gptq.report().evaluation();
+  EXPECT_EQ(service.before().tokens_scored(), 8191);
+  EXPECT_GT(service.before().perplexity(), 1.0);
+  // Four bits with GPTQ cost a few percent of perplexity, not more.
+  EXPECT_LT(service.after().perplexity(), 1.10 * service.before().perplexity());
+  EXPECT_GT(service.mean_kl_divergence(), 0.0);
+  EXPECT_LT(service.mean_kl_divergence(), 0.1);
+  EXPECT_GT(service.top1_agreement(), 0.8);
+  EXPECT_NE(service.before().sample().find(" the "), std::string::npos) << service.before().sample();
+  EXPECT_FALSE(service.after().sample().empty());
+  EXPECT_EQ(gptq.report().stages(0).method(), "gptq");
+
+  // Locally: the RTN example on the same files, with the worker's local mode.
+  std::string output;
+  ASSERT_EQ(testing::RunCommand({COMPRESS_WORKER_BIN, "run", "--recipe",
+                                 EXAMPLES_DIR "/w4-rtn.yaml", "--model-root", dir_.Sub("models"),
+                                 "--out", dir_.Sub("local")},
+                                &output),
+            0)
+      << output;
+  v1::JobReport local;
+  ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(ReadText(dir_.Sub("local/report.json")),
+                                                          &local)
+                  .ok());
+  // The same original model and windows; RTN loses more than GPTQ.
+  EXPECT_DOUBLE_EQ(local.evaluation().before().perplexity(), service.before().perplexity());
+  EXPECT_GT(local.evaluation().mean_kl_divergence(), service.mean_kl_divergence());
+  EXPECT_TRUE(fs::exists(dir_.Sub("local/packed/model.safetensors")));
+  EXPECT_NE(output.find("evaluate"), std::string::npos) << "progress lines name the stages";
 }
 
 }  // namespace
