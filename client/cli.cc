@@ -53,7 +53,9 @@ const std::vector<OptionSpec>& VerbOptionTable() {
   static const auto* table = new std::vector<OptionSpec>{
       {"recipe", OptionKind::kValue, "FILE", "recipe (YAML or JSON form of JobSpec)"},
       {"model", OptionKind::kValue, "PATH", "model folder or .safetensors file on the server"},
-      {"method", OptionKind::kValue, "NAME", "compression method of the stage: rtn"},
+      {"method", OptionKind::kValue, "NAME", "quantization method of the stage: rtn, gptq"},
+      {"calibration", OptionKind::kValue, "PATH",
+       "calibration text (or .tokens file) on the server, for gptq"},
       {"bits", OptionKind::kValue, "N", "bits per weight, 2..8 (default 4)"},
       {"group-size", OptionKind::kValue, "N",
        "weights per scale; -1 or 0: one per output channel (default 128)"},
@@ -82,12 +84,13 @@ const std::vector<VerbSpec>& VerbTable() {
       {"submit",
        "",
        0,
-       {"recipe", "model", "method", "bits", "group-size", "sym", "asym", "output", "priority",
+       {"recipe", "model", "method", "calibration", "bits", "group-size", "sym", "asym", "output", "priority",
         "label", "name", "request-id", "watch", "json"},
        "Submit a job from a recipe and/or flags (flags override the recipe); prints the job id.",
        "compressctl submit --model models/llama --recipe w4.yaml --watch\n"
        "compressctl submit --model models/llama --method rtn --bits 4 --group-size 128 "
-       "--output dequantized,packed --label team=nlp"},
+       "--output dequantized,packed --label team=nlp\n"
+       "compressctl submit --model models/llama --method gptq --bits 3 --calibration calib.txt"},
       {"get",
        "JOB",
        1,

@@ -114,19 +114,27 @@ std::string NewRequestId() {
                          high & 0xffff, low >> 48, low & 0xffffffffffffULL);
 }
 
-// --method, --bits, --group-size, --sym and --asym describe one RTN stage.
-// With no stages in the recipe they create it (defaults w4 g128 symmetric);
-// with one stage they edit it; more stages are ambiguous.
+// The stage messages --method can name: rtn and gptq, which share the grid
+// fields bits, group_size and symmetric.
+const google::protobuf::FieldDescriptor* MethodField(const std::string& method) {
+  return v1::Stage::descriptor()->FindFieldByName(method);
+}
+
+// --method, --bits, --group-size, --sym and --asym describe one quantizing
+// stage (rtn or gptq). With no stages in the recipe they create it (default
+// rtn w4 g128 symmetric); with one stage they edit it; more stages are
+// ambiguous.
 absl::Status ApplyStageFlags(const ParsedArgs& args, v1::JobSpec* spec) {
   const bool has_stage_flags = args.Has("method") || args.Has("bits") || args.Has("group-size") ||
                                args.Has("sym") || args.Has("asym");
   if (args.Has("sym") && args.Has("asym")) {
     return absl::InvalidArgumentError("--sym and --asym contradict each other");
   }
-  // Only RTN has flags so far; other methods come through the recipe.
-  if (args.Has("method") && absl::AsciiStrToLower(args.Value("method")) != "rtn") {
+  const std::string method =
+      args.Has("method") ? absl::AsciiStrToLower(args.Value("method")) : "";
+  if (!method.empty() && method != "rtn" && method != "gptq") {
     return absl::InvalidArgumentError(
-        absl::StrCat("unknown --method \"", args.Value("method"), "\" (methods: rtn)"));
+        absl::StrCat("unknown --method \"", args.Value("method"), "\" (methods: rtn, gptq)"));
   }
   if (spec->stages_size() > 1) {
     if (!has_stage_flags) return absl::OkStatus();
@@ -135,41 +143,45 @@ absl::Status ApplyStageFlags(const ParsedArgs& args, v1::JobSpec* spec) {
         "has ",
         spec->stages_size(), " stages"));
   }
-  auto reset_to_default_rtn = [](v1::Stage* stage) {
-    v1::RtnStage* rtn = stage->mutable_rtn();
-    rtn->set_bits(kDefaultBits);
-    rtn->set_group_size(kDefaultGroupSize);
-    rtn->set_symmetric(true);
-  };
-  if (spec->stages_size() == 0) {
-    reset_to_default_rtn(spec->add_stages());
-  } else if (has_stage_flags && !spec->stages(0).has_rtn()) {
-    if (!args.Has("method")) {
-      return absl::InvalidArgumentError(
-          "--bits, --group-size, --sym and --asym apply to an rtn stage; the recipe's stage is "
-          "not one (add --method rtn to replace it)");
-    }
-    reset_to_default_rtn(spec->mutable_stages(0));
+  if (spec->stages_size() == 1 && !has_stage_flags) return absl::OkStatus();
+  v1::Stage* stage = spec->stages_size() == 0 ? spec->add_stages() : spec->mutable_stages(0);
+  const std::string current = stage->has_rtn() ? "rtn" : stage->has_gptq() ? "gptq" : "";
+  if (current.empty() && method.empty() && stage->method_case() != v1::Stage::METHOD_NOT_SET) {
+    return absl::InvalidArgumentError(
+        "--bits, --group-size, --sym and --asym apply to an rtn or gptq stage; the recipe's stage "
+        "is neither (add --method rtn or --method gptq to replace it)");
   }
-  if (!has_stage_flags) return absl::OkStatus();
-
-  v1::RtnStage* rtn = spec->mutable_stages(0)->mutable_rtn();
+  const std::string wanted = !method.empty() ? method : !current.empty() ? current : "rtn";
+  const google::protobuf::Reflection* stage_reflection = stage->GetReflection();
+  google::protobuf::Message* grid = stage_reflection->MutableMessage(stage, MethodField(wanted));
+  if (wanted != current) {
+    // A fresh stage of that method, with the defaults.
+    grid->Clear();
+    const google::protobuf::Reflection* r = grid->GetReflection();
+    const google::protobuf::Descriptor* d = grid->GetDescriptor();
+    r->SetInt32(grid, d->FindFieldByName("bits"), kDefaultBits);
+    r->SetInt32(grid, d->FindFieldByName("group_size"), kDefaultGroupSize);
+    r->SetBool(grid, d->FindFieldByName("symmetric"), true);
+  }
+  const google::protobuf::Reflection* r = grid->GetReflection();
+  const google::protobuf::Descriptor* d = grid->GetDescriptor();
   if (args.Has("bits")) {
     ASSIGN_OR_RETURN(int32_t bits, ParseInt32Flag("bits", args.Value("bits")));
-    rtn->set_bits(bits);
+    r->SetInt32(grid, d->FindFieldByName("bits"), bits);
   }
   if (args.Has("group-size")) {
     ASSIGN_OR_RETURN(int32_t group_size, ParseInt32Flag("group-size", args.Value("group-size")));
-    rtn->set_group_size(group_size);
+    r->SetInt32(grid, d->FindFieldByName("group_size"), group_size);
   }
-  if (args.Has("sym")) rtn->set_symmetric(true);
-  if (args.Has("asym")) rtn->set_symmetric(false);
+  if (args.Has("sym")) r->SetBool(grid, d->FindFieldByName("symmetric"), true);
+  if (args.Has("asym")) r->SetBool(grid, d->FindFieldByName("symmetric"), false);
   return absl::OkStatus();
 }
 
 absl::Status ApplySubmitFlags(const ParsedArgs& args, v1::JobSpec* spec) {
   if (args.Has("name")) spec->set_name(args.Value("name"));
   if (args.Has("model")) spec->mutable_model()->set_path(args.Value("model"));
+  if (args.Has("calibration")) spec->mutable_calibration()->set_path(args.Value("calibration"));
   if (args.Has("priority")) {
     ASSIGN_OR_RETURN(int32_t priority, ParseInt32Flag("priority", args.Value("priority")));
     spec->set_priority(priority);

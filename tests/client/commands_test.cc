@@ -213,6 +213,27 @@ TEST_F(CommandsTest, SubmitFromARecipeWithFlagsOverriding) {
   EXPECT_EQ(spec.outputs(0), v1::PACKED_SAFETENSORS);
 }
 
+TEST_F(CommandsTest, SubmitMakesAGptqStageWithItsCalibration) {
+  v1::SubmitJobRequest sent;
+  EXPECT_CALL(stub_, SubmitJob(_, _, _))
+      .WillOnce(Invoke([&](grpc::ClientContext*, const v1::SubmitJobRequest& request,
+                           v1::SubmitJobResponse* response) {
+        sent = request;
+        response->mutable_job()->set_id("j-2");
+        return grpc::Status::OK;
+      }));
+  ASSERT_EQ(Run({"submit", "--model", "m", "--method", "gptq", "--bits", "3", "--asym",
+                 "--calibration", "calib.txt"}),
+            kExitOk)
+      << err_.str();
+  ASSERT_EQ(sent.spec().stages_size(), 1);
+  const v1::GptqStage& gptq = sent.spec().stages(0).gptq();
+  EXPECT_EQ(gptq.bits(), 3);
+  EXPECT_EQ(gptq.group_size(), 128);
+  EXPECT_FALSE(gptq.symmetric());
+  EXPECT_EQ(sent.spec().calibration().path(), "calib.txt");
+}
+
 TEST_F(CommandsTest, InvalidJobIsRejectedLocally) {
   EXPECT_CALL(stub_, SubmitJob(_, _, _)).Times(0);
   EXPECT_EQ(Run({"submit", "--model", "m", "--bits", "9"}), kExitUsage);
@@ -225,8 +246,10 @@ TEST_F(CommandsTest, InvalidJobIsRejectedLocally) {
   EXPECT_EQ(Run({"submit", "--model", "m", "--bits", "four"}), kExitUsage);
   EXPECT_THAT(err_.str(), HasSubstr("--bits wants an integer, got \"four\""));
   EXPECT_EQ(Run({"submit", "--model", "m", "--sym", "--asym"}), kExitUsage);
+  EXPECT_EQ(Run({"submit", "--model", "m", "--method", "awq"}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("unknown --method \"awq\" (methods: rtn, gptq)"));
   EXPECT_EQ(Run({"submit", "--model", "m", "--method", "gptq"}), kExitUsage);
-  EXPECT_THAT(err_.str(), HasSubstr("unknown --method \"gptq\""));
+  EXPECT_THAT(err_.str(), HasSubstr("stages[0].gptq: needs calibration data"));
   EXPECT_EQ(Run({"submit", "--model", "m", "--output", "gguf"}), kExitUsage);
   EXPECT_THAT(err_.str(), HasSubstr("unknown output format \"gguf\""));
   EXPECT_EQ(Run({"submit", "--model", "m", "--label", "=x"}), kExitUsage);
