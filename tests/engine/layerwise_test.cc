@@ -149,6 +149,15 @@ TEST(StatisticsCollector, AccumulatesXtXNormsAndRangesAndSharesRepeatedInputs) {
                            1e-10, 1e-10));
   EXPECT_EQ(collector.Find("mlp.down_proj"), nullptr);
 
+  // A pass can stop right after the last linear it measures.
+  collector.Clear();
+  collector.StopAfter("self_attn.v_proj");
+  EXPECT_TRUE(collector.OnLinearInput(0, "self_attn.q_proj", a1).ok());
+  const absl::Status stopped = collector.OnLinearInput(0, "self_attn.v_proj", a1);
+  EXPECT_TRUE(StatisticsCollector::StoppedEarly(stopped)) << stopped;
+  EXPECT_FALSE(StatisticsCollector::StoppedEarly(absl::AbortedError("something else")));
+  EXPECT_EQ(collector.Find("self_attn.v_proj")->tokens, 10);
+
   // Only the chosen linears; without the Hessian when not asked.
   StatisticsCollector chosen({"mlp.down_proj"}, /*with_hessian=*/false);
   ASSERT_TRUE(chosen.OnLinearInput(0, "self_attn.q_proj", a1).ok());

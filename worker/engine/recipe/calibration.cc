@@ -3,8 +3,10 @@
 #include <ATen/ATen.h>
 
 #include <cstring>
+#include <utility>
 #include <vector>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/files.h"
@@ -91,8 +93,28 @@ StatisticsCollector::StatisticsCollector(std::set<std::string> linears, bool wit
                                          at::ScalarType hessian_dtype)
     : linears_(std::move(linears)), with_hessian_(with_hessian), hessian_dtype_(hessian_dtype) {}
 
+namespace {
+constexpr char kStoppedEarlyPayload[] = "compress.engine/statistics-complete";
+}  // namespace
+
+bool StatisticsCollector::StoppedEarly(const absl::Status& status) {
+  return status.code() == absl::StatusCode::kAborted &&
+         status.GetPayload(kStoppedEarlyPayload).has_value();
+}
+
 absl::Status StatisticsCollector::OnLinearInput(int64_t layer, absl::string_view linear,
                                                 const at::Tensor& input) {
+  RETURN_IF_ERROR(Collect(layer, linear, input));
+  if (!stop_after_.empty() && linear == stop_after_) {
+    absl::Status stop = absl::AbortedError("the statistics of this pass are complete");
+    stop.SetPayload(kStoppedEarlyPayload, absl::Cord("1"));
+    return stop;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status StatisticsCollector::Collect(int64_t layer, absl::string_view linear,
+                                          const at::Tensor& input) {
   if (!linears_.empty() && linears_.count(std::string(linear)) == 0) return absl::OkStatus();
   auto found = statistics_.find(linear);
   if (previous_input_.defined() && input.is_same(previous_input_)) {
@@ -147,6 +169,7 @@ const LinearInputStatistics* StatisticsCollector::Find(absl::string_view linear)
 
 void StatisticsCollector::Clear() {
   statistics_.clear();
+  stop_after_.clear();
   previous_input_ = at::Tensor();
   previous_statistics_.reset();
 }

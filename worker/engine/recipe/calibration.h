@@ -69,6 +69,12 @@ class StatisticsCollector : public LinearHook {
   absl::Status OnLinearInput(int64_t layer, absl::string_view linear,
                              const at::Tensor& input) override;
 
+  // Makes the forward pass stop, with StoppedEarly(), right after `linear`'s
+  // input is collected: a pass for statistics needs nothing after the last
+  // linear it measures. Empty: never.
+  void StopAfter(std::string linear) { stop_after_ = std::move(linear); }
+  static bool StoppedEarly(const absl::Status& status);
+
   // The statistics collected for `linear` since the last Clear(); null if it
   // saw no input.
   const LinearInputStatistics* Find(absl::string_view linear) const;
@@ -76,10 +82,13 @@ class StatisticsCollector : public LinearHook {
   void Clear();
 
  private:
+  absl::Status Collect(int64_t layer, absl::string_view linear, const at::Tensor& input);
+
   std::set<std::string> linears_;
   bool with_hessian_;
   at::ScalarType hessian_dtype_;
   std::map<std::string, std::shared_ptr<LinearInputStatistics>, std::less<>> statistics_;
+  std::string stop_after_;
   at::Tensor previous_input_;
   std::shared_ptr<LinearInputStatistics> previous_statistics_;
 };

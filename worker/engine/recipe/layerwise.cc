@@ -25,13 +25,14 @@ absl::Status RunBlock(const LlamaConfig& config, const DecoderBlockWeights& bloc
   for (int64_t begin = 0; begin < samples; begin += step) {
     if (options.is_cancelled && options.is_cancelled()) return absl::CancelledError("job cancelled");
     const int64_t count = std::min(step, samples - begin);
-    ASSIGN_OR_RETURN(at::Tensor out, DecoderBlockForward(config, block,
-                                                         hidden.narrow(0, begin, count), rope,
-                                                         nullptr, hook));
+    absl::StatusOr<at::Tensor> out =
+        DecoderBlockForward(config, block, hidden.narrow(0, begin, count), rope, nullptr, hook);
+    if (output == nullptr && StatisticsCollector::StoppedEarly(out.status())) continue;
+    RETURN_IF_ERROR(out.status());
     if (output == nullptr) continue;
     RETURN_IF_ERROR(CatchTorchErrors(absl::StrCat("layer ", block.layer, " propagation"),
                                      [&]() -> absl::Status {
-                                       output->narrow(0, begin, count).copy_(out);
+                                       output->narrow(0, begin, count).copy_(*out);
                                        return absl::OkStatus();
                                      }));
   }
@@ -115,6 +116,8 @@ absl::Status RunLayerwise(const SafetensorsCheckpoint& checkpoint, const LlamaCo
       for (const std::vector<std::string>& step : SequentialLinearSteps()) {
         statistics.Clear();
         const bool first = &step == &SequentialLinearSteps().front();
+        // A pass that only measures stops after the step's last linear.
+        if (!(first && original_outputs.defined())) statistics.StopAfter(step.back());
         RETURN_IF_ERROR(RunBlock(config, block, hidden, rope, options, &statistics,
                                  first && original_outputs.defined() ? &original_outputs : nullptr));
         RETURN_IF_ERROR(callbacks.transform(block, statistics, step));
