@@ -30,9 +30,11 @@ using ::testing::_;
 using ::testing::AllOf;
 using ::testing::ContainsRegex;
 using ::testing::HasSubstr;
+using ::testing::DoAll;
 using ::testing::Invoke;
 using ::testing::Not;
 using ::testing::Return;
+using ::testing::SetArgPointee;
 
 // A mock stream that yields `messages`, then finishes with `finish`. The stub
 // wrapper (WatchJob, DownloadArtifact) takes ownership.
@@ -410,10 +412,7 @@ TEST_F(CommandsTest, GetShowsTheEvaluationBeforeAndAfter) {
   e->set_max_kl_divergence(1.5);
   e->set_top1_agreement(0.9375);
   EXPECT_CALL(stub_, GetJob(_, _, _))
-      .WillOnce(Invoke([&](grpc::ClientContext*, const v1::GetJobRequest&, v1::Job* job) {
-        *job = finished;
-        return grpc::Status::OK;
-      }));
+      .WillOnce(DoAll(SetArgPointee<2>(finished), Return(grpc::Status::OK)));
   ASSERT_EQ(Run({"get", "j-7"}), kExitOk);
   const std::string text = out_.str();
   EXPECT_THAT(text, HasSubstr("Evaluation on eval/revelation.txt (20482 tokens, windows of 256, stride 128)"));

@@ -743,37 +743,29 @@ class JobRunner {
     if (writers.packed && result.packing_source) {
       ASSIGN_OR_RETURN(packed, PackLinear(*result.packing_source, name));
     }
-    if (writers.dequantized) {
-      if (result.dequantized.defined()) {
-        RETURN_IF_ERROR(writers.dequantized->WriteTensor(name, result.dequantized));
-      } else {
-        RETURN_IF_ERROR(writers.dequantized->WriteBytes(name, raw));
-      }
-      dequantized_.weight_map.emplace_back(name, file_name);
-      dequantized_.tensor_bytes += tensor.info.NumBytes();
-    }
-    if (writers.packed) {
-      if (packed) {
-        const std::pair<const char*, const at::Tensor*> parts[] = {
-            {kQweightSuffix, &packed->qweight},
-            {kQzerosSuffix, &packed->qzeros},
-            {kScalesSuffix, &packed->scales},
-            {kGidxSuffix, &packed->g_idx}};
-        for (const auto& [suffix, part] : parts) {
-          const std::string part_name = plan.packed_prefix + suffix;
-          RETURN_IF_ERROR(writers.packed->WriteTensor(part_name, *part));
-          packed_.weight_map.emplace_back(part_name, file_name);
-          packed_.tensor_bytes += part->nbytes();
-        }
-      } else {
-        // Unquantized, or changed only by stages that do not pack.
-        if (result.dequantized.defined()) {
-          RETURN_IF_ERROR(writers.packed->WriteTensor(name, result.dequantized));
-        } else {
-          RETURN_IF_ERROR(writers.packed->WriteBytes(name, raw));
-        }
-        packed_.weight_map.emplace_back(name, file_name);
-        packed_.tensor_bytes += tensor.info.NumBytes();
+    // The tensor whole: changed values, else its bytes as stored.
+    auto write_whole = [&](SafetensorsWriter& writer, OutputTree& tree) -> absl::Status {
+      RETURN_IF_ERROR(result.dequantized.defined() ? writer.WriteTensor(name, result.dequantized)
+                                                   : writer.WriteBytes(name, raw));
+      tree.weight_map.emplace_back(name, file_name);
+      tree.tensor_bytes += tensor.info.NumBytes();
+      return absl::OkStatus();
+    };
+    if (writers.dequantized) RETURN_IF_ERROR(write_whole(*writers.dequantized, dequantized_));
+    if (writers.packed && !packed) {
+      // Unquantized, or changed only by stages that do not pack.
+      RETURN_IF_ERROR(write_whole(*writers.packed, packed_));
+    } else if (writers.packed) {
+      const std::pair<const char*, const at::Tensor*> parts[] = {
+          {kQweightSuffix, &packed->qweight},
+          {kQzerosSuffix, &packed->qzeros},
+          {kScalesSuffix, &packed->scales},
+          {kGidxSuffix, &packed->g_idx}};
+      for (const auto& [suffix, part] : parts) {
+        const std::string part_name = plan.packed_prefix + suffix;
+        RETURN_IF_ERROR(writers.packed->WriteTensor(part_name, *part));
+        packed_.weight_map.emplace_back(part_name, file_name);
+        packed_.tensor_bytes += part->nbytes();
       }
     }
     checkpoint_.ReleasePages(name);
