@@ -121,13 +121,23 @@ absl::StatusOr<GptqResult> QuantizeGptq(const at::Tensor& weight, const at::Tens
         static_groups ? options.block_size
                       : (options.block_size + group_size - 1) / group_size * group_size;
     const double qmax = static_cast<double>((1 << options.grid.bits) - 1);
-    at::Tensor scale_column, zero_column;  // [rows] float32, the current column's grid
+    // Columns are processed as contiguous rows of transposed copies: each
+    // step below is then a pass over contiguous memory.
+    const int64_t groups = columns / group_size;
+    at::Tensor scales_t = at::empty({groups, rows}, w.options());  // [groups, rows] float32
+    at::Tensor zeros_t = at::empty({groups, rows}, w.options());
+    if (static_groups) {
+      scales_t.copy_(q.scales.t());
+      zeros_t.copy_(q.zeros.t());
+    }
+    at::Tensor codes_t = at::empty({columns, rows}, w.options());  // by original column
     for (int64_t begin = 0; begin < columns; begin += block) {
       const int64_t end = std::min(begin + block, columns);
       const int64_t count = end - begin;
-      at::Tensor w1 = w.narrow(1, begin, count).clone();
-      at::Tensor errors = at::zeros({rows, count}, w.options());
-      const at::Tensor u1 = upper.index({Slice(begin, end), Slice(begin, end)});
+      at::Tensor w1t = w.narrow(1, begin, count).t().contiguous();  // [count, rows]
+      at::Tensor errors_t = at::empty({count, rows}, w.options());
+      const at::Tensor u1 = upper.narrow(0, begin, count).narrow(1, begin, count).contiguous();
+      const auto u1_values = u1.accessor<float, 2>();
       for (int64_t i = 0; i < count; ++i) {
         const int64_t column = original_column[static_cast<size_t>(begin + i)];
         const int64_t group = column / group_size;
@@ -135,25 +145,34 @@ absl::StatusOr<GptqResult> QuantizeGptq(const at::Tensor& weight, const at::Tens
           RtnOptions grid = options.grid;
           grid.group_size = group_size;
           ASSIGN_OR_RETURN(QuantizedTensor params,
-                           QuantizeRtn(w1.narrow(1, i, group_size), grid, name));
+                           QuantizeRtn(w1t.narrow(0, i, group_size).t().contiguous(), grid, name));
           q.scales.narrow(1, group, 1).copy_(params.scales);
           q.zeros.narrow(1, group, 1).copy_(params.zeros);
+          scales_t.select(0, group).copy_(params.scales.select(1, 0));
+          zeros_t.select(0, group).copy_(params.zeros.select(1, 0));
         }
-        scale_column = q.scales.select(1, group).to(at::kFloat);
-        zero_column = q.zeros.select(1, group).to(at::kFloat);
-        const at::Tensor x = w1.select(1, i);
+        const at::Tensor scale = scales_t.select(0, group);
+        const at::Tensor zero = zeros_t.select(0, group);
+        const at::Tensor x = w1t.select(0, i);
         // RTN's rounding exactly (rtn.h): codes from x / scale, values (q - zero) * scale.
-        const at::Tensor codes = x.div(scale_column).round_().add_(zero_column).clamp_(0, qmax);
-        q.codes.select(1, column).copy_(codes.to(at::kShort));
-        const at::Tensor value = (codes - zero_column).mul_(scale_column);
-        const at::Tensor error = (x - value).div_(u1[i][i]);
-        w1.narrow(1, i, count - i).sub_(error.unsqueeze(1).mm(u1.index({Slice(i, i + 1), Slice(i, count)})));
-        errors.select(1, i).copy_(error);
+        at::Tensor codes = x.div(scale).round_().add_(zero).clamp_(0, qmax);
+        codes_t.select(0, column).copy_(codes);
+        at::Tensor error = errors_t.select(0, i);
+        at::sub_out(error, x, codes.sub_(zero).mul_(scale)).div_(u1_values[i][i]);
+        if (i + 1 < count) {
+          w1t.narrow(0, i + 1, count - i - 1)
+              .addr_(u1.select(0, i).narrow(0, i + 1, count - i - 1), error, 1, -1);
+        }
       }
       if (end < columns) {
-        w.narrow(1, end, columns - end).sub_(errors.mm(upper.index({Slice(begin, end), Slice(end, columns)})));
+        w.narrow(1, end, columns - end)
+            .addmm_(errors_t.t(), upper.narrow(0, begin, count).narrow(1, end, columns - end), 1,
+                    -1);
       }
     }
+    // float -> int16 -> uint8: exact for these integers, and faster on the
+    // CPU than the direct conversion.
+    q.codes.copy_(codes_t.t().to(at::kShort));
     return result;
   });
 }
