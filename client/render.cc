@@ -52,10 +52,14 @@ std::string FormatReport(const v1::JobReport& report) {
       continue;
     }
     absl::StrAppend(
-        &text, absl::StrFormat("  Stage %s (%s): %.1f s, %s, mean relative error %.4g\n",
+        &text, absl::StrFormat("  Stage %s (%s): %.1f s, %s, mean relative error %.4g",
                                stage.name().empty() ? "-" : stage.name(), stage.method(),
                                stage.seconds(), SizeChange(stage.bytes_in(), stage.bytes_out()),
                                stage.mean_relative_error()));
+    if (stage.mean_output_error() > 0) {
+      absl::StrAppend(&text, absl::StrFormat(", output error %.4g", stage.mean_output_error()));
+    }
+    absl::StrAppend(&text, "\n");
   }
   if (report.has_evaluation()) {
     const v1::EvaluationReport& e = report.evaluation();

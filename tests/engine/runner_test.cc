@@ -722,6 +722,18 @@ TEST_F(EvaluateStageTest, GptqJobsBeatRtnOnTheLayersOutputErrorAndPackTheSameWay
     EXPECT_GT(t.output_error(), 0.0) << t.name();
     if (t.name() == name) EXPECT_NEAR(t.output_error(), gptq_error, 1e-3 * gptq_error);
   }
+  double output_error_sum = 0;
+  for (const v1::TensorReport& t : stage.tensors()) output_error_sum += t.output_error();
+  EXPECT_NEAR(stage.mean_output_error(), output_error_sum / stage.tensors_size(), 1e-12);
+  bool metric_seen = false;
+  for (const auto& [stage_name, metric, value, unit] : recorded.metrics) {
+    if (metric == kMetricStageMeanOutputError) {
+      metric_seen = true;
+      EXPECT_DOUBLE_EQ(value, stage.mean_output_error());
+    }
+  }
+  EXPECT_TRUE(metric_seen);
+  EXPECT_EQ(rtn->report.stages(0).mean_output_error(), 0.0) << "RTN collects no statistics";
   // Less output error, less divergence on the text.
   EXPECT_LT(gptq->report.evaluation().mean_kl_divergence(),
             rtn->report.evaluation().mean_kl_divergence());

@@ -592,6 +592,9 @@ class JobRunner {
       events_.Metric(stage.label, kMetricStageBytesOut, static_cast<double>(stage.bytes_out),
                      "bytes");
       events_.Metric(stage.label, kMetricStageMeanRelativeError, MeanRelativeError(stage), "ratio");
+      if (std::optional<double> output_error = MeanOutputError(stage)) {
+        events_.Metric(stage.label, kMetricStageMeanOutputError, *output_error, "ratio");
+      }
     }
     result.report.set_seconds(Seconds(Clock::now() - start));
 
@@ -1040,6 +1043,18 @@ class JobRunner {
     return absl::OkStatus();
   }
 
+  static std::optional<double> MeanOutputError(const StagePlan& stage) {
+    double sum = 0;
+    int count = 0;
+    for (const v1::TensorReport& t : stage.tensor_reports) {
+      if (t.output_error() <= 0) continue;
+      sum += t.output_error();
+      ++count;
+    }
+    if (count == 0) return std::nullopt;
+    return sum / count;
+  }
+
   static double MeanRelativeError(const StagePlan& stage) {
     if (stage.tensor_reports.empty()) return 0.0;
     double sum = 0;
@@ -1081,6 +1096,7 @@ class JobRunner {
       s->set_bytes_in(stage.bytes_in);
       s->set_bytes_out(stage.bytes_out);
       s->set_mean_relative_error(MeanRelativeError(stage));
+      s->set_mean_output_error(MeanOutputError(stage).value_or(0.0));
       for (const v1::TensorReport& t : stage.tensor_reports) *s->add_tensors() = t;
     }
     if (evaluate_) {

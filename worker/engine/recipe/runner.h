@@ -22,6 +22,8 @@ inline constexpr char kMetricStageSeconds[] = "stage_seconds";                  
 inline constexpr char kMetricStageBytesIn[] = "stage_bytes_in";                         // "bytes"
 inline constexpr char kMetricStageBytesOut[] = "stage_bytes_out";                       // "bytes"
 inline constexpr char kMetricStageMeanRelativeError[] = "stage_mean_relative_error";  // "ratio"
+// With calibration: the mean relative output error on the calibration inputs.
+inline constexpr char kMetricStageMeanOutputError[] = "stage_mean_output_error";  // "ratio"
 
 struct RunOptions {
   std::string model_path;        // HF directory or a single .safetensors file
