@@ -666,6 +666,21 @@ TEST(LlamaModel, LazyBlocksChainedByHandEqualForward) {
   ASSERT_TRUE(logits.ok()) << logits.status();
   EXPECT_TRUE(logits->equal(expected));
 
+  // A block held in bfloat16 computes in the hidden states' float32: the
+  // same as its float32 copy, exactly.
+  {
+    const at::Tensor h = at::randn({2, 9, 64});
+    DecoderBlockWeights narrow = *lazy.LoadBlock(0);
+    DecoderBlockWeights wide = narrow;
+    for (auto& [name, tensor] : narrow.NamedTensors()) *tensor = tensor->to(at::kBFloat16);
+    for (auto& [name, tensor] : wide.NamedTensors()) *tensor = tensor->to(at::kBFloat16).to(at::kFloat);
+    absl::StatusOr<at::Tensor> from_narrow = DecoderBlockForward(config, narrow, h, *rope, nullptr, nullptr);
+    absl::StatusOr<at::Tensor> from_wide = DecoderBlockForward(config, wide, h, *rope, nullptr, nullptr);
+    ASSERT_TRUE(from_narrow.ok() && from_wide.ok()) << from_narrow.status();
+    EXPECT_EQ(from_narrow->scalar_type(), at::kFloat);
+    EXPECT_TRUE(from_narrow->equal(*from_wide));
+  }
+
   // Misuse is a status naming the tensor and both shapes, not an exception.
   absl::StatusOr<DecoderBlockWeights> block = lazy.LoadBlock(1);
   ASSERT_TRUE(block.ok()) << block.status();

@@ -431,6 +431,12 @@ absl::StatusOr<at::Tensor> Embed(const at::Tensor& embed_tokens, const at::Tenso
   });
 }
 
+namespace {
+bool IsComputeDtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
+}
+}  // namespace
+
 absl::StatusOr<at::Tensor> DecoderBlockForward(const LlamaConfig& config,
                                                const DecoderBlockWeights& w,
                                                const at::Tensor& hidden, const RotaryCache& rope,
@@ -438,11 +444,11 @@ absl::StatusOr<at::Tensor> DecoderBlockForward(const LlamaConfig& config,
   RETURN_IF_ERROR(ValidateBlockWeights(config, w));
   const at::Tensor& reference = w.q_proj.weight;
   if (!hidden.defined() || hidden.dim() != 3 || hidden.size(1) == 0 ||
-      hidden.size(2) != config.hidden_size || hidden.scalar_type() != reference.scalar_type() ||
+      hidden.size(2) != config.hidden_size || !IsComputeDtype(hidden.scalar_type()) ||
       hidden.device() != reference.device()) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "block ", w.layer, ": hidden states must be [batch, seq >= 1, ", config.hidden_size, "] ",
-        c10::toString(reference.scalar_type()), " on ", reference.device().str(), ", got ",
+        "block ", w.layer, ": hidden states must be [batch, seq >= 1, ", config.hidden_size,
+        "] float32, float16 or bfloat16 on ", reference.device().str(), ", got ",
         hidden.defined()
             ? absl::StrCat(ShapeString(hidden.sizes()), " ", c10::toString(hidden.scalar_type()),
                            " on ", hidden.device().str())
@@ -474,11 +480,16 @@ absl::StatusOr<at::Tensor> DecoderBlockForward(const LlamaConfig& config,
       const BlockLinear& l = kBlockLinears[index];
       if (hook != nullptr) RETURN_IF_ERROR(hook->OnLinearInput(w.layer, l.name, x));
       const LinearWeights& weights = w.*(l.member);
-      return at::linear(x, weights.weight, weights.bias);  // an undefined bias is none
+      // Weights stored in another dtype are converted for this use only.
+      const at::ScalarType dtype = x.scalar_type();
+      return at::linear(x, weights.weight.to(dtype),
+                        weights.bias.defined() ? weights.bias.to(dtype) : weights.bias);
     };
+    const at::ScalarType dtype = hidden.scalar_type();
 
     // Attention. [batch, seq, heads * d] -> [batch, heads, seq, d].
-    const at::Tensor normed = RmsNorm(hidden, w.input_layernorm, config.rms_norm_eps);
+    const at::Tensor normed =
+        RmsNorm(hidden, w.input_layernorm.to(dtype), config.rms_norm_eps);
     ASSIGN_OR_RETURN(at::Tensor q, linear(kQ, normed));
     ASSIGN_OR_RETURN(at::Tensor k, linear(kK, normed));
     ASSIGN_OR_RETURN(at::Tensor v, linear(kV, normed));
@@ -516,7 +527,7 @@ absl::StatusOr<at::Tensor> DecoderBlockForward(const LlamaConfig& config,
 
     // SwiGLU MLP.
     const at::Tensor mlp_in =
-        RmsNorm(after_attention, w.post_attention_layernorm, config.rms_norm_eps);
+        RmsNorm(after_attention, w.post_attention_layernorm.to(dtype), config.rms_norm_eps);
     ASSIGN_OR_RETURN(const at::Tensor gate, linear(kGate, mlp_in));
     ASSIGN_OR_RETURN(const at::Tensor up, linear(kUp, mlp_in));
     ASSIGN_OR_RETURN(const at::Tensor down, linear(kDown, at::silu(gate) * up));

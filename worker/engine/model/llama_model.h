@@ -232,7 +232,10 @@ class LinearHook {
 // lookup: on CUDA an out-of-range index would poison the context).
 absl::StatusOr<at::Tensor> Embed(const at::Tensor& embed_tokens, const at::Tensor& input_ids);
 
-// One decoder block: hidden [batch, seq, hidden] -> [batch, seq, hidden].
+// One decoder block: hidden [batch, seq, hidden] -> [batch, seq, hidden],
+// computed in the hidden states' dtype (float32, float16 or bfloat16). The
+// block's weights may be held in another dtype (the checkpoint's, to keep
+// one block small) and are converted as each is used.
 //   attention: x = h + o_proj(attn(rope(q_proj(n)), rope(k_proj(n)),
 //              v_proj(n))) with n = RmsNorm(h, input_layernorm), causal (and
 //              windowed where config.SlidingWindow(w.layer) > 0)

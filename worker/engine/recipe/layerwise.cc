@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "worker/engine/model/tensor_dtype.h"
 #include "worker/engine/util/torch_status.h"
 
 namespace compress::engine {
@@ -76,13 +77,18 @@ absl::Status RunLayerwise(const SafetensorsCheckpoint& checkpoint, const LlamaCo
                                            options.compute_dtype));
   }
 
+  at::ScalarType weights_dtype = options.compute_dtype;
+  if (options.weights_dtype) {
+    weights_dtype = *options.weights_dtype;
+  } else if (const CheckpointTensor* q = checkpoint.Find(BlockTensorName(0, "self_attn.q_proj.weight"))) {
+    weights_dtype = ToScalarType(q->info.dtype).value_or(options.compute_dtype);
+  }
   StatisticsCollector statistics(options.statistics_for, options.with_hessian,
                                  options.hessian_dtype);
   for (int64_t layer = 0; layer < end; ++layer) {
     if (options.is_cancelled && options.is_cancelled()) return absl::CancelledError("job cancelled");
     ASSIGN_OR_RETURN(DecoderBlockWeights block,
-                     LoadDecoderBlock(checkpoint, config, layer, options.device,
-                                      options.compute_dtype));
+                     LoadDecoderBlock(checkpoint, config, layer, options.device, weights_dtype));
     if (layer < options.first_layer) {
       // Only bringing the activations to the first block of the range.
       if (calibrating) {

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -33,8 +34,12 @@ enum class PropagationMode {
 
 struct LayerwiseOptions {
   at::Device device = at::kCPU;
-  // Blocks are loaded and run in this dtype (the statistics' precision).
+  // Blocks run in this dtype (the activations' and statistics' precision).
   at::ScalarType compute_dtype = at::kFloat;
+  // Blocks are held in this dtype; each weight is converted to compute_dtype
+  // as it is used. Unset: the dtype the checkpoint stores (a BF16 block then
+  // takes half the memory of its float32 copy).
+  std::optional<at::ScalarType> weights_dtype;
   // [samples, sequence] token ids; undefined: no calibration (statistics
   // are not collected and nothing is propagated).
   at::Tensor calibration_ids;
