@@ -21,9 +21,9 @@ rm -rf "$WORK" && mkdir -p "$WORK"
 bible -f Rev1:1-Rev22:21 | sed 's/^[^ ]* //' >"$WORK/revelation.txt"
 bible -f Matt1:1-John21:25 | sed 's/^[^ ]* //' >"$WORK/gospels.txt"
 
-run() {  # name method bits group
-  local name=$1 method=$2 bits=$3 group=$4 settings
-  settings="{\"bits\": $bits, \"group_size\": $group}"
+run() {  # name method bits group [extra settings]
+  local name=$1 method=$2 bits=$3 group=$4 extra=${5:-} settings
+  settings="{\"bits\": $bits, \"group_size\": $group$extra}"
   cat >"$WORK/$name.json" <<EOF
 {
   "name": "$name",
@@ -38,16 +38,15 @@ run() {  # name method bits group
 EOF
   local start end
   start=$(date +%s.%N)
-  "$WORKER" run --recipe "$WORK/$name.json" --out "$WORK/$name" >"$WORK/$name.report.json" \
-    2>"$WORK/$name.log"
+  "$WORKER" run --recipe "$WORK/$name.json" --out "$WORK/$name" >/dev/null 2>"$WORK/$name.log"
   end=$(date +%s.%N)
   jq -r --arg name "$name" --arg seconds "$(awk -v a="$start" -v b="$end" 'BEGIN { print b - a }')" '
     "| \($name) | \(.evaluation.after.perplexity * 1000 | round / 1000) | " +
     "\(.evaluation.mean_kl_divergence * 10000 | round / 10000) | " +
     "\(.evaluation.top1_agreement * 1000 | round / 10)% | " +
     "\(.bits_per_weight * 100 | round / 100) | " +
-    "\(.size_after_bytes / 1048576 * 100 | round / 100) MiB | \($seconds | tonumber | round) s |"' \
-    "$WORK/$name.report.json"
+    "\(.size_after_bytes | tonumber / 1048576 * 100 | round / 100) MiB | \($seconds | tonumber | round) s |"' \
+    "$WORK/$name/report.json"
 }
 
 echo "| method | perplexity | KL (nats) | top-1 agreement | bits/weight | size | time |"
@@ -56,12 +55,15 @@ ORIGINAL=$(stat -c %s "$MODEL/model.safetensors")
 first=1
 for setting in "w4-g128 4 128" "w4-channel 4 -1" "w3-g128 3 128" "w2-g64 2 64"; do
   set -- $setting
-  for method in rtn gptq; do
-    line=$(run "$method-$1" "$method" "$2" "$3")
+  for method in rtn gptq gptq-act; do
+    case $method in
+      gptq-act) line=$(run "$method-$1" gptq "$2" "$3" ', "act_order": true') ;;
+      *) line=$(run "$method-$1" "$method" "$2" "$3") ;;
+    esac
     if [ $first = 1 ]; then
       jq -r --arg size "$ORIGINAL" '
         "| original (BF16) | \(.evaluation.before.perplexity * 1000 | round / 1000) | 0 | 100% | 16 | " +
-        "\($size | tonumber / 1048576 * 100 | round / 100) MiB | |"' "$WORK/$method-$1.report.json"
+        "\($size | tonumber / 1048576 * 100 | round / 100) MiB | |"' "$WORK/$method-$1/report.json"
       first=0
     fi
     echo "$line"
