@@ -136,11 +136,13 @@ absl::Status StatisticsCollector::Collect(int64_t layer, absl::string_view linea
       absl::StrCat("calibration statistics of layer ", layer, " ", linear), [&]() -> absl::Status {
         const int64_t in = input.size(-1);
         const at::Tensor rows = input.reshape({-1, in});
+        // Reductions only: no float64 copy of the rows (a pass over
+        // down_proj's inputs is the largest tensor of the whole run).
         const at::Tensor rows32 = rows.to(at::kFloat);
-        const at::Tensor abs_max = std::get<0>(rows32.abs().max(0));
         const at::Tensor min = std::get<0>(rows32.min(0));
         const at::Tensor max = std::get<0>(rows32.max(0));
-        const at::Tensor sum_square = rows32.to(at::kDouble).square().sum(0);
+        const at::Tensor abs_max = at::maximum(min.abs(), max.abs());
+        const at::Tensor sum_square = at::sum(rows32.square(), {0}, false, at::kDouble);
         if (stats->tokens == 0) {
           stats->abs_max = abs_max;
           stats->min = min;
