@@ -528,9 +528,18 @@ absl::StatusOr<at::Tensor> DecoderBlockForward(const LlamaConfig& config,
     // SwiGLU MLP.
     const at::Tensor mlp_in =
         RmsNorm(after_attention, w.post_attention_layernorm.to(dtype), config.rms_norm_eps);
-    ASSIGN_OR_RETURN(const at::Tensor gate, linear(kGate, mlp_in));
-    ASSIGN_OR_RETURN(const at::Tensor up, linear(kUp, mlp_in));
-    ASSIGN_OR_RETURN(const at::Tensor down, linear(kDown, at::silu(gate) * up));
+    ASSIGN_OR_RETURN(at::Tensor gate, linear(kGate, mlp_in));
+    ASSIGN_OR_RETURN(at::Tensor up, linear(kUp, mlp_in));
+    at::Tensor product;
+    if (gate.requires_grad() || up.requires_grad()) {
+      product = at::silu(gate) * up;  // training: autograd needs both inputs as they were
+    } else {
+      // Inference: in place, so that the widest activations exist once.
+      product = at::silu_(gate).mul_(up);
+      up = at::Tensor();
+    }
+    gate = at::Tensor();
+    ASSIGN_OR_RETURN(const at::Tensor down, linear(kDown, product));
     return after_attention + down;
   });
 }
