@@ -775,6 +775,15 @@ class JobRunner {
     return absl::OkStatus();
   }
 
+  // The model folder's tokenizer.json; nullopt when there is none.
+  absl::StatusOr<std::optional<Tokenizer>> ModelTokenizer() const {
+    const fs::path path = fs::path(checkpoint_.folder()) / "tokenizer.json";
+    std::error_code ec;
+    if (!fs::is_regular_file(path, ec)) return std::optional<Tokenizer>();
+    ASSIGN_OR_RETURN(Tokenizer tokenizer, Tokenizer::FromFile(path.string()));
+    return std::optional<Tokenizer>(std::move(tokenizer));
+  }
+
   absl::StatusOr<at::Tensor> LoadCalibration() {
     const v1::CalibrationData& calibration = spec_.calibration();
     const std::string path =
@@ -783,12 +792,7 @@ class JobRunner {
       return absl::InvalidArgumentError(
           "calibration.path: required by the recipe's stages (a text or .tokens file)");
     }
-    std::optional<Tokenizer> tokenizer;
-    const fs::path tokenizer_path = fs::path(checkpoint_.folder()) / "tokenizer.json";
-    std::error_code ec;
-    if (fs::is_regular_file(tokenizer_path, ec)) {
-      ASSIGN_OR_RETURN(tokenizer, Tokenizer::FromFile(tokenizer_path.string()));
-    }
+    ASSIGN_OR_RETURN(const std::optional<Tokenizer> tokenizer, ModelTokenizer());
     CalibrationSampleOptions sample_options;
     sample_options.num_samples = calibration.num_samples() > 0 ? calibration.num_samples()
                                                                : kDefaultCalibrationSamples;
@@ -963,14 +967,13 @@ class JobRunner {
     const std::string& label = plan.label;
     const std::string text_path =
         options_.evaluation_path.empty() ? plan.spec.text_path() : options_.evaluation_path;
-    const fs::path tokenizer_path = fs::path(checkpoint_.folder()) / "tokenizer.json";
-    std::error_code ec;
-    if (!fs::is_regular_file(tokenizer_path, ec)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          label, ": the evaluate stage needs the model's tokenizer.json (", tokenizer_path.string(),
-          " is missing)"));
+    ASSIGN_OR_RETURN(const std::optional<Tokenizer> model_tokenizer, ModelTokenizer());
+    if (!model_tokenizer) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(label, ": the evaluate stage needs the model's tokenizer.json (",
+                       checkpoint_.folder(), "/tokenizer.json is missing)"));
     }
-    ASSIGN_OR_RETURN(const Tokenizer tokenizer, Tokenizer::FromFile(tokenizer_path.string()));
+    const Tokenizer& tokenizer = *model_tokenizer;
     ASSIGN_OR_RETURN(const std::string text, ReadFile(text_path));
     const std::vector<int32_t> tokens = tokenizer.Encode(text);
 
