@@ -33,6 +33,8 @@ constexpr int kMaxStages = 64;
 constexpr int kMinPriority = -1000;
 constexpr int kMaxPriority = 1000;
 constexpr int kMaxSleepMillisPerTensor = 60000;
+constexpr int kMaxAwqGridPoints = 1000;
+constexpr int kMaxHqqIterations = 10000;
 constexpr int kMaxContextLength = 1 << 17;
 constexpr int kMaxSampleTokens = 4096;
 constexpr int kMaxCalibrationSamples = 1 << 16;
@@ -248,28 +250,75 @@ class SpecChecker {
     }
   }
 
-  void CheckRtn(const std::string& field, const v1::RtnStage& rtn) {
-    CheckRange(field + ".bits", rtn.bits(), 2, 8);
-    if (rtn.group_size() < -1) {
+  // The grid every integer weight quantizer shares.
+  void CheckGrid(const std::string& field, int bits, int group_size) {
+    CheckRange(field + ".bits", bits, 2, 8);
+    if (group_size < -1) {
       Fail(field + ".group_size",
-           absl::StrCat(rtn.group_size(), " is invalid (want -1 or 0 for per-channel, or > 0)"));
+           absl::StrCat(group_size, " is invalid (want -1 or 0 for per-channel, or > 0)"));
     }
-    CheckPatterns(field + ".include", rtn.include());
-    CheckPatterns(field + ".exclude", rtn.exclude());
+  }
+
+  template <typename StageMessage>
+  void CheckTargets(const std::string& field, const StageMessage& stage) {
+    CheckPatterns(field + ".include", stage.include());
+    CheckPatterns(field + ".exclude", stage.exclude());
+  }
+
+  void CheckGptqSettings(const std::string& field, double dampening, int block_size) {
+    if (!(dampening >= 0 && dampening <= 10)) {
+      Fail(field + ".dampening", absl::StrCat(dampening, " is outside 0..10"));
+    }
+    CheckRange(field + ".block_size", block_size, 0, 1 << 16);
+  }
+
+  void NeedsCalibration(const std::string& field) {
+    if (calibration_path_empty_) Fail(field, "needs calibration data (calibration.path)");
+  }
+
+  void CheckRtn(const std::string& field, const v1::RtnStage& rtn) {
+    CheckGrid(field, rtn.bits(), rtn.group_size());
+    CheckTargets(field, rtn);
   }
 
   void CheckGptq(const std::string& field, const v1::GptqStage& gptq) {
-    CheckRange(field + ".bits", gptq.bits(), 2, 8);
-    if (gptq.group_size() < -1) {
-      Fail(field + ".group_size",
-           absl::StrCat(gptq.group_size(), " is invalid (want -1 or 0 for per-channel, or > 0)"));
+    CheckGrid(field, gptq.bits(), gptq.group_size());
+    CheckGptqSettings(field, gptq.dampening(), gptq.block_size());
+    CheckTargets(field, gptq);
+    NeedsCalibration(field);
+  }
+
+  void CheckAwq(const std::string& field, const v1::AwqStage& awq) {
+    CheckGrid(field, awq.bits(), awq.group_size());
+    CheckRange(field + ".grid_points", awq.grid_points(), 0, kMaxAwqGridPoints);
+    if (!v1::AwqQuantizer_IsValid(awq.quantizer())) {
+      Fail(field + ".quantizer", absl::StrCat(awq.quantizer(), " is not a quantizer (RTN, GPTQ)"));
     }
-    if (!(gptq.dampening() >= 0 && gptq.dampening() <= 10)) {
-      Fail(field + ".dampening", absl::StrCat(gptq.dampening(), " is outside 0..10"));
+    CheckGptqSettings(field, awq.dampening(), awq.block_size());
+    CheckTargets(field, awq);
+    NeedsCalibration(field);
+    if (++awq_stages_ == 2) Fail(field, "a recipe has at most one awq stage");
+  }
+
+  void CheckHqq(const std::string& field, const v1::HqqStage& hqq) {
+    CheckGrid(field, hqq.bits(), hqq.group_size());
+    CheckRange(field + ".iterations", hqq.iterations(), 0, kMaxHqqIterations);
+    if (!(hqq.lp_norm() >= 0 && hqq.lp_norm() < 1)) {
+      Fail(field + ".lp_norm", absl::StrCat(hqq.lp_norm(), " is outside [0, 1) (0: 0.7)"));
     }
-    CheckRange(field + ".block_size", gptq.block_size(), 0, 1 << 16);
-    CheckPatterns(field + ".include", gptq.include());
-    CheckPatterns(field + ".exclude", gptq.exclude());
+    CheckTargets(field, hqq);
+  }
+
+  void CheckBnb4Bit(const std::string& field, const v1::Bnb4BitStage& bnb) {
+    if (!v1::Bnb4BitType_IsValid(bnb.type())) {
+      Fail(field + ".type", absl::StrCat(bnb.type(), " is not a 4-bit type (NF4, FP4)"));
+    }
+    const int block = bnb.block_size();
+    if (block != 0 && (block < 64 || block > 4096 || (block & (block - 1)) != 0)) {
+      Fail(field + ".block_size",
+           absl::StrCat(block, " is invalid (want a power of two in 64..4096, or 0 for 64)"));
+    }
+    CheckTargets(field, bnb);
   }
 
   void CheckEvaluate(const std::string& field, const v1::EvaluateStage& evaluate) {
@@ -287,12 +336,10 @@ class SpecChecker {
     const std::string field = absl::StrCat("stages[", index, "]");
     switch (stage.method_case()) {
       case v1::Stage::kRtn: CheckRtn(field + ".rtn", stage.rtn()); break;
-      case v1::Stage::kGptq:
-        CheckGptq(field + ".gptq", stage.gptq());
-        if (calibration_path_empty_) {
-          Fail(field + ".gptq", "needs calibration data (calibration.path)");
-        }
-        break;
+      case v1::Stage::kGptq: CheckGptq(field + ".gptq", stage.gptq()); break;
+      case v1::Stage::kAwq: CheckAwq(field + ".awq", stage.awq()); break;
+      case v1::Stage::kHqq: CheckHqq(field + ".hqq", stage.hqq()); break;
+      case v1::Stage::kBnb4Bit: CheckBnb4Bit(field + ".bnb_4bit", stage.bnb_4bit()); break;
       case v1::Stage::kEvaluate:
         CheckEvaluate(field + ".evaluate", stage.evaluate());
         if (++evaluate_stages_ == 2) Fail(field, "a recipe has at most one evaluate stage");
@@ -301,7 +348,7 @@ class SpecChecker {
         CheckRange(field + ".sleep.millis_per_tensor", stage.sleep().millis_per_tensor(), 0,
                    kMaxSleepMillisPerTensor);
         break;
-      case v1::Stage::METHOD_NOT_SET: Fail(field, "no method set (one of: rtn, gptq, evaluate, sleep)"); break;
+      case v1::Stage::METHOD_NOT_SET: Fail(field, "no method set (one of: rtn, gptq, awq, hqq, bnb_4bit, evaluate, sleep)"); break;
     }
   }
 
@@ -351,6 +398,7 @@ class SpecChecker {
  private:
   std::vector<std::string> problems_;
   int evaluate_stages_ = 0;
+  int awq_stages_ = 0;
   bool calibration_path_empty_ = true;
 };
 

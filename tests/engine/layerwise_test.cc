@@ -137,6 +137,7 @@ TEST(StatisticsCollector, AccumulatesXtXNormsAndRangesAndSharesRepeatedInputs) {
     EXPECT_TRUE(at::allclose(s->hessian, attention_rows.t().mm(attention_rows), 1e-10, 1e-10));
     // float32 squares summed in float64.
     EXPECT_TRUE(at::allclose(s->sum_square, attention_rows.square().sum(0), 1e-6, 1e-9));
+    EXPECT_TRUE(at::allclose(s->sum_abs, attention_rows.abs().sum(0), 1e-6, 1e-9));
     EXPECT_TRUE(s->abs_max.equal(std::get<0>(attention_rows.abs().max(0)).to(at::kFloat)));
     EXPECT_TRUE(s->min.equal(std::get<0>(attention_rows.min(0)).to(at::kFloat)));
     EXPECT_TRUE(s->max.equal(std::get<0>(attention_rows.max(0)).to(at::kFloat)));

@@ -35,7 +35,7 @@ TEST(Packing, FormatTableHasOneRowPerBitWidth) {
     EXPECT_EQ(format->bits, bits);
     EXPECT_EQ(format->block_codes, 32);
     EXPECT_EQ(format->block_bytes, 4 * bits) << "32 codes fill exactly `bits` words";
-    const bool gptq = bits == 2 || bits == 4 || bits == 8;
+    const bool gptq = bits == 2 || bits == 3 || bits == 4 || bits == 8;
     EXPECT_STREQ(format->quant_method, gptq ? "gptq" : "compress_rtn");
     EXPECT_EQ(format->zero_offset, gptq ? 1 : 0);
   }
@@ -138,12 +138,18 @@ TEST(Packing, GptqZeroPointsAreStoredMinusOne) {
   ASSERT_TRUE(packed.ok());
   EXPECT_EQ(Word(packed->qzeros, 0, 0), 0x77777777u);
   EXPECT_EQ(Word(packed->qzeros, 1, 1), 0x77777777u);
-  // 3-bit (bit stream, offset 0): zero 4 stored as is.
+  // 3-bit (GPTQ v1 too, codes straddling words): zero 4 stored as 3.
   q = QuantizeRtn(at::randn({32, 64}), {3, true, 0}, "l");
   packed = PackLinear(*q, "l");
   ASSERT_TRUE(packed.ok());
   EXPECT_TRUE(
-      UnpackBitStreamReference(packed->qzeros.t().contiguous(), 3, 32).eq(4).all().item<bool>());
+      UnpackBitStreamReference(packed->qzeros.t().contiguous(), 3, 32).eq(3).all().item<bool>());
+  // 5-bit (bit stream, offset 0): zero 16 stored as is.
+  q = QuantizeRtn(at::randn({32, 64}), {5, true, 0}, "l");
+  packed = PackLinear(*q, "l");
+  ASSERT_TRUE(packed.ok());
+  EXPECT_TRUE(
+      UnpackBitStreamReference(packed->qzeros.t().contiguous(), 5, 32).eq(16).all().item<bool>());
   // An asymmetric zero of 0 survives the v1 offset (stored as 2^b - 1).
   q = QuantizeRtn(at::rand({8, 32}) + 0.1, {4, false, 0}, "positive");
   ASSERT_TRUE(q.ok());

@@ -316,7 +316,7 @@ TEST_F(RunJobTest, ShardedInputIsMirroredInBothOutputs) {
     }
   }
   nlohmann::json config = nlohmann::json::parse(ReadBytes(out_dir_ + "/packed/config.json"));
-  EXPECT_EQ(config["quantization_config"]["quant_method"], "compress_rtn");
+  EXPECT_EQ(config["quantization_config"]["quant_method"], "gptq");
   EXPECT_EQ(config["quantization_config"]["bits"], 3);
   EXPECT_EQ(config["quantization_config"]["group_size"], -1);
   EXPECT_EQ(config["quantization_config"]["sym"], true);
@@ -464,9 +464,12 @@ TEST_F(RunJobTest, BadRequestsAndModelsAreRejectedWithTheRightCode) {
   }
   ExpectInvalidArgument(Run(v1::JobSpec()).status(), {"no stages"});
   ExpectInvalidArgument(Run(RtnSpec(9, false, 0)).status(), {"bits 9"});
+  // Packed 4-bit (GPTQ's loaders) and 5-bit (the bit stream) cannot share a checkpoint.
   v1::JobSpec mixed = RtnSpec(4, false, 0, {v1::PACKED_SAFETENSORS});
-  *mixed.add_stages() = RtnSpec(8, false, 0).stages(0);
-  ExpectInvalidArgument(Run(mixed).status(), {"one RTN configuration"});
+  mixed.mutable_stages(0)->mutable_rtn()->add_exclude("down_proj");
+  *mixed.add_stages() = RtnSpec(5, false, 0).stages(0);
+  mixed.mutable_stages(1)->mutable_rtn()->add_include("down_proj");
+  ExpectInvalidArgument(Run(mixed).status(), {"different loaders", "4-bit", "5-bit"});
   EXPECT_TRUE(Run(RtnSpec(4, false, 0), {}, dir_ / "missing").status().code() ==
               absl::StatusCode::kNotFound);
 

@@ -7,7 +7,8 @@
 // row k / 32 of column j. The tail of the last word is zero.
 //
 // For b = 2, 4, 8 this is exactly GPTQ's qweight layout (32/b codes per
-// word, low bits first); for b = 3 it also matches GPTQ's 3-bit packing.
+// word, low bits first); for b = 3 it is GPTQ's 3-bit packing too (32 codes
+// in three words, the codes that straddle a word split low bits first).
 // The tensors written per quantized linear layer `<prefix>.weight`:
 //
 //   <prefix>.qweight  int32   [ceil(in*b/32), out]   codes, stream along in
@@ -64,7 +65,7 @@ struct PackedFormat {
 
 inline constexpr PackedFormat kPackedFormats[] = {
     {"gptq_int2", 2, 32, sizeof(BitStreamBlock<2>), "gptq", 1},
-    {"bitstream_int3", 3, 32, sizeof(BitStreamBlock<3>), "compress_rtn", 0},
+    {"gptq_int3", 3, 32, sizeof(BitStreamBlock<3>), "gptq", 1},
     {"gptq_int4", 4, 32, sizeof(BitStreamBlock<4>), "gptq", 1},
     {"bitstream_int5", 5, 32, sizeof(BitStreamBlock<5>), "compress_rtn", 0},
     {"bitstream_int6", 6, 32, sizeof(BitStreamBlock<6>), "compress_rtn", 0},

@@ -143,7 +143,9 @@ absl::Status StatisticsCollector::Collect(int64_t layer, absl::string_view linea
         const at::Tensor max = std::get<0>(rows32.max(0));
         const at::Tensor abs_max = at::maximum(min.abs(), max.abs());
         const at::Tensor sum_square = at::sum(rows32.square(), {0}, false, at::kDouble);
+        const at::Tensor sum_abs = at::sum(rows32.abs(), {0}, false, at::kDouble);
         if (stats->tokens == 0) {
+          stats->sum_abs = sum_abs;
           stats->abs_max = abs_max;
           stats->min = min;
           stats->max = max;
@@ -154,6 +156,7 @@ absl::Status StatisticsCollector::Collect(int64_t layer, absl::string_view linea
           stats->min = at::minimum(stats->min, min);
           stats->max = at::maximum(stats->max, max);
           stats->sum_square.add_(sum_square);
+          stats->sum_abs.add_(sum_abs);
         }
         if (with_hessian_) {
           const at::Tensor x = rows.to(hessian_dtype_);

@@ -49,6 +49,7 @@ absl::StatusOr<at::Tensor> LoadCalibrationSamples(const std::string& path,
 struct LinearInputStatistics {
   at::Tensor hessian;     // [in, in] sum of x^T x, in the collector's dtype; undefined if not asked
   at::Tensor sum_square;  // [in] float64: sum of x_j^2 (float32 squares summed in float64)
+  at::Tensor sum_abs;     // [in] float64: sum of |x_j| (AWQ's activation magnitudes)
   at::Tensor abs_max;     // [in] float32: max |x_j|
   at::Tensor min;         // [in] float32: activation range per input channel
   at::Tensor max;

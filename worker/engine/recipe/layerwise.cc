@@ -85,6 +85,8 @@ absl::Status RunLayerwise(const SafetensorsCheckpoint& checkpoint, const LlamaCo
   }
   StatisticsCollector statistics(options.statistics_for, options.with_hessian,
                                  options.hessian_dtype);
+  StatisticsCollector prepare_statistics(options.prepare_statistics_for, /*with_hessian=*/true,
+                                         options.hessian_dtype);
   for (int64_t layer = 0; layer < end; ++layer) {
     if (options.is_cancelled && options.is_cancelled()) return absl::CancelledError("job cancelled");
     ASSIGN_OR_RETURN(DecoderBlockWeights block,
@@ -96,40 +98,52 @@ absl::Status RunLayerwise(const SafetensorsCheckpoint& checkpoint, const LlamaCo
       }
       continue;
     }
+    // Parallel: the original block's outputs, from the block's first pass,
+    // kept apart until the block is done when later passes still need the
+    // block's inputs (else written over them).
+    const bool parallel = calibrating && options.propagation == PropagationMode::kParallel;
+    const bool single_pass = !callbacks.prepare && !options.sequential_linears;
+    at::Tensor original_outputs;
+    bool first_pass = true;
+    // A pass that only measures stops after `last`, the last linear it needs.
+    auto statistics_pass = [&](StatisticsCollector& collector, const std::string& last) {
+      const bool keep_outputs = parallel && first_pass;
+      first_pass = false;
+      at::Tensor* outputs = nullptr;
+      if (keep_outputs && single_pass) {
+        outputs = &hidden;
+      } else if (keep_outputs) {
+        absl::Status allocated = CatchTorchErrors("calibration activations", [&]() -> absl::Status {
+          original_outputs = at::empty_like(hidden);
+          return absl::OkStatus();
+        });
+        if (!allocated.ok()) return allocated;
+        outputs = &original_outputs;
+      } else {
+        collector.StopAfter(last);
+      }
+      return RunBlock(config, block, hidden, rope, options, &collector, outputs);
+    };
+    if (calibrating && callbacks.prepare) {
+      prepare_statistics.Clear();
+      RETURN_IF_ERROR(statistics_pass(prepare_statistics, kBlockLinears.back().name));
+      RETURN_IF_ERROR(callbacks.prepare(block, prepare_statistics));
+      prepare_statistics.Clear();
+    }
     if (!calibrating || !options.sequential_linears) {
       std::vector<std::string> all;
       for (const BlockLinear& linear : kBlockLinears) all.push_back(linear.name);
       statistics.Clear();
-      if (calibrating) {
-        // Parallel: one pass gives the statistics and the original block's
-        // outputs. Sequential: statistics only; the outputs come from the
-        // changed block below.
-        RETURN_IF_ERROR(RunBlock(config, block, hidden, rope, options, &statistics,
-                                 options.propagation == PropagationMode::kParallel ? &hidden
-                                                                                   : nullptr));
-      }
+      if (calibrating) RETURN_IF_ERROR(statistics_pass(statistics, all.back()));
       RETURN_IF_ERROR(callbacks.transform(block, statistics, all));
     } else {
-      // Parallel: the original block's outputs, kept apart until the block
-      // is done (each step's statistics need the block's inputs).
-      at::Tensor original_outputs;
-      if (options.propagation == PropagationMode::kParallel) {
-        RETURN_IF_ERROR(CatchTorchErrors("calibration activations", [&]() -> absl::Status {
-          original_outputs = at::empty_like(hidden);
-          return absl::OkStatus();
-        }));
-      }
       for (const std::vector<std::string>& step : SequentialLinearSteps()) {
         statistics.Clear();
-        const bool first = &step == &SequentialLinearSteps().front();
-        // A pass that only measures stops after the step's last linear.
-        if (!(first && original_outputs.defined())) statistics.StopAfter(step.back());
-        RETURN_IF_ERROR(RunBlock(config, block, hidden, rope, options, &statistics,
-                                 first && original_outputs.defined() ? &original_outputs : nullptr));
+        RETURN_IF_ERROR(statistics_pass(statistics, step.back()));
         RETURN_IF_ERROR(callbacks.transform(block, statistics, step));
       }
-      if (original_outputs.defined()) hidden = original_outputs;
     }
+    if (original_outputs.defined()) hidden = original_outputs;
     RETURN_IF_ERROR(ValidateBlockWeights(config, block));
     statistics.Clear();  // the Hessians can be large: gone before propagating
     if (calibrating && options.propagation == PropagationMode::kSequential) {

@@ -47,6 +47,10 @@ struct LayerwiseOptions {
   // Linears (names inside a block, kBlockLinears) whose input statistics are
   // collected; with_hessian adds X^T X in hessian_dtype.
   std::set<std::string> statistics_for;
+  // With calibration and LayerwiseCallbacks::prepare: the linears whose
+  // input statistics (with X^T X) prepare receives, from one pass over the
+  // block as loaded, before any step.
+  std::set<std::string> prepare_statistics_for;
   bool with_hessian = true;
   at::ScalarType hessian_dtype = at::kFloat;
   // With calibration: the linears are changed in four steps (q/k/v_proj,
@@ -79,6 +83,12 @@ inline const std::vector<std::vector<std::string>>& SequentialLinearSteps() {
 }
 
 struct LayerwiseCallbacks {
+  // Optional, with calibration: changes the block before its steps (for
+  // example rescaling it without changing its function), given the input
+  // statistics of prepare_statistics_for on the block as loaded. The steps'
+  // statistics are then taken on the prepared block.
+  std::function<absl::Status(DecoderBlockWeights& block, const BlockStatistics& statistics)>
+      prepare;
   // Changes the weights of `linears` (names inside the block) in place
   // (replace or edit the tensors; keep shapes, dtype and device), using the
   // statistics of their inputs. Called once per step and block; without

@@ -21,6 +21,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
+#include "re2/re2.h"
 #include "common/files.h"
 #include "common/recipe.h"
 #include "common/sha256.h"
@@ -31,10 +32,13 @@
 #include "worker/engine/model/safetensors_reader.h"
 #include "worker/engine/model/safetensors_writer.h"
 #include "worker/engine/model/tensor_dtype.h"
+#include "worker/engine/quant/awq.h"
 #include "worker/engine/quant/gptq.h"
+#include "worker/engine/quant/hqq.h"
 #include "worker/engine/quant/packing.h"
 #include "worker/engine/quant/quantized_tensor.h"
 #include "worker/engine/quant/rtn.h"
+#include "worker/engine/recipe/awq_scaling.h"
 #include "worker/engine/recipe/calibration.h"
 #include "worker/engine/recipe/device.h"
 #include "worker/engine/recipe/layerwise.h"
@@ -100,13 +104,17 @@ absl::Status CancelledStatus() { return absl::CancelledError("job cancelled"); }
 
 // ------------------------------------------------------------------ plan
 
-enum class Method { kRtn, kGptq, kSleep };
+enum class Method { kRtn, kGptq, kAwq, kHqq, kSleep };
 
 struct StagePlan {
   std::string label;  // shown in progress, metrics and the report
   Method method = Method::kRtn;
-  RtnOptions rtn;    // RTN's options; GPTQ's grid
-  GptqOptions gptq;  // GPTQ's other settings
+  RtnOptions rtn;    // the grid of every integer quantizer (RTN, GPTQ, AWQ, HQQ)
+  GptqOptions gptq;  // GPTQ's other settings; AWQ's when it quantizes with GPTQ
+  AwqOptions awq;
+  bool awq_clip = false;
+  bool awq_with_gptq = false;
+  HqqOptions hqq;
   int sleep_millis = 0;
   std::set<std::string> targets;
 
@@ -121,13 +129,17 @@ const char* MethodName(Method m) {
   switch (m) {
     case Method::kRtn: return "rtn";
     case Method::kGptq: return "gptq";
+    case Method::kAwq: return "awq";
+    case Method::kHqq: return "hqq";
     case Method::kSleep: return "sleep";
   }
   return "?";
 }
 
-// Methods whose result is a QuantizedTensor on an RTN grid (packable).
-bool Quantizes(Method m) { return m == Method::kRtn || m == Method::kGptq; }
+// Methods whose result is a QuantizedTensor (packed in the GPTQ layout).
+bool Quantizes(Method m) {
+  return m == Method::kRtn || m == Method::kGptq || m == Method::kAwq || m == Method::kHqq;
+}
 
 int64_t NormalizedGroupSize(const RtnOptions& o) { return o.group_size > 0 ? o.group_size : -1; }
 
@@ -136,6 +148,29 @@ struct EvaluatePlan {
   std::string label;
   v1::EvaluateStage spec;
 };
+
+// The fields every integer quantizer's stage message shares.
+template <typename StageMessage>
+void SetGrid(const StageMessage& stage, RtnOptions* grid) {
+  grid->bits = stage.bits();
+  grid->symmetric = stage.symmetric();
+  grid->group_size = stage.group_size();
+}
+
+template <typename StageMessage>
+void SetTargets(const StageMessage& stage, std::vector<std::string>* include,
+                std::vector<std::string>* exclude) {
+  include->assign(stage.include().begin(), stage.include().end());
+  exclude->assign(stage.exclude().begin(), stage.exclude().end());
+}
+
+void SetGptqSettings(double dampening, int block_size, bool act_order, const RtnOptions& grid,
+                     GptqOptions* gptq) {
+  gptq->grid = grid;
+  if (dampening > 0) gptq->dampening = dampening;
+  if (block_size > 0) gptq->block_size = block_size;
+  gptq->act_order = act_order;
+}
 
 absl::StatusOr<std::vector<StagePlan>> PlanStages(const v1::JobSpec& spec,
                                                   const SafetensorsCheckpoint& checkpoint,
@@ -165,25 +200,46 @@ absl::StatusOr<std::vector<StagePlan>> PlanStages(const v1::JobSpec& spec,
     switch (stage.method_case()) {
       case v1::Stage::kRtn:
         plan.method = Method::kRtn;
-        plan.rtn.bits = stage.rtn().bits();
-        plan.rtn.symmetric = stage.rtn().symmetric();
-        plan.rtn.group_size = stage.rtn().group_size();
-        include.assign(stage.rtn().include().begin(), stage.rtn().include().end());
-        exclude.assign(stage.rtn().exclude().begin(), stage.rtn().exclude().end());
+        SetGrid(stage.rtn(), &plan.rtn);
+        SetTargets(stage.rtn(), &include, &exclude);
         break;
       case v1::Stage::kGptq: {
         const v1::GptqStage& gptq = stage.gptq();
         plan.method = Method::kGptq;
-        plan.rtn.bits = gptq.bits();
-        plan.rtn.symmetric = gptq.symmetric();
-        plan.rtn.group_size = gptq.group_size();
-        plan.gptq.grid = plan.rtn;
-        if (gptq.dampening() > 0) plan.gptq.dampening = gptq.dampening();
-        if (gptq.block_size() > 0) plan.gptq.block_size = gptq.block_size();
-        plan.gptq.act_order = gptq.act_order();
-        include.assign(gptq.include().begin(), gptq.include().end());
-        exclude.assign(gptq.exclude().begin(), gptq.exclude().end());
+        SetGrid(gptq, &plan.rtn);
+        SetGptqSettings(gptq.dampening(), gptq.block_size(), gptq.act_order(), plan.rtn, &plan.gptq);
+        SetTargets(gptq, &include, &exclude);
         if (absl::Status valid = ValidateGptqOptions(plan.gptq); !valid.ok()) {
+          return absl::InvalidArgumentError(absl::StrCat("stages[", i, "]: ", valid.message()));
+        }
+        break;
+      }
+      case v1::Stage::kAwq: {
+        const v1::AwqStage& awq = stage.awq();
+        plan.method = Method::kAwq;
+        SetGrid(awq, &plan.rtn);
+        plan.awq.grid = plan.rtn;
+        if (awq.grid_points() > 0) plan.awq.grid_points = awq.grid_points();
+        plan.awq_clip = awq.clip();
+        plan.awq_with_gptq = awq.quantizer() == v1::AWQ_QUANTIZER_GPTQ;
+        SetGptqSettings(awq.dampening(), awq.block_size(), awq.act_order(), plan.rtn, &plan.gptq);
+        SetTargets(awq, &include, &exclude);
+        absl::Status valid = ValidateAwqOptions(plan.awq);
+        if (valid.ok()) valid = ValidateGptqOptions(plan.gptq);
+        if (!valid.ok()) {
+          return absl::InvalidArgumentError(absl::StrCat("stages[", i, "]: ", valid.message()));
+        }
+        break;
+      }
+      case v1::Stage::kHqq: {
+        const v1::HqqStage& hqq = stage.hqq();
+        plan.method = Method::kHqq;
+        SetGrid(hqq, &plan.rtn);
+        plan.hqq.grid = plan.rtn;
+        if (hqq.iterations() > 0) plan.hqq.iterations = hqq.iterations();
+        if (hqq.lp_norm() > 0) plan.hqq.lp_norm = hqq.lp_norm();
+        SetTargets(hqq, &include, &exclude);
+        if (absl::Status valid = ValidateHqqOptions(plan.hqq); !valid.ok()) {
           return absl::InvalidArgumentError(absl::StrCat("stages[", i, "]: ", valid.message()));
         }
         break;
@@ -265,39 +321,27 @@ std::string PackedPrefix(const std::string& name) {
 
 absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const SafetensorsCheckpoint& checkpoint,
                                                     const std::vector<StagePlan>& stages,
-                                                    const Outputs& outputs,
-                                                    const RtnOptions** packed_options) {
+                                                    const Outputs& outputs) {
   std::vector<TensorPlan> plans(checkpoint.tensors().size());
-  std::set<std::tuple<int, bool, int64_t>> rtn_configs;
-  *packed_options = nullptr;
+  bool any_packed = false;
   for (size_t i = 0; i < plans.size(); ++i) {
     const CheckpointTensor& t = checkpoint.tensors()[i];
     for (size_t s = 0; s < stages.size(); ++s) {
       if (stages[s].targets.count(t.info.name) == 0) continue;
       plans[i].stages.push_back(static_cast<int>(s));
-      if (Quantizes(stages[s].method)) {
-        plans[i].packing_stage = static_cast<int>(s);
-        const RtnOptions& o = stages[s].rtn;
-        rtn_configs.emplace(o.bits, o.symmetric, NormalizedGroupSize(o));
-        *packed_options = &o;
-      }
+      if (Quantizes(stages[s].method)) plans[i].packing_stage = static_cast<int>(s);
     }
     if (plans[i].packing_stage >= 0) {
+      any_packed = true;
       plans[i].packed_prefix = PackedPrefix(t.info.name);
       plans[i].group_size =
           *RtnGroupSize(stages[plans[i].packing_stage].rtn, t.info.shape, t.info.name);
     }
   }
   if (!outputs.packed) return plans;
-
-  // A packed checkpoint has one quantization_config.
-  if (rtn_configs.empty()) {
-    return absl::InvalidArgumentError("PACKED_SAFETENSORS output needs an rtn stage");
-  }
-  if (rtn_configs.size() > 1) {
+  if (!any_packed) {
     return absl::InvalidArgumentError(
-        "PACKED_SAFETENSORS output needs one RTN configuration (bits, symmetric, group_size) "
-        "for all quantized tensors; the rtn stages differ");
+        "PACKED_SAFETENSORS output needs a quantizing stage (rtn, gptq, awq, hqq)");
   }
   // Packed names must not collide with each other or with kept tensors.
   std::set<std::string> names;
@@ -372,15 +416,68 @@ absl::Status WriteSmallFile(const std::string& staging, OutputTree& tree,
   return absl::OkStatus();
 }
 
-nlohmann::ordered_json QuantizationConfig(const RtnOptions& o) {
-  const PackedFormat& format = *FindPackedFormat(o.bits);
-  nlohmann::ordered_json config = {
-      {"quant_method", format.quant_method},
-      {"bits", o.bits},
-      {"group_size", NormalizedGroupSize(o)},
-      {"desc_act", false},
-      {"sym", o.symmetric},
-  };
+// One grid's settings as GPTQ's quantization_config spells them.
+nlohmann::ordered_json GridConfig(const RtnOptions& o) {
+  return {{"bits", o.bits}, {"group_size", NormalizedGroupSize(o)}, {"sym", o.symmetric}};
+}
+
+// The module a linear's weight belongs to ("model.layers.0.mlp.up_proj").
+std::string ModuleRegex(const std::string& module) {
+  return absl::StrCat("^", RE2::QuoteMeta(module), "$");
+}
+
+// The packed checkpoint's quantization_config: the grid most tensors use,
+// and for the rest GPTQModel's "dynamic" per-module overrides (also read by
+// vLLM): "+:<regex>" with the module's own bits/group_size/sym, and
+// "-:<regex>" for a decoder-block linear left unquantized. The bit widths
+// must share one packing (GPTQ's 2/3/4/8, or the 5/6/7-bit bit stream).
+absl::StatusOr<nlohmann::ordered_json> PackedQuantizationConfig(
+    const SafetensorsCheckpoint& checkpoint, const std::vector<StagePlan>& stages,
+    const std::vector<TensorPlan>& plans) {
+  using Grid = std::tuple<int, bool, int64_t>;
+  std::map<Grid, int> uses;
+  std::map<Grid, const RtnOptions*> options;
+  for (const TensorPlan& plan : plans) {
+    if (plan.packing_stage < 0) continue;
+    const RtnOptions& o = stages[plan.packing_stage].rtn;
+    const Grid grid{o.bits, o.symmetric, NormalizedGroupSize(o)};
+    ++uses[grid];
+    options[grid] = &o;
+  }
+  const Grid base = std::max_element(uses.begin(), uses.end(), [](const auto& a, const auto& b) {
+                      return a.second < b.second;
+                    })->first;
+  const PackedFormat& format = *FindPackedFormat(std::get<0>(base));
+  for (const auto& [grid, count] : uses) {
+    const PackedFormat& other = *FindPackedFormat(std::get<0>(grid));
+    if (absl::string_view(other.quant_method) != format.quant_method) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "PACKED_SAFETENSORS output: ", format.bits, "-bit (", format.name, ") and ", other.bits,
+          "-bit (", other.name, ") tensors need different loaders; use bit widths of one "
+          "packing (2, 3, 4, 8 or 5, 6, 7) or DEQUANTIZED_SAFETENSORS only"));
+    }
+  }
+  const RE2 block_linear(kDefaultLinearWeightPattern);
+  nlohmann::ordered_json dynamic = nlohmann::ordered_json::object();
+  bool lm_head = false;
+  for (size_t i = 0; i < plans.size(); ++i) {
+    const SafetensorsTensorInfo& info = checkpoint.tensors()[i].info;
+    const std::string module = PackedPrefix(info.name);
+    if (plans[i].packing_stage < 0) {
+      if (IsQuantizableWeight(info) && RE2::PartialMatch(info.name, block_linear)) {
+        dynamic[absl::StrCat("-:", ModuleRegex(module))] = nlohmann::ordered_json::object();
+      }
+      continue;
+    }
+    if (module == "lm_head") lm_head = true;
+    const RtnOptions& o = stages[plans[i].packing_stage].rtn;
+    if (Grid{o.bits, o.symmetric, NormalizedGroupSize(o)} != base) {
+      dynamic[absl::StrCat("+:", ModuleRegex(module))] = GridConfig(o);
+    }
+  }
+  nlohmann::ordered_json config = {{"quant_method", format.quant_method}};
+  config.update(GridConfig(*options[base]));
+  config["desc_act"] = false;
   if (format.zero_offset == 1) {
     config["checkpoint_format"] = "gptq";  // v1: qzeros hold zero - 1
   } else {
@@ -388,19 +485,22 @@ nlohmann::ordered_json QuantizationConfig(const RtnOptions& o) {
     config["zero_offset"] = format.zero_offset;
   }
   config["format"] = format.name;
+  if (lm_head) config["lm_head"] = true;
+  if (!dynamic.empty()) config["dynamic"] = std::move(dynamic);
   return config;
 }
 
 // config.json (the packed one with quantization_config) and the companion
 // files, copied from the model folder when present.
 absl::Status WriteCompanionFiles(const std::string& model_folder, const std::string& staging,
-                                 OutputTree& tree, const RtnOptions* packed_options) {
+                                 OutputTree& tree,
+                                 const nlohmann::ordered_json* quantization_config) {
   const fs::path folder(model_folder);
   std::error_code ec;
   const fs::path config_path = folder / "config.json";
   if (fs::is_regular_file(config_path, ec)) {
     ASSIGN_OR_RETURN(std::string text, ReadFile(config_path.string(), int64_t{64} << 20));
-    if (packed_options != nullptr) {
+    if (quantization_config != nullptr) {
       nlohmann::ordered_json config;
       try {
         config = nlohmann::ordered_json::parse(text);
@@ -412,14 +512,15 @@ absl::Status WriteCompanionFiles(const std::string& model_folder, const std::str
         return absl::InvalidArgumentError(
             absl::StrCat(config_path.string(), ": not a JSON object"));
       }
-      config["quantization_config"] = QuantizationConfig(*packed_options);
+      config["quantization_config"] = *quantization_config;
       text = config.dump(2, ' ', false, nlohmann::ordered_json::error_handler_t::replace) + "\n";
     }
     RETURN_IF_ERROR(WriteSmallFile(staging, tree, "config.json", text));
   }
-  if (packed_options != nullptr) {
+  if (quantization_config != nullptr &&
+      (*quantization_config)["quant_method"].get<std::string>() != "bitsandbytes") {
     // AutoGPTQ reads its settings from quantize_config.json.
-    nlohmann::ordered_json quantize_config = QuantizationConfig(*packed_options);
+    nlohmann::ordered_json quantize_config = *quantization_config;
     quantize_config.erase("quant_method");
     RETURN_IF_ERROR(
         WriteSmallFile(staging, tree, "quantize_config.json", quantize_config.dump(2) + "\n"));
@@ -500,7 +601,7 @@ std::string BlockLinearOf(absl::string_view name) {
 }
 
 // Whether a method needs per-linear input statistics from calibration.
-bool NeedsCalibration(Method m) { return m == Method::kGptq; }
+bool NeedsCalibration(Method m) { return m == Method::kGptq || m == Method::kAwq; }
 
 // Evaluation weights: models whose two F32 copies fit this are kept
 // resident; larger ones are read block by block on every forward pass.
@@ -521,8 +622,15 @@ class JobRunner {
     ASSIGN_OR_RETURN(const Outputs outputs, PlanOutputs(spec_));
     ASSIGN_OR_RETURN(checkpoint_, SafetensorsCheckpoint::Open(options_.model_path));
     ASSIGN_OR_RETURN(stages_, PlanStages(spec_, checkpoint_, &evaluate_));
-    ASSIGN_OR_RETURN(tensor_plans_, PlanTensors(checkpoint_, stages_, outputs, &packed_options_));
-    for (const StagePlan& stage : stages_) calibrate_ = calibrate_ || NeedsCalibration(stage.method);
+    ASSIGN_OR_RETURN(tensor_plans_, PlanTensors(checkpoint_, stages_, outputs));
+    if (outputs.packed) {
+      ASSIGN_OR_RETURN(quantization_config_,
+                       PackedQuantizationConfig(checkpoint_, stages_, tensor_plans_));
+    }
+    for (size_t s = 0; s < stages_.size(); ++s) {
+      calibrate_ = calibrate_ || NeedsCalibration(stages_[s].method);
+      if (stages_[s].method == Method::kAwq) awq_stage_ = static_cast<int>(s);
+    }
     if (calibrate_ || evaluate_) {
       ASSIGN_OR_RETURN(config_, ReadLlamaConfig(checkpoint_.folder()));
       RETURN_IF_ERROR(ValidateLlamaCheckpoint(*config_, checkpoint_));
@@ -576,7 +684,7 @@ class JobRunner {
                                        SafetensorsIndexJson(tree->weight_map, tree->tensor_bytes)));
       }
       RETURN_IF_ERROR(WriteCompanionFiles(checkpoint_.folder(), staging.path(), *tree,
-                                          tree == &packed_ ? packed_options_ : nullptr));
+                                          tree == &packed_ ? &quantization_config_ : nullptr));
     }
 
     RunResult result;
@@ -694,7 +802,7 @@ class JobRunner {
       }
       if (packed) {
         std::map<std::string, std::string> packed_metadata = metadata;
-        packed_metadata["quantization_config"] = QuantizationConfig(*packed_options_).dump();
+        packed_metadata["quantization_config"] = quantization_config_.dump();
         ASSIGN_OR_RETURN(
             SafetensorsWriter w,
             SafetensorsWriter::Open((fs::path(staging) / kPackedOutputDir / file_name).string(),
@@ -823,7 +931,16 @@ class JobRunner {
       }
     }
     std::map<size_t, TensorResult> pending;  // the current block's results
+    std::set<size_t> prepared;               // changed by AWQ's scaling
     LayerwiseCallbacks callbacks;
+    if (awq_stage_ >= 0) {
+      for (const AwqScaledInput& input : AwqScaledInputs()) {
+        for (const char* consumer : input.consumers) layerwise.prepare_statistics_for.insert(consumer);
+      }
+      callbacks.prepare = [&](DecoderBlockWeights& block, const BlockStatistics& statistics) {
+        return PrepareAwq(block, statistics, &prepared);
+      };
+    }
     callbacks.transform = [&](DecoderBlockWeights& block, const BlockStatistics& statistics,
                               const std::vector<std::string>& linears) -> absl::Status {
       std::map<std::string, at::Tensor*> by_name;
@@ -853,15 +970,128 @@ class JobRunner {
       return absl::OkStatus();
     };
     callbacks.finished = [&](const DecoderBlockWeights& block) -> absl::Status {
+      std::map<std::string, const at::Tensor*> by_name;
+      for (const auto& [suffix, tensor] : block.NamedTensors()) {
+        by_name[BlockTensorName(block.layer, suffix)] = tensor;
+      }
       for (size_t i : blocks_[block.layer]) {
         if (events_.Cancelled()) return CancelledStatus();
         auto found = pending.find(i);
-        RETURN_IF_ERROR(WriteTensor(i, found == pending.end() ? TensorResult() : found->second));
+        TensorResult result;
+        if (found != pending.end()) {
+          result = std::move(found->second);
+        } else if (prepared.count(i) > 0) {
+          // Rescaled but not quantized (a norm, an excluded linear): written as it is now.
+          const CheckpointTensor& tensor = checkpoint_.tensors()[i];
+          result.dequantized = by_name.at(tensor.info.name)->to(*ToScalarType(tensor.info.dtype));
+        }
+        RETURN_IF_ERROR(WriteTensor(i, result));
       }
       pending.clear();
+      prepared.clear();
       return absl::OkStatus();
     };
     return RunLayerwise(checkpoint_, *config_, layerwise, callbacks);
+  }
+
+  // The stage's quantizer on one weight (`statistics`: its input's, for the
+  // calibrated methods).
+  absl::StatusOr<QuantizedTensor> Quantize(const StagePlan& stage, const at::Tensor& weight,
+                                           const LinearInputStatistics* statistics,
+                                           const std::string& name) {
+    const bool calibrated = NeedsCalibration(stage.method);
+    if (calibrated && (statistics == nullptr || !statistics->hessian.defined())) {
+      return absl::InternalError(absl::StrCat(MethodName(stage.method), ": tensor '", name,
+                                              "': no calibration statistics"));
+    }
+    switch (stage.method) {
+      case Method::kGptq: return RunGptq(weight, stage.gptq, *statistics, name);
+      case Method::kAwq: {
+        at::Tensor scaled = weight;
+        // AutoAWQ leaves q/k unclipped: their errors meet in the attention scores.
+        if (stage.awq_clip && !absl::StrContains(name, "q_proj") &&
+            !absl::StrContains(name, "k_proj")) {
+          ASSIGN_OR_RETURN(scaled, SearchAwqClip(weight, statistics->hessian, stage.awq, name));
+        }
+        if (stage.awq_with_gptq) return RunGptq(scaled, stage.gptq, *statistics, name);
+        return QuantizeRtn(scaled, stage.rtn, name);
+      }
+      case Method::kHqq: return QuantizeHqq(weight, stage.hqq, name);
+      default: return QuantizeRtn(weight, stage.rtn, name);
+    }
+  }
+
+  absl::StatusOr<QuantizedTensor> RunGptq(const at::Tensor& weight, const GptqOptions& options,
+                                          const LinearInputStatistics& statistics,
+                                          const std::string& name) {
+    ASSIGN_OR_RETURN(GptqResult gptq, QuantizeGptq(weight, statistics.hessian, options, name));
+    if (gptq.retries > 0) {
+      events_.Log("WARNING",
+                  absl::StrFormat("gptq: tensor '%s': the Hessian was not positive definite; "
+                                  "retried %d time(s), dampening %.3g of its mean diagonal",
+                                  name, gptq.retries, gptq.dampening_used));
+    }
+    if (gptq.dead_columns > 0) {
+      events_.Log("INFO", absl::StrCat("gptq: tensor '", name, "': ", gptq.dead_columns,
+                                       " inputs were zero on every calibration token; their "
+                                       "weights are zeroed"));
+    }
+    return std::move(gptq.quantized);
+  }
+
+  // AWQ's scales for one block (LayerwiseCallbacks::prepare): for each input
+  // that feeds a linear the AWQ stage targets, searched on the block's
+  // statistics and folded into the block. The tensors it changes are
+  // recorded in `prepared` (checkpoint indexes) to be written.
+  absl::Status PrepareAwq(DecoderBlockWeights& block, const BlockStatistics& statistics,
+                          std::set<size_t>* prepared) {
+    StagePlan& stage = stages_[awq_stage_];
+    const Clock::time_point start = Clock::now();
+    std::map<std::string, size_t> index_of;
+    for (size_t i : blocks_[block.layer]) index_of[checkpoint_.tensors()[i].info.name] = i;
+    for (const AwqScaledInput& input : AwqScaledInputs()) {
+      if (!AwqInputApplies(*config_, input)) continue;
+      std::vector<at::Tensor> weights;
+      bool targeted = false;
+      for (const char* consumer : input.consumers) {
+        for (const BlockLinear& linear : kBlockLinears) {
+          if (absl::string_view(linear.name) == consumer) {
+            weights.push_back((block.*linear.member).weight);
+          }
+        }
+        targeted = targeted ||
+                   stage.targets.count(BlockTensorName(block.layer, absl::StrCat(consumer, ".weight"))) > 0;
+      }
+      if (!targeted) continue;
+      const LinearInputStatistics* stats = statistics.Find(input.consumers.front());
+      if (stats == nullptr || stats->tokens == 0) {
+        return absl::InternalError(absl::StrCat("awq: layer ", block.layer, " ", input.producer,
+                                                ": no calibration statistics"));
+      }
+      const std::string label = BlockTensorName(block.layer, input.producer);
+      ASSIGN_OR_RETURN(const at::Tensor mean_abs,
+                       CatchTorchErrors(label, [&]() -> absl::StatusOr<at::Tensor> {
+                         return (stats->sum_abs / static_cast<double>(stats->tokens)).to(at::kFloat);
+                       }));
+      ASSIGN_OR_RETURN(const AwqScales scales,
+                       SearchAwqScales(weights, stats->hessian, mean_abs, stage.awq, label));
+      ASSIGN_OR_RETURN(const std::vector<std::string> changed,
+                       FoldAwqScales(block, input, scales.scales));
+      for (const std::string& name : changed) {
+        auto found = index_of.find(BlockTensorName(block.layer, name));
+        if (found != index_of.end()) prepared->insert(found->second);
+      }
+      events_.Log("INFO",
+                  scales.exponent < 0
+                      ? absl::StrFormat("awq: %s: no scaling beats plain rounding (output error %.4g)",
+                                        label, scales.unscaled_error)
+                      : absl::StrFormat("awq: %s: exponent %.2f, output error %.4g (%.3g of plain "
+                                        "rounding's)",
+                                        label, scales.exponent, scales.error,
+                                        scales.unscaled_error > 0 ? scales.error / scales.unscaled_error : 0.0));
+    }
+    stage.seconds += Seconds(Clock::now() - start);
+    return absl::OkStatus();
   }
 
   // Passes one tensor through every stage that targets it, in stage order.
@@ -886,29 +1116,7 @@ class JobRunner {
         stage.bytes_out += bytes_in;
         message = absl::StrCat("sleep: ", name);
       } else {
-        QuantizedTensor q;
-        if (stage.method == Method::kGptq) {
-          if (statistics == nullptr || !statistics->hessian.defined()) {
-            return absl::InternalError(
-                absl::StrCat("gptq: tensor '", name, "': no calibration statistics"));
-          }
-          ASSIGN_OR_RETURN(GptqResult gptq,
-                           QuantizeGptq(current, statistics->hessian, stage.gptq, name));
-          if (gptq.retries > 0) {
-            events_.Log("WARNING",
-                        absl::StrFormat("gptq: tensor '%s': the Hessian was not positive definite; "
-                                        "retried %d time(s), dampening %.3g of its mean diagonal",
-                                        name, gptq.retries, gptq.dampening_used));
-          }
-          if (gptq.dead_columns > 0) {
-            events_.Log("INFO", absl::StrCat("gptq: tensor '", name, "': ", gptq.dead_columns,
-                                             " inputs were zero on every calibration token; their "
-                                             "weights are zeroed"));
-          }
-          q = std::move(gptq.quantized);
-        } else {
-          ASSIGN_OR_RETURN(q, QuantizeRtn(current, stage.rtn, name));
-        }
+        ASSIGN_OR_RETURN(QuantizedTensor q, Quantize(stage, current, statistics, name));
         RETURN_IF_ERROR(ValidateQuantized(q, name));
         ASSIGN_OR_RETURN(
             at::Tensor dequantized, CatchTorchErrors(name, [&]() -> absl::StatusOr<at::Tensor> {
@@ -1124,8 +1332,9 @@ class JobRunner {
   std::vector<StagePlan> stages_;
   std::optional<EvaluatePlan> evaluate_;
   bool calibrate_ = false;
+  int awq_stage_ = -1;  // at most one AWQ stage (its scales change the block)
   std::vector<TensorPlan> tensor_plans_;
-  const RtnOptions* packed_options_ = nullptr;  // points into stages_
+  nlohmann::ordered_json quantization_config_;  // the packed output's
   std::vector<size_t> rest_;                     // tensors outside the blocks
   std::map<int64_t, std::vector<size_t>> blocks_;  // layer -> its tensors
   std::vector<ShardWriters> writers_;            // per input shard
