@@ -53,12 +53,15 @@ const std::vector<OptionSpec>& VerbOptionTable() {
   static const auto* table = new std::vector<OptionSpec>{
       {"recipe", OptionKind::kValue, "FILE", "recipe (YAML or JSON form of JobSpec)"},
       {"model", OptionKind::kValue, "PATH", "model folder or .safetensors file on the server"},
-      {"method", OptionKind::kValue, "NAME", "quantization method of the stage: rtn, gptq"},
+      {"method", OptionKind::kValue, "NAME",
+       "quantization method of the stage: rtn, gptq, awq, hqq, nf4, fp4, int8"},
       {"calibration", OptionKind::kValue, "PATH",
-       "calibration text (or .tokens file) on the server, for gptq"},
+       "calibration text (or .tokens file) on the server, for gptq and awq"},
       {"bits", OptionKind::kValue, "N", "bits per weight, 2..8 (default 4)"},
       {"group-size", OptionKind::kValue, "N",
-       "weights per scale; -1 or 0: one per output channel (default 128)"},
+       "weights per scale; -1 or 0: one per output channel (default 128); nf4/fp4: block size "
+       "(default 64)"},
+      {"double-quant", OptionKind::kFlag, "", "nf4/fp4: quantize the block absmax values to 8 bits"},
       {"sym", OptionKind::kFlag, "", "symmetric quantization (default)"},
       {"asym", OptionKind::kFlag, "", "asymmetric quantization, with a zero point"},
       {"output", OptionKind::kValue, "LIST", "comma-separated output formats: dequantized, packed"},
@@ -84,13 +87,17 @@ const std::vector<VerbSpec>& VerbTable() {
       {"submit",
        "",
        0,
-       {"recipe", "model", "method", "calibration", "bits", "group-size", "sym", "asym", "output", "priority",
-        "label", "name", "request-id", "watch", "json"},
+       {"recipe", "model", "method", "calibration", "bits", "group-size", "sym", "asym",
+        "double-quant", "output", "priority", "label", "name", "request-id", "watch", "json"},
        "Submit a job from a recipe and/or flags (flags override the recipe); prints the job id.",
        "compressctl submit --model models/llama --recipe w4.yaml --watch\n"
        "compressctl submit --model models/llama --method rtn --bits 4 --group-size 128 "
        "--output dequantized,packed --label team=nlp\n"
-       "compressctl submit --model models/llama --method gptq --bits 3 --calibration calib.txt"},
+       "compressctl submit --model models/llama --method gptq --bits 3 --calibration calib.txt\n"
+       "compressctl submit --model models/llama --method awq --bits 4 --calibration calib.txt "
+       "--output packed\n"
+       "compressctl submit --model models/llama --method hqq --bits 3 --group-size 64\n"
+       "compressctl submit --model models/llama --method nf4 --double-quant --output packed"},
       {"get",
        "JOB",
        1,

@@ -114,57 +114,106 @@ std::string NewRequestId() {
                          high & 0xffff, low >> 48, low & 0xffffffffffffULL);
 }
 
-// The stage messages --method can name: rtn and gptq, which share the grid
-// fields bits, group_size and symmetric.
-const google::protobuf::FieldDescriptor* MethodField(const std::string& method) {
-  return v1::Stage::descriptor()->FindFieldByName(method);
+// The integer quantizers --method can name: their stage messages share the
+// grid fields bits, group_size and symmetric.
+constexpr const char* kGridMethods[] = {"rtn", "gptq", "awq", "hqq"};
+// nf4 and fp4 are a bnb_4bit stage of that type; int8 is an rtn stage at 8
+// bits, symmetric, per output channel (weight-only int8).
+constexpr char kMethodList[] = "rtn, gptq, awq, hqq, nf4, fp4, int8";
+
+bool IsGridMethod(const std::string& method) {
+  for (const char* m : kGridMethods) {
+    if (method == m) return true;
+  }
+  return false;
 }
 
-// --method, --bits, --group-size, --sym and --asym describe one quantizing
-// stage (rtn or gptq). With no stages in the recipe they create it (default
+// The method a stage holds, in --method's words ("" for other stages).
+std::string StageMethod(const v1::Stage& stage) {
+  for (const char* m : kGridMethods) {
+    const google::protobuf::FieldDescriptor* field = v1::Stage::descriptor()->FindFieldByName(m);
+    if (stage.GetReflection()->HasField(stage, field)) return m;
+  }
+  if (stage.has_bnb_4bit()) return stage.bnb_4bit().type() == v1::BNB_4BIT_FP4 ? "fp4" : "nf4";
+  return "";
+}
+
+// --method, --bits, --group-size, --sym, --asym and --double-quant describe
+// one quantizing stage. With no stages in the recipe they create it (default
 // rtn w4 g128 symmetric); with one stage they edit it; more stages are
 // ambiguous.
 absl::Status ApplyStageFlags(const ParsedArgs& args, v1::JobSpec* spec) {
-  const bool has_stage_flags = args.Has("method") || args.Has("bits") || args.Has("group-size") ||
-                               args.Has("sym") || args.Has("asym");
+  const bool grid_flags =
+      args.Has("bits") || args.Has("group-size") || args.Has("sym") || args.Has("asym");
+  const bool has_stage_flags = args.Has("method") || grid_flags || args.Has("double-quant");
   if (args.Has("sym") && args.Has("asym")) {
     return absl::InvalidArgumentError("--sym and --asym contradict each other");
   }
   const std::string method =
       args.Has("method") ? absl::AsciiStrToLower(args.Value("method")) : "";
-  if (!method.empty() && method != "rtn" && method != "gptq") {
+  if (!method.empty() && !IsGridMethod(method) && method != "nf4" && method != "fp4" &&
+      method != "int8") {
     return absl::InvalidArgumentError(
-        absl::StrCat("unknown --method \"", args.Value("method"), "\" (methods: rtn, gptq)"));
+        absl::StrCat("unknown --method \"", args.Value("method"), "\" (methods: ", kMethodList, ")"));
   }
   if (spec->stages_size() > 1) {
     if (!has_stage_flags) return absl::OkStatus();
     return absl::InvalidArgumentError(absl::StrCat(
-        "--method, --bits, --group-size, --sym and --asym edit a single-stage recipe; this one "
-        "has ",
+        "--method, --bits, --group-size, --sym, --asym and --double-quant edit a single-stage "
+        "recipe; this one has ",
         spec->stages_size(), " stages"));
   }
   if (spec->stages_size() == 1 && !has_stage_flags) return absl::OkStatus();
   v1::Stage* stage = spec->stages_size() == 0 ? spec->add_stages() : spec->mutable_stages(0);
-  const std::string current = stage->has_rtn() ? "rtn" : stage->has_gptq() ? "gptq" : "";
+  const std::string current = StageMethod(*stage);
   if (current.empty() && method.empty() && stage->method_case() != v1::Stage::METHOD_NOT_SET) {
-    return absl::InvalidArgumentError(
-        "--bits, --group-size, --sym and --asym apply to an rtn or gptq stage; the recipe's stage "
-        "is neither (add --method rtn or --method gptq to replace it)");
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--bits, --group-size, --sym and --asym apply to a quantizing stage; the recipe's stage "
+        "is none (add --method to replace it: ",
+        kMethodList, ")"));
   }
   const std::string wanted = !method.empty() ? method : !current.empty() ? current : "rtn";
+  if (wanted == "nf4" || wanted == "fp4") {
+    if (args.Has("bits") || args.Has("sym") || args.Has("asym")) {
+      return absl::InvalidArgumentError(
+          "--bits, --sym and --asym do not apply to nf4/fp4 (4 bits, one absmax per block; "
+          "--group-size sets the block size)");
+    }
+    v1::Bnb4BitStage* bnb = stage->mutable_bnb_4bit();
+    bnb->set_type(wanted == "fp4" ? v1::BNB_4BIT_FP4 : v1::BNB_4BIT_NF4);
+    if (args.Has("group-size")) {
+      ASSIGN_OR_RETURN(int32_t block, ParseInt32Flag("group-size", args.Value("group-size")));
+      bnb->set_block_size(block);
+    }
+    if (args.Has("double-quant")) bnb->set_double_quant(true);
+    return absl::OkStatus();
+  }
+  if (args.Has("double-quant")) {
+    return absl::InvalidArgumentError("--double-quant applies to nf4 and fp4 only");
+  }
+  if (wanted == "int8") {
+    if (grid_flags) {
+      return absl::InvalidArgumentError(
+          "int8 is 8 bits, symmetric, per output channel; use --method rtn to choose a grid");
+    }
+    v1::RtnStage* rtn = stage->mutable_rtn();
+    rtn->set_bits(8);
+    rtn->set_symmetric(true);
+    rtn->set_group_size(-1);
+    return absl::OkStatus();
+  }
   const google::protobuf::Reflection* stage_reflection = stage->GetReflection();
-  google::protobuf::Message* grid = stage_reflection->MutableMessage(stage, MethodField(wanted));
+  google::protobuf::Message* grid =
+      stage_reflection->MutableMessage(stage, v1::Stage::descriptor()->FindFieldByName(wanted));
+  const google::protobuf::Reflection* r = grid->GetReflection();
+  const google::protobuf::Descriptor* d = grid->GetDescriptor();
   if (wanted != current) {
     // A fresh stage of that method, with the defaults.
     grid->Clear();
-    const google::protobuf::Reflection* r = grid->GetReflection();
-    const google::protobuf::Descriptor* d = grid->GetDescriptor();
     r->SetInt32(grid, d->FindFieldByName("bits"), kDefaultBits);
     r->SetInt32(grid, d->FindFieldByName("group_size"), kDefaultGroupSize);
     r->SetBool(grid, d->FindFieldByName("symmetric"), true);
   }
-  const google::protobuf::Reflection* r = grid->GetReflection();
-  const google::protobuf::Descriptor* d = grid->GetDescriptor();
   if (args.Has("bits")) {
     ASSIGN_OR_RETURN(int32_t bits, ParseInt32Flag("bits", args.Value("bits")));
     r->SetInt32(grid, d->FindFieldByName("bits"), bits);

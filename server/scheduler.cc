@@ -12,6 +12,7 @@
 #include "common/paths.h"
 #include "common/recipe.h"
 #include "common/safetensors_header.h"
+#include "common/stage_targets.h"
 #include "common/status_macros.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "google/protobuf/util/time_util.h"
@@ -252,12 +253,17 @@ absl::Status Scheduler::CheckModelPaths(const compress::v1::JobSpec& spec,
   } else {
     files.push_back(*model_path);
   }
+  std::vector<SafetensorsTensorInfo> tensors;
   for (const fs::path& file : files) {
     absl::StatusOr<SafetensorsHeader> header = ReadSafetensorsHeader(file.string());
     if (!header.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("model.path: ", header.status().message()));
     }
+    for (SafetensorsTensorInfo& t : header->tensors) tensors.push_back(std::move(t));
   }
+  // Patterns that select nothing and group sizes that do not fit are the
+  // recipe's mistakes: named now, before a worker starts.
+  RETURN_IF_ERROR(CheckStagesAgainstTensors(spec, tensors));
   if (!spec.calibration().path().empty()) {
     ASSIGN_OR_RETURN(paths->calibration, resolve(spec.calibration().path(), "calibration.path"));
     // Every token takes at least one byte of text (four in a .tokens file):

@@ -236,6 +236,39 @@ TEST_F(CommandsTest, SubmitMakesAGptqStageWithItsCalibration) {
   EXPECT_EQ(sent.spec().calibration().path(), "calib.txt");
 }
 
+TEST_F(CommandsTest, SubmitNamesEveryMethod) {
+  std::vector<v1::SubmitJobRequest> sent;
+  EXPECT_CALL(stub_, SubmitJob(_, _, _))
+      .WillRepeatedly(Invoke([&](grpc::ClientContext*, const v1::SubmitJobRequest& request,
+                                 v1::SubmitJobResponse* response) {
+        sent.push_back(request);
+        response->mutable_job()->set_id("j-3");
+        return grpc::Status::OK;
+      }));
+  ASSERT_EQ(Run({"submit", "--model", "m", "--method", "awq", "--bits", "3", "--calibration", "c.txt"}),
+            kExitOk)
+      << err_.str();
+  ASSERT_EQ(Run({"submit", "--model", "m", "--method", "hqq", "--group-size", "64", "--asym"}), kExitOk)
+      << err_.str();
+  ASSERT_EQ(Run({"submit", "--model", "m", "--method", "nf4", "--double-quant"}), kExitOk) << err_.str();
+  ASSERT_EQ(Run({"submit", "--model", "m", "--method", "fp4", "--group-size", "128"}), kExitOk)
+      << err_.str();
+  ASSERT_EQ(Run({"submit", "--model", "m", "--method", "int8"}), kExitOk) << err_.str();
+  ASSERT_EQ(sent.size(), 5u);
+  EXPECT_EQ(sent[0].spec().stages(0).awq().bits(), 3);
+  EXPECT_EQ(sent[0].spec().stages(0).awq().group_size(), 128);
+  EXPECT_EQ(sent[1].spec().stages(0).hqq().group_size(), 64);
+  EXPECT_FALSE(sent[1].spec().stages(0).hqq().symmetric());
+  EXPECT_EQ(sent[2].spec().stages(0).bnb_4bit().type(), v1::BNB_4BIT_NF4);
+  EXPECT_TRUE(sent[2].spec().stages(0).bnb_4bit().double_quant());
+  EXPECT_EQ(sent[3].spec().stages(0).bnb_4bit().type(), v1::BNB_4BIT_FP4);
+  EXPECT_EQ(sent[3].spec().stages(0).bnb_4bit().block_size(), 128);
+  const v1::RtnStage& int8 = sent[4].spec().stages(0).rtn();
+  EXPECT_EQ(int8.bits(), 8);
+  EXPECT_TRUE(int8.symmetric());
+  EXPECT_EQ(int8.group_size(), -1);
+}
+
 TEST_F(CommandsTest, InvalidJobIsRejectedLocally) {
   EXPECT_CALL(stub_, SubmitJob(_, _, _)).Times(0);
   EXPECT_EQ(Run({"submit", "--model", "m", "--bits", "9"}), kExitUsage);
@@ -248,8 +281,16 @@ TEST_F(CommandsTest, InvalidJobIsRejectedLocally) {
   EXPECT_EQ(Run({"submit", "--model", "m", "--bits", "four"}), kExitUsage);
   EXPECT_THAT(err_.str(), HasSubstr("--bits wants an integer, got \"four\""));
   EXPECT_EQ(Run({"submit", "--model", "m", "--sym", "--asym"}), kExitUsage);
+  EXPECT_EQ(Run({"submit", "--model", "m", "--method", "spqr"}), kExitUsage);
+  EXPECT_THAT(err_.str(),
+              HasSubstr("unknown --method \"spqr\" (methods: rtn, gptq, awq, hqq, nf4, fp4, int8)"));
+  EXPECT_EQ(Run({"submit", "--model", "m", "--method", "nf4", "--bits", "3"}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("do not apply to nf4/fp4"));
+  EXPECT_EQ(Run({"submit", "--model", "m", "--method", "int8", "--group-size", "64"}), kExitUsage);
+  EXPECT_EQ(Run({"submit", "--model", "m", "--method", "hqq", "--double-quant"}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("--double-quant applies to nf4 and fp4 only"));
   EXPECT_EQ(Run({"submit", "--model", "m", "--method", "awq"}), kExitUsage);
-  EXPECT_THAT(err_.str(), HasSubstr("unknown --method \"awq\" (methods: rtn, gptq)"));
+  EXPECT_THAT(err_.str(), HasSubstr("stages[0].awq: needs calibration data"));
   EXPECT_EQ(Run({"submit", "--model", "m", "--method", "gptq"}), kExitUsage);
   EXPECT_THAT(err_.str(), HasSubstr("stages[0].gptq: needs calibration data"));
   EXPECT_EQ(Run({"submit", "--model", "m", "--output", "gguf"}), kExitUsage);

@@ -253,7 +253,7 @@ TEST(ValidateJobSpecTest, RequiresBetweenOneAnd64Stages) {
 TEST(ValidateJobSpecTest, EveryStageNeedsAMethod) {
   v1::JobSpec spec = ValidSpec();
   spec.add_stages()->set_name("empty");
-  EXPECT_EQ(Problem(spec), "stages[1]: no method set (one of: rtn, gptq, evaluate, sleep)");
+  EXPECT_EQ(Problem(spec), "stages[1]: no method set (one of: rtn, gptq, awq, hqq, bnb_4bit, evaluate, sleep)");
 }
 
 TEST(ValidateJobSpecTest, RtnBitsWithin2To8) {
@@ -350,6 +350,40 @@ TEST(ValidateJobSpecTest, GptqNeedsCalibrationAndSaneSettings) {
   gptq->set_group_size(128);
   gptq->set_dampening(0);
   gptq->clear_include();
+  spec.mutable_calibration()->set_path("calib.txt");
+  EXPECT_TRUE(ValidateJobSpec(spec).ok()) << ValidateJobSpec(spec);
+}
+
+TEST(ValidateJobSpecTest, AwqHqqAndBnb4BitSettingsAreChecked) {
+  v1::JobSpec spec = ValidSpec();
+  v1::AwqStage* awq = spec.add_stages()->mutable_awq();
+  awq->set_bits(9);
+  awq->set_grid_points(-1);
+  awq->set_quantizer(static_cast<v1::AwqQuantizer>(5));
+  *spec.add_stages()->mutable_awq() = *awq;
+  v1::HqqStage* hqq = spec.add_stages()->mutable_hqq();
+  hqq->set_bits(1);
+  hqq->set_lp_norm(1.5);
+  v1::Bnb4BitStage* bnb = spec.add_stages()->mutable_bnb_4bit();
+  bnb->set_block_size(100);
+  bnb->add_exclude("[");
+  EXPECT_THAT(Problem(spec), HasSubstr("stages[1].awq.bits: 9 is outside 2..8"));
+  EXPECT_THAT(Problem(spec), HasSubstr("stages[1].awq.grid_points: -1 is outside 0..1000"));
+  EXPECT_THAT(Problem(spec), HasSubstr("stages[1].awq.quantizer: 5 is not a quantizer"));
+  EXPECT_THAT(Problem(spec), HasSubstr("stages[1].awq: needs calibration data"));
+  EXPECT_THAT(Problem(spec), HasSubstr("stages[2].awq: a recipe has at most one awq stage"));
+  EXPECT_THAT(Problem(spec), HasSubstr("stages[3].hqq.bits: 1 is outside 2..8"));
+  EXPECT_THAT(Problem(spec), HasSubstr("stages[3].hqq.lp_norm: 1.5 is outside [0, 1)"));
+  EXPECT_THAT(Problem(spec), HasSubstr("stages[4].bnb_4bit.block_size: 100 is invalid"));
+  EXPECT_THAT(Problem(spec), HasSubstr("stages[4].bnb_4bit.exclude[0]"));
+  spec.mutable_stages()->DeleteSubrange(2, 1);
+  awq->set_bits(4);
+  awq->set_grid_points(0);
+  awq->set_quantizer(v1::AWQ_QUANTIZER_GPTQ);
+  hqq->set_bits(2);
+  hqq->set_lp_norm(0);
+  bnb->set_block_size(128);
+  bnb->clear_exclude();
   spec.mutable_calibration()->set_path("calib.txt");
   EXPECT_TRUE(ValidateJobSpec(spec).ok()) << ValidateJobSpec(spec);
 }

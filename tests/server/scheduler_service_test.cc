@@ -29,11 +29,11 @@ namespace fs = std::filesystem;
 // A valid one-tensor checkpoint: the server reads headers at submit.
 void WriteTinySafetensors(const std::string& path) {
   absl::StatusOr<SafetensorsHeader> header =
-      LayoutSafetensors({{"w", SafetensorsDtype::kF32, {2, 2}}}, {});
+      LayoutSafetensors({{"model.layers.0.mlp.up_proj.weight", SafetensorsDtype::kF32, {2, 128}}}, {});
   ASSERT_TRUE(header.ok());
   absl::StatusOr<std::string> bytes = SerializeSafetensorsHeader(&*header);
   ASSERT_TRUE(bytes.ok());
-  std::ofstream(path, std::ios::binary) << *bytes << std::string(16, '\0');
+  std::ofstream(path, std::ios::binary) << *bytes << std::string(2 * 128 * 4, '\0');
 }
 
 class ServerTest : public ::testing::Test {
@@ -258,6 +258,24 @@ TEST_F(ServerTest, BadRequestsGetClearCodesAndTheServerKeepsServing) {
   EXPECT_EQ(broken.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(broken.error_message().find("model.safetensors"), std::string::npos)
       << broken.error_message();
+
+  // The recipe against the model's tensors: a pattern that selects nothing,
+  // a group size that does not divide a selected tensor's inputs.
+  auto no_match = RtnRequest();
+  no_match.mutable_spec()->mutable_stages(0)->mutable_rtn()->add_include("lm_head");
+  grpc::Status unmatched = Submit(no_match, &response);
+  EXPECT_EQ(unmatched.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(unmatched.error_message().find("stages[0].rtn: include pattern 'lm_head' matches no"),
+            std::string::npos)
+      << unmatched.error_message();
+  auto bad_group = RtnRequest();
+  bad_group.mutable_spec()->mutable_stages(0)->mutable_rtn()->set_group_size(96);
+  grpc::Status group = Submit(bad_group, &response);
+  EXPECT_EQ(group.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(group.error_message().find("stages[0].rtn.group_size: 96 does not divide the 128 "
+                                       "inputs of tensor 'model.layers.0.mlp.up_proj.weight'"),
+            std::string::npos)
+      << group.error_message();
 
   // A symlink inside the root that points outside it is still outside.
   fs::create_directory_symlink(outside_.path(), models_.Sub("escape"));

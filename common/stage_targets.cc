@@ -1,12 +1,14 @@
-#include "worker/engine/recipe/targets.h"
+#include "common/stage_targets.h"
 
 #include <re2/re2.h>
 
+#include <map>
 #include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 
-namespace compress::engine {
+namespace compress {
 namespace {
 
 absl::StatusOr<std::unique_ptr<RE2>> Compile(const std::string& pattern, absl::string_view stage,
@@ -80,4 +82,56 @@ absl::StatusOr<std::vector<std::string>> SelectTargets(
   return targets;
 }
 
-}  // namespace compress::engine
+namespace {
+
+template <typename StageMessage>
+StageSelection Selection(const std::string& field, const StageMessage& stage,
+                         int64_t group_size) {
+  StageSelection selection;
+  selection.field = field;
+  selection.include.assign(stage.include().begin(), stage.include().end());
+  selection.exclude.assign(stage.exclude().begin(), stage.exclude().end());
+  selection.group_size = group_size;
+  return selection;
+}
+
+}  // namespace
+
+StageSelection SelectionOf(const compress::v1::Stage& stage, int index) {
+  namespace v1 = compress::v1;
+  const std::string field = absl::StrCat("stages[", index, "].");
+  switch (stage.method_case()) {
+    case v1::Stage::kRtn: return Selection(field + "rtn", stage.rtn(), stage.rtn().group_size());
+    case v1::Stage::kGptq: return Selection(field + "gptq", stage.gptq(), stage.gptq().group_size());
+    case v1::Stage::kAwq: return Selection(field + "awq", stage.awq(), stage.awq().group_size());
+    case v1::Stage::kHqq: return Selection(field + "hqq", stage.hqq(), stage.hqq().group_size());
+    // Blocks run over the flattened weight; the last may be partial.
+    case v1::Stage::kBnb4Bit: return Selection(field + "bnb_4bit", stage.bnb_4bit(), 0);
+    default: return StageSelection();
+  }
+}
+
+absl::Status CheckStagesAgainstTensors(const compress::v1::JobSpec& spec,
+                                       const std::vector<SafetensorsTensorInfo>& tensors) {
+  std::map<std::string, const SafetensorsTensorInfo*> by_name;
+  for (const SafetensorsTensorInfo& t : tensors) by_name[t.name] = &t;
+  for (int i = 0; i < spec.stages_size(); ++i) {
+    const StageSelection selection = SelectionOf(spec.stages(i), i);
+    if (selection.field.empty()) continue;
+    absl::StatusOr<std::vector<std::string>> targets =
+        SelectTargets(tensors, selection.include, selection.exclude, selection.field);
+    if (!targets.ok()) return targets.status();
+    if (selection.group_size <= 0) continue;
+    for (const std::string& name : *targets) {
+      const SafetensorsTensorInfo& t = *by_name.at(name);
+      if (t.shape[1] % selection.group_size != 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            selection.field, ".group_size: ", selection.group_size, " does not divide the ",
+            t.shape[1], " inputs of tensor '", name, "' [", absl::StrJoin(t.shape, ", "), "]"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace compress

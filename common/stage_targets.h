@@ -7,8 +7,9 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "common/safetensors_header.h"
+#include "compress/v1/compress.pb.h"
 
-namespace compress::engine {
+namespace compress {
 
 // The default targets: the 2-D weights of the decoder blocks' linear layers
 // (Llama, Mistral, Qwen2 names).
@@ -28,4 +29,23 @@ absl::StatusOr<std::vector<std::string>> SelectTargets(
     const std::vector<SafetensorsTensorInfo>& tensors, const std::vector<std::string>& include,
     const std::vector<std::string>& exclude, absl::string_view stage);
 
-}  // namespace compress::engine
+// What a quantizing stage selects with and the grid it needs, from the
+// stage's message; `field` names it ("stages[2].gptq"). A stage without
+// targets (evaluate, sleep) has field empty.
+struct StageSelection {
+  std::string field;
+  std::vector<std::string> include;
+  std::vector<std::string> exclude;
+  int64_t group_size = 0;  // 0 or -1: per output channel, or no grid
+};
+StageSelection SelectionOf(const compress::v1::Stage& stage, int index);
+
+// Checks every stage of `spec` against the model's tensors before any work:
+// each include pattern matches a quantizable tensor, each exclude pattern a
+// tensor, something is left to work on, and every group size divides the
+// input size of every tensor the stage selects. INVALID_ARGUMENT naming the
+// field, the tensor and its shape.
+absl::Status CheckStagesAgainstTensors(const compress::v1::JobSpec& spec,
+                                       const std::vector<SafetensorsTensorInfo>& tensors);
+
+}  // namespace compress
