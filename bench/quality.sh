@@ -21,9 +21,8 @@ rm -rf "$WORK" && mkdir -p "$WORK"
 bible -f Rev1:1-Rev22:21 | sed 's/^[^ ]* //' >"$WORK/revelation.txt"
 bible -f Matt1:1-John21:25 | sed 's/^[^ ]* //' >"$WORK/gospels.txt"
 
-run() {  # name method bits group [extra settings]
-  local name=$1 method=$2 bits=$3 group=$4 extra=${5:-} settings
-  settings="{\"bits\": $bits, \"group_size\": $group$extra}"
+run() {  # name stage settings-json
+  local name=$1 method=$2 settings=$3
   cat >"$WORK/$name.json" <<EOF
 {
   "name": "$name",
@@ -49,23 +48,44 @@ EOF
     "$WORK/$name/report.json"
 }
 
+# Which rows: METHODS and SETTINGS narrow them (e.g. METHODS="rtn awq").
+METHODS="${METHODS:-rtn gptq gptq-act awq awq-gptq hqq}"
+SETTINGS="${SETTINGS:-w4-g128 w4-channel w3-g128 w2-g64 nf4}"
+
 echo "| method | perplexity | KL (nats) | top-1 agreement | bits/weight | size | time |"
 echo "|---|---|---|---|---|---|---|"
 ORIGINAL=$(stat -c %s "$MODEL/model.safetensors")
 first=1
-for setting in "w4-g128 4 128" "w4-channel 4 -1" "w3-g128 3 128" "w2-g64 2 64"; do
-  set -- $setting
-  for method in rtn gptq gptq-act; do
+row() {  # name stage settings-json
+  local line
+  line=$(run "$@")
+  if [ $first = 1 ]; then
+    jq -r --arg size "$ORIGINAL" '
+      "| original (BF16) | \(.evaluation.before.perplexity * 1000 | round / 1000) | 0 | 100% | 16 | " +
+      "\($size | tonumber / 1048576 * 100 | round / 100) MiB | |"' "$WORK/$1/report.json"
+    first=0
+  fi
+  echo "$line"
+}
+for setting in $SETTINGS; do
+  if [ "$setting" = nf4 ]; then
+    row nf4-b64 bnb_4bit '{"type": "BNB_4BIT_NF4"}'
+    row nf4-b64-double-quant bnb_4bit '{"type": "BNB_4BIT_NF4", "double_quant": true}'
+    row fp4-b64 bnb_4bit '{"type": "BNB_4BIT_FP4"}'
+    continue
+  fi
+  case $setting in
+    w4-g128) grid='"bits": 4, "group_size": 128' ;;
+    w4-channel) grid='"bits": 4, "group_size": -1' ;;
+    w3-g128) grid='"bits": 3, "group_size": 128' ;;
+    w2-g64) grid='"bits": 2, "group_size": 64' ;;
+    *) echo "unknown setting $setting" >&2; exit 2 ;;
+  esac
+  for method in $METHODS; do
     case $method in
-      gptq-act) line=$(run "$method-$1" gptq "$2" "$3" ', "act_order": true') ;;
-      *) line=$(run "$method-$1" "$method" "$2" "$3") ;;
+      gptq-act) row "$method-$setting" gptq "{$grid, \"act_order\": true}" ;;
+      awq-gptq) row "$method-$setting" awq "{$grid, \"quantizer\": \"AWQ_QUANTIZER_GPTQ\"}" ;;
+      *) row "$method-$setting" "$method" "{$grid}" ;;
     esac
-    if [ $first = 1 ]; then
-      jq -r --arg size "$ORIGINAL" '
-        "| original (BF16) | \(.evaluation.before.perplexity * 1000 | round / 1000) | 0 | 100% | 16 | " +
-        "\($size | tonumber / 1048576 * 100 | round / 100) MiB | |"' "$WORK/$method-$1/report.json"
-      first=0
-    fi
-    echo "$line"
   done
 done

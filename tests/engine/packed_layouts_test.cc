@@ -14,9 +14,21 @@
 //   weight[j][i] = (code - zero) * scale in float32, rounded to the dtype.
 // quantization_config.dynamic (GPTQModel): "+:<regex>" overrides bits,
 // group_size, sym for matching modules; "-:<regex>" modules are not quantized.
+//
+// bitsandbytes 4-bit (quant_method "bitsandbytes", Linear4bit's state dict):
+// for a weight W of n elements, W.quant_state.bitsandbytes__<type> is a
+// uint8 tensor holding JSON {quant_type, blocksize, dtype, shape, and with
+// double quantization nested_blocksize, nested_offset}; W is uint8 [n/2, 1],
+// element k in byte k/2, the high nibble for even k; W.quant_map float32
+// [16] maps a code to a value; W.absmax is float32 per block of blocksize
+// elements, or with double quantization uint8 codes into W.nested_quant_map
+// (float32 [256]) scaled by W.nested_absmax (float32 per nested block) plus
+// nested_offset; element k = quant_map[code] * absmax[k / blocksize] in
+// float32, rounded to dtype.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -176,6 +188,79 @@ int ExpectGptqLayoutDecodesToDequantized(const std::string& packed_dir,
   return decoded;
 }
 
+std::string DtypeOfTorchName(const std::string& torch_name) {
+  if (torch_name == "bfloat16") return "BF16";
+  if (torch_name == "float32") return "F32";
+  ADD_FAILURE() << "unexpected dtype " << torch_name;
+  return "";
+}
+
+// Decodes every bitsandbytes 4-bit weight of `packed_dir` and compares it
+// with the dequantized folder's bytes; the rest must be copied as is.
+// Returns how many weights were decoded.
+int ExpectBnb4BitLayoutDecodesToDequantized(const std::string& packed_dir,
+                                            const std::string& dequantized_dir) {
+  const Json config = Json::parse(testing::ReadBytes(packed_dir + "/config.json"));
+  const Json& q = config["quantization_config"];
+  EXPECT_EQ(q["quant_method"], "bitsandbytes");
+  EXPECT_EQ(q["load_in_4bit"], true);
+  const SafetensorsCheckpoint packed = *SafetensorsCheckpoint::Open(packed_dir);
+  const SafetensorsCheckpoint dequantized = *SafetensorsCheckpoint::Open(dequantized_dir);
+  int decoded = 0;
+  for (const CheckpointTensor& tensor : dequantized.tensors()) {
+    const std::string& name = tensor.info.name;
+    SCOPED_TRACE(name);
+    const absl::string_view expected = *dequantized.RawBytes(name);
+    std::string state_name;
+    for (const char* type : {"nf4", "fp4"}) {
+      const std::string candidate = name + ".quant_state.bitsandbytes__" + type;
+      if (packed.Find(candidate) != nullptr) state_name = candidate;
+    }
+    if (state_name.empty()) {
+      EXPECT_EQ(*packed.RawBytes(name), expected);
+      if (absl::EndsWith(name, "_proj.weight")) {
+        const std::string module = name.substr(0, name.size() - 7);
+        EXPECT_NE(std::find(q["llm_int8_skip_modules"].begin(), q["llm_int8_skip_modules"].end(),
+                            module),
+                  q["llm_int8_skip_modules"].end())
+            << "an unquantized linear is listed as skipped";
+      }
+      continue;
+    }
+    const Json state = Json::parse(std::string(*packed.RawBytes(state_name)));
+    EXPECT_EQ(state["quant_type"], q["bnb_4bit_quant_type"]);
+    EXPECT_EQ(state["shape"].get<std::vector<int64_t>>(), tensor.info.shape);
+    const std::string dtype = DtypeOfTorchName(state["dtype"].get<std::string>());
+    EXPECT_EQ(dtype, DtypeName(tensor.info.dtype));
+    const int64_t blocksize = state["blocksize"].get<int64_t>();
+    const bool nested = state.contains("nested_offset");
+    EXPECT_EQ(nested, q["bnb_4bit_use_double_quant"].get<bool>());
+    const absl::string_view codes = *packed.RawBytes(name);
+    const absl::string_view quant_map = *packed.RawBytes(name + ".quant_map");
+    const absl::string_view absmax = *packed.RawBytes(name + ".absmax");
+    const int64_t n = tensor.info.NumElements();
+    EXPECT_EQ(packed.Find(name)->info.shape, (std::vector<int64_t>{(n + 1) / 2, 1}));
+    auto block_absmax = [&](int64_t block) -> float {
+      if (!nested) return ReadLittleEndian<float>(absmax, block);
+      const int64_t nested_block = block / state["nested_blocksize"].get<int64_t>();
+      const uint8_t code = static_cast<uint8_t>(absmax[block]);
+      const float mapped = ReadLittleEndian<float>(*packed.RawBytes(name + ".nested_quant_map"), code);
+      const float scale = ReadLittleEndian<float>(*packed.RawBytes(name + ".nested_absmax"), nested_block);
+      return mapped * scale + state["nested_offset"].get<float>();
+    };
+    std::string decoded_bytes;
+    for (int64_t k = 0; k < n; ++k) {
+      const uint8_t byte = static_cast<uint8_t>(codes[k / 2]);
+      const int code = k % 2 == 0 ? byte >> 4 : byte & 0x0f;
+      const float value = ReadLittleEndian<float>(quant_map, code) * block_absmax(k / blocksize);
+      decoded_bytes += Encode(value, dtype);
+    }
+    EXPECT_TRUE(decoded_bytes == expected) << "decoded values differ from the dequantized checkpoint";
+    ++decoded;
+  }
+  return decoded;
+}
+
 // ------------------------------------------------------------------ jobs
 
 class PackedLayoutTest : public ::testing::Test {
@@ -207,15 +292,17 @@ class PackedLayoutTest : public ::testing::Test {
   }
 
   // Runs the job and decodes its packed output; returns the decoded count.
-  int RunAndDecode(const v1::JobSpec& spec, const std::string& label) {
+  int RunAndDecode(const v1::JobSpec& spec, const std::string& label, bool bnb = false) {
     RunOptions options;
     options.model_path = model_dir_;
     options.output_dir = dir_ / label;
     absl::StatusOr<RunResult> result = RunJob(spec, options, {});
     EXPECT_TRUE(result.ok()) << result.status();
     if (!result.ok()) return 0;
-    return ExpectGptqLayoutDecodesToDequantized(options.output_dir + "/packed",
-                                                options.output_dir + "/dequantized");
+    const std::string packed = options.output_dir + "/packed";
+    const std::string dequantized = options.output_dir + "/dequantized";
+    return bnb ? ExpectBnb4BitLayoutDecodesToDequantized(packed, dequantized)
+               : ExpectGptqLayoutDecodesToDequantized(packed, dequantized);
   }
 
   testing::TempDir dir_;
@@ -298,6 +385,39 @@ TEST_F(PackedLayoutTest, MixedSettingsPerLayerAreDeclaredAsDynamicOverrides) {
   // AutoGPTQ's own file says the same.
   const Json quantize_config = Json::parse(testing::ReadBytes(dir_ / "mixed/packed/quantize_config.json"));
   EXPECT_EQ(quantize_config["dynamic"], q["dynamic"]);
+}
+
+TEST_F(PackedLayoutTest, Bnb4BitResultsDecodeToTheDequantizedCheckpoint) {
+  v1::JobSpec nf4 = Spec();
+  v1::Bnb4BitStage* stage = nf4.add_stages()->mutable_bnb_4bit();
+  stage->set_double_quant(true);
+  stage->add_exclude("layers\\.0\\.mlp\\.gate_proj");
+  EXPECT_EQ(RunAndDecode(nf4, "nf4-double-quant", /*bnb=*/true), kLinears - 1);
+  const Json q =
+      Json::parse(testing::ReadBytes(dir_ / "nf4-double-quant/packed/config.json"))["quantization_config"];
+  EXPECT_EQ(q["bnb_4bit_quant_type"], "nf4");
+  EXPECT_EQ(q["bnb_4bit_compute_dtype"], "bfloat16");
+  EXPECT_EQ(q["llm_int8_skip_modules"], Json::parse(R"(["model.layers.0.mlp.gate_proj", "lm_head"])"));
+  EXPECT_FALSE(std::filesystem::exists(dir_ / "nf4-double-quant/packed/quantize_config.json"));
+
+  v1::JobSpec fp4 = Spec();
+  stage = fp4.add_stages()->mutable_bnb_4bit();
+  stage->set_type(v1::BNB_4BIT_FP4);
+  stage->set_block_size(128);
+  EXPECT_EQ(RunAndDecode(fp4, "fp4-b128", /*bnb=*/true), kLinears);
+
+  // One checkpoint, one loader: bitsandbytes and GPTQ results do not mix.
+  v1::JobSpec mixed = Spec();
+  mixed.add_stages()->mutable_bnb_4bit()->add_exclude("down_proj");
+  v1::RtnStage* rtn = mixed.add_stages()->mutable_rtn();
+  rtn->set_bits(4);
+  rtn->add_include("down_proj");
+  RunOptions options;
+  options.model_path = model_dir_;
+  options.output_dir = dir_ / "mixed";
+  const absl::Status status = RunJob(mixed, options, {}).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(status.message(), "need different loaders")) << status;
 }
 
 }  // namespace

@@ -13,12 +13,14 @@
 #include <set>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "common/sha256.h"
 #include "tests/engine/test_util.h"
 #include "worker/engine/eval/eval.h"
 #include "worker/engine/model/llama_model.h"
 #include "worker/engine/model/random_model.h"
 #include "worker/engine/model/safetensors_reader.h"
+#include "worker/engine/quant/awq.h"
 #include "worker/engine/quant/gptq.h"
 #include "worker/engine/quant/packing.h"
 #include "worker/engine/recipe/calibration.h"
@@ -755,6 +757,74 @@ TEST_F(EvaluateStageTest, GptqJobsBeatRtnOnTheLayersOutputErrorAndPackTheSameWay
                   .equal(*SafetensorsCheckpoint::Open(gptq_out + "/dequantized")
                               ->Load(prefix + ".weight", at::kCPU)));
   EXPECT_TRUE(ExpectProgressOrdered(recorded));
+}
+
+TEST_F(EvaluateStageTest, AwqAndHqqJobsLoseLessThanRtn) {
+  auto spec_for = [&](const std::string& method) {
+    v1::JobSpec spec = Spec(3, {v1::DEQUANTIZED_SAFETENSORS});
+    if (method == "awq") {
+      v1::AwqStage* awq = spec.mutable_stages(0)->mutable_awq();
+      awq->set_bits(3);
+      awq->set_group_size(32);
+    } else if (method == "hqq") {
+      v1::HqqStage* hqq = spec.mutable_stages(0)->mutable_hqq();
+      hqq->set_bits(3);
+      hqq->set_group_size(32);
+    }
+    spec.mutable_calibration()->set_path(text_path_);
+    spec.mutable_calibration()->set_num_samples(8);
+    spec.mutable_calibration()->set_sequence_length(32);
+    return spec;
+  };
+  std::map<std::string, RunResult> results;
+  for (const std::string method : {"awq", "hqq", "rtn"}) {
+    Recorded recorded;
+    absl::StatusOr<RunResult> result = Run(spec_for(method), recorded.callbacks);
+    ASSERT_TRUE(result.ok()) << method << ": " << result.status();
+    EXPECT_EQ(result->report.stages(0).method(), method);
+    EXPECT_TRUE(ExpectProgressOrdered(recorded));
+    results[method] = *result;
+    fs::rename(out_dir_, dir_ / method);
+  }
+
+  // AWQ: layer 0's attention input is the original model's, so the test has
+  // its X^T X. The written model computes x * (g / s) through W * s: the
+  // effective weights are the written ones divided by g / g_written.
+  CalibrationSampleOptions sample_options;
+  sample_options.num_samples = 8;
+  sample_options.sequence_length = 32;
+  sample_options.vocab_size = tokenizer_->vocab_size();
+  const at::Tensor samples = *LoadCalibrationSamples(text_path_, &*tokenizer_, sample_options);
+  const LlamaModel original = *LlamaModel::Load(model_dir_);
+  InputRecorder recorder(0, "self_attn.q_proj");
+  ASSERT_TRUE(original.Forward(samples, nullptr, &recorder).ok());
+  const at::Tensor h = recorder.XtX();
+  const SafetensorsCheckpoint awq = *SafetensorsCheckpoint::Open(dir_ / "awq/dequantized");
+  const SafetensorsCheckpoint rtn = *SafetensorsCheckpoint::Open(dir_ / "rtn/dequantized");
+  const std::string norm = "model.layers.0.input_layernorm.weight";
+  const at::Tensor scales = original.checkpoint().Load(norm, at::kCPU)->to(at::kDouble) /
+                            awq.Load(norm, at::kCPU)->to(at::kDouble);
+  double awq_error = 0, rtn_error = 0;
+  for (const char* linear : {"q_proj", "k_proj", "v_proj"}) {
+    const std::string name = absl::StrCat("model.layers.0.self_attn.", linear, ".weight");
+    const at::Tensor w = original.checkpoint().Load(name, at::kCPU)->to(at::kDouble);
+    const at::Tensor effective = awq.Load(name, at::kCPU)->to(at::kDouble) / scales;
+    awq_error += OutputSquaredError(w, effective, h);
+    rtn_error += OutputSquaredError(w, *rtn.Load(name, at::kCPU), h);
+    if (std::string(linear) == "q_proj") {
+      for (const v1::TensorReport& t : results["awq"].report.stages(0).tensors()) {
+        if (t.name() != name) continue;
+        const double error = RelativeOutputError(w, effective, h);
+        EXPECT_NEAR(t.output_error(), error, 1e-3 * error) << "the report's figure";
+      }
+    }
+  }
+  // The search tries no scaling too: never worse than RTN on its measure.
+  EXPECT_LE(awq_error, rtn_error * 1.001);
+
+  // HQQ keeps, per group, the fit with the least squared error, RTN's included.
+  EXPECT_LT(results["hqq"].report.stages(0).mean_relative_error(),
+            results["rtn"].report.stages(0).mean_relative_error());
 }
 
 TEST_F(EvaluateStageTest, GptqRefusesTensorsOutsideTheBlocksAndMissingCalibration) {

@@ -34,6 +34,7 @@
 #include "worker/engine/model/safetensors_writer.h"
 #include "worker/engine/model/tensor_dtype.h"
 #include "worker/engine/quant/awq.h"
+#include "worker/engine/quant/bnb4bit.h"
 #include "worker/engine/quant/gptq.h"
 #include "worker/engine/quant/hqq.h"
 #include "worker/engine/quant/packing.h"
@@ -104,7 +105,7 @@ absl::Status CancelledStatus() { return absl::CancelledError("job cancelled"); }
 
 // ------------------------------------------------------------------ plan
 
-enum class Method { kRtn, kGptq, kAwq, kHqq, kSleep };
+enum class Method { kRtn, kGptq, kAwq, kHqq, kBnb4Bit, kSleep };
 
 struct StagePlan {
   std::string label;  // shown in progress, metrics and the report
@@ -115,6 +116,7 @@ struct StagePlan {
   bool awq_clip = false;
   bool awq_with_gptq = false;
   HqqOptions hqq;
+  Bnb4BitOptions bnb;
   int sleep_millis = 0;
   std::set<std::string> targets;
 
@@ -131,6 +133,7 @@ const char* MethodName(Method m) {
     case Method::kGptq: return "gptq";
     case Method::kAwq: return "awq";
     case Method::kHqq: return "hqq";
+    case Method::kBnb4Bit: return "bnb_4bit";
     case Method::kSleep: return "sleep";
   }
   return "?";
@@ -140,6 +143,10 @@ const char* MethodName(Method m) {
 bool Quantizes(Method m) {
   return m == Method::kRtn || m == Method::kGptq || m == Method::kAwq || m == Method::kHqq;
 }
+
+// Methods whose result the packed output stores: the integer quantizers'
+// (GPTQ layout) and bitsandbytes' 4-bit formats (its own layout).
+bool Packs(Method m) { return Quantizes(m) || m == Method::kBnb4Bit; }
 
 int64_t NormalizedGroupSize(const RtnOptions& o) { return o.group_size > 0 ? o.group_size : -1; }
 
@@ -244,6 +251,18 @@ absl::StatusOr<std::vector<StagePlan>> PlanStages(const v1::JobSpec& spec,
         }
         break;
       }
+      case v1::Stage::kBnb4Bit: {
+        const v1::Bnb4BitStage& bnb = stage.bnb_4bit();
+        plan.method = Method::kBnb4Bit;
+        plan.bnb.type = bnb.type() == v1::BNB_4BIT_FP4 ? Bnb4BitType::kFp4 : Bnb4BitType::kNf4;
+        if (bnb.block_size() > 0) plan.bnb.block_size = bnb.block_size();
+        plan.bnb.double_quant = bnb.double_quant();
+        SetTargets(bnb, &include, &exclude);
+        if (absl::Status valid = ValidateBnb4BitOptions(plan.bnb); !valid.ok()) {
+          return absl::InvalidArgumentError(absl::StrCat("stages[", i, "]: ", valid.message()));
+        }
+        break;
+      }
       case v1::Stage::kSleep:
         plan.method = Method::kSleep;
         plan.sleep_millis = stage.sleep().millis_per_tensor();
@@ -319,6 +338,26 @@ std::string PackedPrefix(const std::string& name) {
   return std::string(prefix);
 }
 
+// What the packed output stores for a tensor the stage `packing` packs.
+absl::StatusOr<std::vector<SafetensorsTensorSpec>> PackedSpecs(const StagePlan& packing,
+                                                               const TensorPlan& plan,
+                                                               const SafetensorsTensorInfo& info) {
+  if (packing.method == Method::kBnb4Bit) {
+    return Bnb4BitTensorSpecs(info.name, info.shape, info.dtype, packing.bnb);
+  }
+  return PackedLinearSpecs(plan.packed_prefix, info.shape[0], info.shape[1], packing.rtn.bits,
+                           plan.group_size);
+}
+
+// Its bytes there.
+int64_t PackedBytes(const StagePlan& packing, const TensorPlan& plan,
+                    const SafetensorsTensorInfo& info) {
+  if (packing.method == Method::kBnb4Bit) {
+    return Bnb4BitSerializedBytes(info.shape, info.dtype, packing.bnb).value_or(0);
+  }
+  return PackedLinearBytes(info.shape[0], info.shape[1], packing.rtn.bits, plan.group_size);
+}
+
 absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const SafetensorsCheckpoint& checkpoint,
                                                     const std::vector<StagePlan>& stages,
                                                     const Outputs& outputs) {
@@ -329,19 +368,21 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const SafetensorsCheckpoint&
     for (size_t s = 0; s < stages.size(); ++s) {
       if (stages[s].targets.count(t.info.name) == 0) continue;
       plans[i].stages.push_back(static_cast<int>(s));
-      if (Quantizes(stages[s].method)) plans[i].packing_stage = static_cast<int>(s);
+      if (Packs(stages[s].method)) plans[i].packing_stage = static_cast<int>(s);
     }
     if (plans[i].packing_stage >= 0) {
       any_packed = true;
       plans[i].packed_prefix = PackedPrefix(t.info.name);
-      plans[i].group_size =
-          *RtnGroupSize(stages[plans[i].packing_stage].rtn, t.info.shape, t.info.name);
+      const StagePlan& packing = stages[plans[i].packing_stage];
+      if (Quantizes(packing.method)) {
+        plans[i].group_size = *RtnGroupSize(packing.rtn, t.info.shape, t.info.name);
+      }
     }
   }
   if (!outputs.packed) return plans;
   if (!any_packed) {
     return absl::InvalidArgumentError(
-        "PACKED_SAFETENSORS output needs a quantizing stage (rtn, gptq, awq, hqq)");
+        "PACKED_SAFETENSORS output needs a quantizing stage (rtn, gptq, awq, hqq, bnb_4bit)");
   }
   // Packed names must not collide with each other or with kept tensors.
   std::set<std::string> names;
@@ -351,9 +392,9 @@ absl::StatusOr<std::vector<TensorPlan>> PlanTensors(const SafetensorsCheckpoint&
     if (plans[i].packing_stage < 0) {
       produced.push_back(t.info.name);
     } else {
-      for (const char* suffix : {kQweightSuffix, kQzerosSuffix, kScalesSuffix, kGidxSuffix}) {
-        produced.push_back(plans[i].packed_prefix + suffix);
-      }
+      ASSIGN_OR_RETURN(const std::vector<SafetensorsTensorSpec> specs,
+                       PackedSpecs(stages[plans[i].packing_stage], plans[i], t.info));
+      for (const SafetensorsTensorSpec& spec : specs) produced.push_back(spec.name);
     }
     for (const std::string& name : produced) {
       if (!names.insert(name).second) {
@@ -431,7 +472,7 @@ std::string ModuleRegex(const std::string& module) {
 // vLLM): "+:<regex>" with the module's own bits/group_size/sym, and
 // "-:<regex>" for a decoder-block linear left unquantized. The bit widths
 // must share one packing (GPTQ's 2/3/4/8, or the 5/6/7-bit bit stream).
-absl::StatusOr<nlohmann::ordered_json> PackedQuantizationConfig(
+absl::StatusOr<nlohmann::ordered_json> GptqQuantizationConfig(
     const SafetensorsCheckpoint& checkpoint, const std::vector<StagePlan>& stages,
     const std::vector<TensorPlan>& plans) {
   using Grid = std::tuple<int, bool, int64_t>;
@@ -488,6 +529,82 @@ absl::StatusOr<nlohmann::ordered_json> PackedQuantizationConfig(
   if (lm_head) config["lm_head"] = true;
   if (!dynamic.empty()) config["dynamic"] = std::move(dynamic);
   return config;
+}
+
+// torch's name of a weight dtype, as transformers' configs write it.
+const char* TorchDtypeName(SafetensorsDtype dtype) {
+  switch (dtype) {
+    case SafetensorsDtype::kF16: return "float16";
+    case SafetensorsDtype::kBF16: return "bfloat16";
+    default: return "float32";
+  }
+}
+
+// transformers' BitsAndBytesConfig for a checkpoint of bitsandbytes 4-bit
+// weights: one type, block size and double-quant setting for every packed
+// tensor (the config has one of each); the linears left as they are in
+// llm_int8_skip_modules, so that a loader does not expect them quantized.
+absl::StatusOr<nlohmann::ordered_json> Bnb4BitQuantizationConfig(
+    const SafetensorsCheckpoint& checkpoint, const std::vector<StagePlan>& stages,
+    const std::vector<TensorPlan>& plans) {
+  const Bnb4BitOptions* options = nullptr;
+  SafetensorsDtype compute_dtype = SafetensorsDtype::kF32;
+  nlohmann::ordered_json skip = nlohmann::ordered_json::array();
+  const RE2 block_linear(kDefaultLinearWeightPattern);
+  for (size_t i = 0; i < plans.size(); ++i) {
+    const SafetensorsTensorInfo& info = checkpoint.tensors()[i].info;
+    if (plans[i].packing_stage < 0) {
+      if (IsQuantizableWeight(info) &&
+          (RE2::PartialMatch(info.name, block_linear) || info.name == "lm_head.weight")) {
+        skip.push_back(PackedPrefix(info.name));
+      }
+      continue;
+    }
+    const StagePlan& stage = stages[plans[i].packing_stage];
+    if (stage.method != Method::kBnb4Bit) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "PACKED_SAFETENSORS output: bitsandbytes 4-bit tensors and '", info.name, "' (",
+          MethodName(stage.method), ", GPTQ layout) need different loaders; pack one kind, or "
+          "ask for DEQUANTIZED_SAFETENSORS only"));
+    }
+    const Bnb4BitOptions& o = stage.bnb;
+    if (options == nullptr) {
+      options = &o;
+      compute_dtype = info.dtype;
+    } else if (o.type != options->type || o.block_size != options->block_size ||
+               o.double_quant != options->double_quant) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "PACKED_SAFETENSORS output: '", info.name, "' has other bitsandbytes settings (type, "
+          "block_size, double_quant) than the rest; a bitsandbytes checkpoint has one setting"));
+    }
+  }
+  return nlohmann::ordered_json{
+      {"quant_method", "bitsandbytes"},
+      {"load_in_4bit", true},
+      {"load_in_8bit", false},
+      {"bnb_4bit_quant_type", FindBnb4BitFormat(options->type).quant_type},
+      {"bnb_4bit_use_double_quant", options->double_quant},
+      {"bnb_4bit_compute_dtype", TorchDtypeName(compute_dtype)},
+      {"bnb_4bit_quant_storage", "uint8"},
+      {"llm_int8_skip_modules", skip},
+      {"llm_int8_threshold", 6.0},
+      {"llm_int8_has_fp16_weight", false},
+      {"llm_int8_enable_fp32_cpu_offload", false},
+      {"blocksize", options->block_size},
+  };
+}
+
+// The packed checkpoint's quantization_config, in the layout of the stages
+// that pack: GPTQ's or bitsandbytes'.
+absl::StatusOr<nlohmann::ordered_json> PackedQuantizationConfig(
+    const SafetensorsCheckpoint& checkpoint, const std::vector<StagePlan>& stages,
+    const std::vector<TensorPlan>& plans) {
+  for (const TensorPlan& plan : plans) {
+    if (plan.packing_stage >= 0 && stages[plan.packing_stage].method == Method::kBnb4Bit) {
+      return Bnb4BitQuantizationConfig(checkpoint, stages, plans);
+    }
+  }
+  return GptqQuantizationConfig(checkpoint, stages, plans);
 }
 
 // config.json (the packed one with quantization_config) and the companion
@@ -565,6 +682,7 @@ absl::Status MoveIntoPlace(const std::string& staging, const std::string& output
 struct TensorResult {
   at::Tensor dequantized;  // in the stored dtype; undefined when unchanged
   std::optional<QuantizedTensor> packing_source;
+  std::optional<Bnb4BitTensor> bnb_source;  // a bitsandbytes 4-bit result
 };
 
 absl::Status SleepPolling(int millis, Events& events) {
@@ -785,11 +903,9 @@ class JobRunner {
           packed_specs.push_back({info.name, info.dtype, info.shape});
           continue;
         }
-        for (SafetensorsTensorSpec& spec :
-             PackedLinearSpecs(plan.packed_prefix, info.shape[0], info.shape[1],
-                               stages_[plan.packing_stage].rtn.bits, plan.group_size)) {
-          packed_specs.push_back(std::move(spec));
-        }
+        ASSIGN_OR_RETURN(std::vector<SafetensorsTensorSpec> specs,
+                         PackedSpecs(stages_[plan.packing_stage], plan, info));
+        for (SafetensorsTensorSpec& spec : specs) packed_specs.push_back(std::move(spec));
       }
       std::map<std::string, std::string> metadata = file.header().metadata;
       if (metadata.empty()) metadata["format"] = "pt";
@@ -850,9 +966,16 @@ class JobRunner {
     const std::string file_name = FileBaseName(checkpoint_.shards()[tensor.shard]->path());
     ShardWriters& writers = writers_[tensor.shard];
     ASSIGN_OR_RETURN(absl::string_view raw, checkpoint_.RawBytes(name));
-    std::optional<PackedLinear> packed;
+    // The packed form's tensors, named, when this tensor is packed.
+    std::vector<std::pair<std::string, at::Tensor>> packed;
     if (writers.packed && result.packing_source) {
-      ASSIGN_OR_RETURN(packed, PackLinear(*result.packing_source, name));
+      ASSIGN_OR_RETURN(const PackedLinear linear, PackLinear(*result.packing_source, name));
+      packed = {{plan.packed_prefix + kQweightSuffix, linear.qweight},
+                {plan.packed_prefix + kQzerosSuffix, linear.qzeros},
+                {plan.packed_prefix + kScalesSuffix, linear.scales},
+                {plan.packed_prefix + kGidxSuffix, linear.g_idx}};
+    } else if (writers.packed && result.bnb_source) {
+      ASSIGN_OR_RETURN(packed, SerializeBnb4Bit(*result.bnb_source, name));
     }
     // The tensor whole: changed values, else its bytes as stored.
     auto write_whole = [&](SafetensorsWriter& writer, OutputTree& tree) -> absl::Status {
@@ -863,20 +986,14 @@ class JobRunner {
       return absl::OkStatus();
     };
     if (writers.dequantized) RETURN_IF_ERROR(write_whole(*writers.dequantized, dequantized_));
-    if (writers.packed && !packed) {
+    if (writers.packed && packed.empty()) {
       // Unquantized, or changed only by stages that do not pack.
       RETURN_IF_ERROR(write_whole(*writers.packed, packed_));
     } else if (writers.packed) {
-      const std::pair<const char*, const at::Tensor*> parts[] = {
-          {kQweightSuffix, &packed->qweight},
-          {kQzerosSuffix, &packed->qzeros},
-          {kScalesSuffix, &packed->scales},
-          {kGidxSuffix, &packed->g_idx}};
-      for (const auto& [suffix, part] : parts) {
-        const std::string part_name = plan.packed_prefix + suffix;
-        RETURN_IF_ERROR(writers.packed->WriteTensor(part_name, *part));
+      for (const auto& [part_name, part] : packed) {
+        RETURN_IF_ERROR(writers.packed->WriteTensor(part_name, part));
         packed_.weight_map.emplace_back(part_name, file_name);
-        packed_.tensor_bytes += part->nbytes();
+        packed_.tensor_bytes += part.nbytes();
       }
     }
     checkpoint_.ReleasePages(name);
@@ -1116,11 +1233,19 @@ class JobRunner {
         stage.bytes_out += bytes_in;
         message = absl::StrCat("sleep: ", name);
       } else {
-        ASSIGN_OR_RETURN(QuantizedTensor q, Quantize(stage, current, statistics, name));
-        RETURN_IF_ERROR(ValidateQuantized(q, name));
+        // Quantized to either form, dequantized, checked finite.
+        std::optional<QuantizedTensor> q;
+        std::optional<Bnb4BitTensor> bnb;
+        if (stage.method == Method::kBnb4Bit) {
+          ASSIGN_OR_RETURN(bnb, QuantizeBnb4Bit(current, stage.bnb, name));
+          RETURN_IF_ERROR(ValidateBnb4Bit(*bnb, name));
+        } else {
+          ASSIGN_OR_RETURN(q, Quantize(stage, current, statistics, name));
+          RETURN_IF_ERROR(ValidateQuantized(*q, name));
+        }
         ASSIGN_OR_RETURN(
             at::Tensor dequantized, CatchTorchErrors(name, [&]() -> absl::StatusOr<at::Tensor> {
-              at::Tensor d = Dequantize(q, dtype);
+              at::Tensor d = q ? Dequantize(*q, dtype) : DequantizeBnb4Bit(*bnb, dtype);
               if (!at::isfinite(d).all().item<bool>()) {
                 return absl::InternalError(
                     absl::StrCat("tensor '", name, "': dequantized values are not finite"));
@@ -1131,12 +1256,12 @@ class JobRunner {
                          CatchTorchErrors(name, [&]() -> absl::StatusOr<double> {
                            return RelativeError(current, dequantized);
                          }));
-        const int64_t bytes_out =
-            PackedLinearBytes(q.out_features(), q.in_features(), q.bits, q.group_size);
+        const int64_t bytes_out = PackedBytes(stage, plan, tensor.info);
+        const int bits = q ? q->bits : 4;
         v1::TensorReport& report = stage.tensor_reports.emplace_back();
         report.set_name(name);
         for (int64_t d : tensor.info.shape) report.add_shape(d);
-        report.set_bits(q.bits);
+        report.set_bits(bits);
         report.set_relative_error(error);
         if (statistics != nullptr && statistics->hessian.defined()) {
           ASSIGN_OR_RETURN(const double output_error,
@@ -1151,10 +1276,13 @@ class JobRunner {
         stage.bytes_in += bytes_in;
         stage.bytes_out += bytes_out;
         message = absl::StrFormat("%s: %s %s %d-bit, relative error %.4g", MethodName(stage.method),
-                                  name, ShapeString(tensor.info.shape), q.bits, error);
+                                  name, ShapeString(tensor.info.shape), bits, error);
         current = dequantized;
         result.dequantized = dequantized;
-        if (s == plan.packing_stage) result.packing_source = std::move(q);
+        if (s == plan.packing_stage) {
+          result.packing_source = std::move(q);
+          result.bnb_source = std::move(bnb);
+        }
       }
       stage.seconds += Seconds(Clock::now() - start);
       ++done_units_;
@@ -1285,8 +1413,7 @@ class JobRunner {
         after += bytes;
         continue;
       }
-      const int64_t packed = PackedLinearBytes(
-          info.shape[0], info.shape[1], stages_[plan.packing_stage].rtn.bits, plan.group_size);
+      const int64_t packed = PackedBytes(stages_[plan.packing_stage], plan, checkpoint_.tensors()[i].info);
       after += packed;
       quantized_bytes += packed;
       quantized_parameters += info.NumElements();
