@@ -84,6 +84,8 @@ for setting in $SETTINGS; do
   for method in $METHODS; do
     case $method in
       gptq-act) row "$method-$setting" gptq "{$grid, \"act_order\": true}" ;;
+      awq) row "$method-$setting" awq "{$grid, \"clip\": true}" ;;  # AutoAWQ's defaults
+      awq-noclip) row "$method-$setting" awq "{$grid}" ;;
       awq-gptq) row "$method-$setting" awq "{$grid, \"quantizer\": \"AWQ_QUANTIZER_GPTQ\"}" ;;
       *) row "$method-$setting" "$method" "{$grid}" ;;
     esac

@@ -62,8 +62,8 @@ TEST(AwqScaleSearch, BeatsPlainRoundingWhenFewChannelsCarryTheActivations) {
     for (int64_t group : {int64_t{-1}, int64_t{32}}) {
       SCOPED_TRACE(::testing::Message() << bits << " bits, group " << group);
       const AwqOptions options = Options(bits, group);
-      absl::StatusOr<AwqScales> found =
-          SearchAwqScales(weights, inputs.hessian, inputs.mean_abs, options, "attention");
+      absl::StatusOr<AwqScales> found = SearchAwqScales(
+          weights, inputs.mean_abs, options, "attention", LinearOutputError(weights, inputs.hessian));
       ASSERT_TRUE(found.ok()) << found.status();
       EXPECT_GT(found->exponent, 0.0);
       EXPECT_LT(found->error, 0.8 * found->unscaled_error);
@@ -104,8 +104,8 @@ TEST(AwqScaleSearch, KeepsPlainRoundingWhenNoScalingHelps) {
   const at::Tensor w = (at::randint(0, 16, {16, 64}).to(at::kFloat) - 8) * 0.125;
   w.select(1, 0).fill_(-1.0);  // every row spans -8..7 codes exactly
   w.select(1, 1).fill_(0.875);
-  absl::StatusOr<AwqScales> found =
-      SearchAwqScales({w}, x.t().mm(x), x.abs().mean(0), Options(4, -1), "exact");
+  absl::StatusOr<AwqScales> found = SearchAwqScales({w}, x.abs().mean(0), Options(4, -1), "exact",
+                                                    LinearOutputError({w}, x.t().mm(x)));
   ASSERT_TRUE(found.ok()) << found.status();
   EXPECT_EQ(found->unscaled_error, 0.0);
   EXPECT_EQ(found->exponent, -1);
@@ -115,21 +115,31 @@ TEST(AwqScaleSearch, KeepsPlainRoundingWhenNoScalingHelps) {
 TEST(AwqScaleSearch, RejectsMismatchedShapesAndBadOptions) {
   const at::Tensor h = at::eye(8);
   const at::Tensor mean = at::ones({8});
-  auto code = [](const absl::StatusOr<AwqScales>& r) { return r.status().code(); };
-  EXPECT_EQ(code(SearchAwqScales({at::randn({4, 8}), at::randn({4, 6})}, h, mean, Options(4, -1), "x")),
+  auto search = [&](const std::vector<at::Tensor>& weights, const at::Tensor& mean_abs,
+                    const AwqOptions& options) {
+    return SearchAwqScales(weights, mean_abs, options, "x", LinearOutputError(weights, h))
+        .status()
+        .code();
+  };
+  EXPECT_EQ(search({at::randn({4, 8}), at::randn({4, 6})}, mean, Options(4, -1)),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(code(SearchAwqScales({at::randn({4, 8})}, at::eye(6), mean, Options(4, -1), "x")),
+  EXPECT_EQ(search({at::randn({4, 8})}, at::ones({6}), Options(4, -1)),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(code(SearchAwqScales({at::randn({4, 8})}, h, mean, Options(4, 3), "x")),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(search({at::randn({4, 8})}, mean, Options(4, 3)), absl::StatusCode::kInvalidArgument);
   at::Tensor nan = at::randn({4, 8});
   nan[0][0] = std::numeric_limits<float>::quiet_NaN();
-  EXPECT_EQ(code(SearchAwqScales({nan}, h, mean, Options(4, -1), "x")),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(search({nan}, mean, Options(4, -1)), absl::StatusCode::kInvalidArgument);
   AwqOptions bad = Options(4, -1);
   bad.grid_points = 0;
-  EXPECT_EQ(code(SearchAwqScales({at::randn({4, 8})}, h, mean, bad, "x")),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(search({at::randn({4, 8})}, mean, bad), absl::StatusCode::kInvalidArgument);
+  // The caller's error function decides; its failure is the search's.
+  EXPECT_EQ(SearchAwqScales({at::randn({4, 8})}, mean, Options(4, -1), "x",
+                            [](const std::vector<at::Tensor>&) -> absl::StatusOr<double> {
+                              return absl::CancelledError("stop");
+                            })
+                .status()
+                .code(),
+            absl::StatusCode::kCancelled);
 }
 
 TEST(AwqClipSearch, PicksTheBestRatioOfEveryGroupAsABruteForceDoes) {

@@ -38,8 +38,8 @@ std::string Describe(const Bnb4BitOptions& o, at::ScalarType dtype) {
 }
 
 // Rows that exercise every branch: normal, all zero, constant, all positive,
-// all negative, outliers, tiny, large, and values below 1/12 of the absmax
-// (FP4's subnormal and signed-zero codes).
+// all negative, outliers, tiny, large, values below 1/12 of the absmax (FP4's
+// subnormal and signed-zero codes), and one that underflows when normalized.
 at::Tensor TrickyWeights(int64_t out, int64_t in, uint64_t seed) {
   at::manual_seed(seed);
   at::Tensor w = at::randn({out, in}) * 0.02;
@@ -52,6 +52,10 @@ at::Tensor TrickyWeights(int64_t out, int64_t in, uint64_t seed) {
   w[6] *= 5000;
   w[7] = at::randn({in}) * 1e-3;
   w[7][0] = 1.0;
+  // A float32 subnormal whose quotient by the absmax underflows to -0.
+  w[8] = at::randn({in}) * 1e-3;
+  w[8][0] = 100.0;
+  w[8][1] = -1e-44f;
   return w;
 }
 
@@ -90,7 +94,7 @@ TEST(Bnb4Bit, CodeTablesEqualTheBitsandbytesSource) {
                           0.7229568362236023,
                           1.0};
   // get_4bit_type("fp4") before `data /= data.abs().max()` (max 12).
-  const double fp4[16] = {0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
+  const double fp4[16] = {0,  0.0625,  8.0,  12.0,  4.0,  6.0,  2.0,  3.0,
                           -0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0};
   const Bnb4BitFormat& nf4_row = FindBnb4BitFormat(Bnb4BitType::kNf4);
   const Bnb4BitFormat& fp4_row = FindBnb4BitFormat(Bnb4BitType::kFp4);
@@ -129,15 +133,28 @@ TEST(Bnb4Bit, DynamicMapIsCreateDynamicMapSigned) {
   // float32 steps of the Python source (struct-rounded Python floats, torch's
   // scalar linspace formula).
   const std::pair<int, float> exact[] = {
-      {0, -0x1.fc6666p-1f},  {1, -0x1.f53334p-1f},  {2, -0x1.eep-1f},
-      {63, -0x1.b66668p-4f}, {64, -0x1.93d70ap-4f}, {100, -0x1.e978d4p-8f},
-      {126, -0x1.27476ep-21f}, {128, 0x1.27476ep-21f}, {129, 0x1.b43528p-19f},
-      {130, 0x1.040bfep-17f}, {191, 0x1.b66668p-4f}, {200, 0x1.de6666p-3f},
-      {253, 0x1.f53334p-1f}, {254, 0x1.fc6666p-1f},
+      {0, -0x1.fc6666p-1f},
+      {1, -0x1.f53334p-1f},
+      {2, -0x1.eep-1f},
+      {63, -0x1.b66668p-4f},
+      {64, -0x1.93d70ap-4f},
+      {100, -0x1.e978d4p-8f},
+      {126, -0x1.27476ep-21f},
+      {128, 0x1.27476ep-21f},
+      {129, 0x1.b43528p-19f},
+      {130, 0x1.040bfep-17f},
+      {191, 0x1.b66668p-4f},
+      {200, 0x1.de6666p-3f},
+      {253, 0x1.f53334p-1f},
+      {254, 0x1.fc6666p-1f},
       // Entries where linspace's second half, counted down from the end,
       // differs from start + k * step.
-      {18, -0x1.7acccep-1f}, {20, -0x1.6c6666p-1f}, {23, -0x1.56cccep-1f},
-      {25, -0x1.486666p-1f}, {234, 0x1.6c6666p-1f}, {236, 0x1.7acccep-1f},
+      {18, -0x1.7acccep-1f},
+      {20, -0x1.6c6666p-1f},
+      {23, -0x1.56cccep-1f},
+      {25, -0x1.486666p-1f},
+      {234, 0x1.6c6666p-1f},
+      {236, 0x1.7acccep-1f},
   };
   for (const auto& [index, value] : exact) EXPECT_EQ(map[index], value) << index;
   // And in real numbers: for i in 0..6 the midpoints of 2^i equal steps of
@@ -160,8 +177,8 @@ TEST(Bnb4Bit, DynamicMapIsCreateDynamicMapSigned) {
 TEST(Bnb4Bit, QuantizePicksTheNearestTableEntry) {
   at::manual_seed(11);
   // Several scales, and blocks whose absmax is a single outlier.
-  at::Tensor w = at::cat({at::randn({4096}), at::rand({4096}) * 3 - 1.5,
-                          at::randn({4096}) * 1e-4, at::randn({4096}).pow(3)});
+  at::Tensor w = at::cat({at::randn({4096}), at::rand({4096}) * 3 - 1.5, at::randn({4096}) * 1e-4,
+                          at::randn({4096}).pow(3)});
   for (Bnb4BitType type : kTypes) {
     for (int64_t block : {64, 128, 4096}) {
       const Bnb4BitOptions options{type, block, false, 256};
@@ -198,9 +215,12 @@ TEST(Bnb4Bit, ErrorIsAtMostHalfTheLargestGapTimesAbsmax) {
         ASSERT_TRUE(ValidateBnb4Bit(*q, "w").ok());
         const at::Tensor absmax = q->absmax.repeat_interleave(block).view({16, 320});
         // absmax is exactly the block's largest magnitude.
-        EXPECT_TRUE(absmax.equal(
-            w.to(at::kFloat).abs().reshape({-1, block}).amax(1).repeat_interleave(block).view(
-                {16, 320})));
+        EXPECT_TRUE(absmax.equal(w.to(at::kFloat)
+                                     .abs()
+                                     .reshape({-1, block})
+                                     .amax(1)
+                                     .repeat_interleave(block)
+                                     .view({16, 320})));
         const at::Tensor error = (w.to(at::kFloat) - DequantizeBnb4Bit(*q, at::kFloat)).abs();
         const at::Tensor bound = absmax * (HalfLargestGap(QuantMap(type)) * (1 + 1e-5));
         EXPECT_TRUE(error.le(bound).all().item<bool>())
@@ -223,9 +243,15 @@ TEST(Bnb4Bit, FastPathEqualsScalarReferenceCodeForCode) {
             const Bnb4BitOptions options{type, block, double_quant, nested};
             SCOPED_TRACE(Describe(options, dtype));
             absl::StatusOr<Bnb4BitTensor> fast = QuantizeBnb4Bit(w, options, "w");
+            absl::StatusOr<Bnb4BitTensor> aten =
+                QuantizeBnb4Bit(w, options, "w", Bnb4BitKernel::kAten);
             absl::StatusOr<Bnb4BitTensor> reference = QuantizeBnb4BitReference(w, options, "w");
             ASSERT_TRUE(fast.ok()) << fast.status();
+            ASSERT_TRUE(aten.ok()) << aten.status();
             ASSERT_TRUE(reference.ok()) << reference.status();
+            // The device path (ATen ops), run on the CPU, agrees exactly.
+            EXPECT_TRUE(aten->codes.equal(reference->codes));
+            if (!double_quant) EXPECT_TRUE(aten->absmax.equal(reference->absmax));
             ASSERT_TRUE(ValidateBnb4Bit(*fast, "w").ok()) << ValidateBnb4Bit(*fast, "w");
             EXPECT_EQ(fast->shape, (std::vector<int64_t>{24, 200}));
             EXPECT_EQ(fast->dtype, dtype);
@@ -238,7 +264,8 @@ TEST(Bnb4Bit, FastPathEqualsScalarReferenceCodeForCode) {
               EXPECT_TRUE(fast->absmax.equal(reference->absmax));
             }
             for (at::ScalarType out : {at::kFloat, dtype}) {
-              EXPECT_TRUE(DequantizeBnb4Bit(*fast, out).equal(DequantizeBnb4BitReference(*fast, out)))
+              EXPECT_TRUE(
+                  DequantizeBnb4Bit(*fast, out).equal(DequantizeBnb4BitReference(*fast, out)))
                   << c10::toString(out);
             }
           }
@@ -360,26 +387,30 @@ TEST(Bnb4Bit, NibbleOrderAndJsonOnHandWorkedExamples) {
   // Double quantization of the 2 x 2 weight: one absmax (1.0) is its own
   // mean, so the centred value is 0, the nested absmax 0 and its code 127
   // (the dynamic map's 0); 0 * 0 + 1 restores it exactly.
-  absl::StatusOr<Bnb4BitTensor> dq = QuantizeBnb4Bit(w.to(at::kHalf), {Bnb4BitType::kNf4, 64, true, 256}, "w");
+  absl::StatusOr<Bnb4BitTensor> dq =
+      QuantizeBnb4Bit(w.to(at::kHalf), {Bnb4BitType::kNf4, 64, true, 256}, "w");
   ASSERT_TRUE(dq.ok()) << dq.status();
   EXPECT_EQ(dq->nested_offset, 1.0f);
   absl::StatusOr<NamedTensors> dq_tensors = SerializeBnb4Bit(*dq, "l.weight");
   ASSERT_TRUE(dq_tensors.ok()) << dq_tensors.status();
   const NamedTensors& d = *dq_tensors;
-  EXPECT_EQ(Names(d), (std::vector<std::string>{
-                          "l.weight", "l.weight.absmax", "l.weight.quant_map",
-                          "l.weight.nested_absmax", "l.weight.nested_quant_map",
-                          "l.weight.quant_state.bitsandbytes__nf4"}));
+  EXPECT_EQ(Names(d),
+            (std::vector<std::string>{"l.weight", "l.weight.absmax", "l.weight.quant_map",
+                                      "l.weight.nested_absmax", "l.weight.nested_quant_map",
+                                      "l.weight.quant_state.bitsandbytes__nf4"}));
   EXPECT_EQ(Bytes(d[0].second), (std::vector<int>{0xF0, 0xC7}));
   EXPECT_EQ(d[1].second.scalar_type(), at::kByte);
   EXPECT_EQ(Bytes(d[1].second), (std::vector<int>{127}));
   EXPECT_TRUE(d[3].second.equal(at::tensor({0.0f})));
   EXPECT_EQ(d[4].second.sizes(), (std::vector<int64_t>{256}));
   EXPECT_EQ(d[4].second[0].item<float>(), Bnb4BitDynamicMap()[0]);
-  EXPECT_EQ(Text(d[5].second),
-            R"({"quant_type": "nf4", "blocksize": 64, "dtype": "float16", "shape": [2, 2], )"
-            R"("nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 1.000000000e+00})");
-  EXPECT_TRUE(DequantizeBnb4Bit(*dq, at::kHalf).equal(at::tensor({1.0f, -1.0f, 0.44070982933044434f, 0.0f}).to(at::kHalf).view({2, 2})));
+  EXPECT_EQ(
+      Text(d[5].second),
+      R"({"quant_type": "nf4", "blocksize": 64, "dtype": "float16", "shape": [2, 2], )"
+      R"("nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 1.000000000e+00})");
+  EXPECT_TRUE(
+      DequantizeBnb4Bit(*dq, at::kHalf)
+          .equal(at::tensor({1.0f, -1.0f, 0.44070982933044434f, 0.0f}).to(at::kHalf).view({2, 2})));
 }
 
 TEST(Bnb4Bit, QuantStateJsonHasAFixedLengthAndParsesBitsandbytesOwnText) {
@@ -416,7 +447,8 @@ TEST(Bnb4Bit, SerializeParseRoundTripsBitForBitThroughAFile) {
   TempDir dir;
   int file_index = 0;
   for (const std::vector<int64_t>& shape :
-       {std::vector<int64_t>{48, 100}, std::vector<int64_t>{7, 9}, std::vector<int64_t>{3, 5, 67}}) {
+       {std::vector<int64_t>{48, 100}, std::vector<int64_t>{7, 9},
+        std::vector<int64_t>{3, 5, 67}}) {
     for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
       for (Bnb4BitType type : kTypes) {
         for (bool double_quant : {false, true}) {
@@ -538,12 +570,13 @@ TEST(Bnb4Bit, BitsPerWeight) {
   absl::StatusOr<int64_t> plain = Bnb4BitSerializedBytes(shape, SafetensorsDtype::kBF16, {});
   ASSERT_TRUE(plain.ok());
   const int64_t json_plain =
-      std::string(R"({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [4096, 4096]})")
+      std::string(
+          R"({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [4096, 4096]})")
           .size();
   // codes n/2, absmax 4 bytes a block of 64, the 16-float map, the JSON.
   EXPECT_EQ(*plain, 4096 * 4096 / 2 + 4096 * 4096 / 64 * 4 + 64 + json_plain);
-  absl::StatusOr<int64_t> nested = Bnb4BitSerializedBytes(
-      shape, SafetensorsDtype::kBF16, {Bnb4BitType::kNf4, 64, true, 256});
+  absl::StatusOr<int64_t> nested =
+      Bnb4BitSerializedBytes(shape, SafetensorsDtype::kBF16, {Bnb4BitType::kNf4, 64, true, 256});
   ASSERT_TRUE(nested.ok());
   const int64_t json_nested = json_plain + std::string(R"(, "nested_blocksize": 256, )"
                                                        R"("nested_dtype": "float32", )"
@@ -552,8 +585,8 @@ TEST(Bnb4Bit, BitsPerWeight) {
   EXPECT_EQ(*nested, 4096 * 4096 / 2 + 4096 * 4096 / 64 + 4096 * 4096 / 64 / 256 * 4 + 64 +
                          256 * 4 + json_nested);
   absl::StatusOr<double> bpw = Bnb4BitBitsPerWeight(shape, SafetensorsDtype::kBF16, {});
-  absl::StatusOr<double> bpw_nested = Bnb4BitBitsPerWeight(
-      shape, SafetensorsDtype::kBF16, {Bnb4BitType::kNf4, 64, true, 256});
+  absl::StatusOr<double> bpw_nested =
+      Bnb4BitBitsPerWeight(shape, SafetensorsDtype::kBF16, {Bnb4BitType::kNf4, 64, true, 256});
   ASSERT_TRUE(bpw.ok() && bpw_nested.ok());
   EXPECT_NEAR(*bpw, 4.5, 1e-4);
   EXPECT_NEAR(*bpw_nested, 4.0 + 8.0 / 64 + 32.0 / (64 * 256), 1e-3);
@@ -570,7 +603,8 @@ TEST(Bnb4Bit, RejectsBadInputsNamingTensorAndField) {
   EXPECT_TRUE(QuantizeBnb4Bit(w, {Bnb4BitType::kNf4, 64, false, 100}, "t").ok())
       << "nested_block_size is only checked with double quantization";
   EXPECT_TRUE(ValidateBnb4BitOptions({Bnb4BitType::kFp4, 4096, true, 4096}).ok());
-  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+  for (float bad :
+       {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
     at::Tensor with_bad = w.clone();
     with_bad[3][5] = bad;
     ExpectInvalidArgument(
@@ -589,15 +623,15 @@ TEST(Bnb4Bit, RejectsBadInputsNamingTensorAndField) {
                         {"'d'", "Double"});
   ExpectInvalidArgument(QuantizeBnb4Bit(at::ones({0, 4}), {}, "empty").status(),
                         {"'empty'", "[0, 4]"});
-  ExpectInvalidArgument(
-      Bnb4BitTensorSpecs("x.weight", {4, 4}, SafetensorsDtype::kF64, {}).status(),
-      {"'x.weight'", "F64"});
+  ExpectInvalidArgument(Bnb4BitTensorSpecs("x.weight", {4, 4}, SafetensorsDtype::kF64, {}).status(),
+                        {"'x.weight'", "F64"});
   ExpectInvalidArgument(
       Bnb4BitTensorSpecs("x.weight", {65536, 65536}, SafetensorsDtype::kF16, {}).status(),
       {"'x.weight'", "2^31"});
 
   // Parsing: every tensor and the JSON are checked.
-  absl::StatusOr<Bnb4BitTensor> q = QuantizeBnb4Bit(w, {Bnb4BitType::kNf4, 64, true, 256}, "l.weight");
+  absl::StatusOr<Bnb4BitTensor> q =
+      QuantizeBnb4Bit(w, {Bnb4BitType::kNf4, 64, true, 256}, "l.weight");
   ASSERT_TRUE(q.ok());
   absl::StatusOr<NamedTensors> good = SerializeBnb4Bit(*q, "l.weight");
   ASSERT_TRUE(good.ok());
@@ -644,30 +678,60 @@ TEST(Bnb4Bit, RejectsBadInputsNamingTensorAndField) {
   ExpectInvalidArgument(ParseBnb4Bit(replaced(state_name, json("not json")), "l.weight").status(),
                         {"'" + state_name + "'", "not a JSON object"});
   ExpectInvalidArgument(
-      ParseBnb4Bit(replaced(state_name, json(R"({"quant_type": "fp4", "blocksize": 64, "dtype": "float32", "shape": [8, 96], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.1})")),
-                   "l.weight")
+      ParseBnb4Bit(
+          replaced(
+              state_name,
+              json(
+                  R"({"quant_type": "fp4", "blocksize": 64, "dtype": "float32", "shape": [8, 96], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.1})")),
+          "l.weight")
           .status(),
       {"'" + state_name + "'", "quant_type 'fp4'"});
   ExpectInvalidArgument(
-      ParseBnb4Bit(replaced(state_name, json(R"({"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [8, 96]})")),
-                   "l.weight")
+      ParseBnb4Bit(
+          replaced(
+              state_name,
+              json(
+                  R"({"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [8, 96]})")),
+          "l.weight")
           .status(),
       {"'l.weight.nested_absmax'", "not part of a nf4 weight"});
   ExpectInvalidArgument(
-      ParseBnb4Bit(replaced(state_name, json(R"({"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [8, 97], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.1})")),
-                   "l.weight")
+      ParseBnb4Bit(
+          replaced(
+              state_name,
+              json(
+                  R"({"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [8, 97], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.1})")),
+          "l.weight")
           .status(),
       {"'l.weight'", "expected Byte [388, 1]"});
-  ExpectInvalidArgument(ParseBnb4BitQuantState(R"({"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [2], "absmax": 1})", "s").status(),
-                        {"'s'", "unknown key 'absmax'"});
-  ExpectInvalidArgument(ParseBnb4BitQuantState(R"({"quant_type": "nf4", "blocksize": 48, "dtype": "float32", "shape": [2]})", "s").status(),
-                        {"'s'", "blocksize 48"});
-  ExpectInvalidArgument(ParseBnb4BitQuantState(R"({"quant_type": "nf4", "blocksize": 64, "dtype": "int8", "shape": [2]})", "s").status(),
-                        {"'s'", "dtype"});
-  ExpectInvalidArgument(ParseBnb4BitQuantState(R"({"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [2], "nested_offset": 0.5})", "s").status(),
-                        {"'s'", "some but not all"});
-  ExpectInvalidArgument(ParseBnb4BitQuantState(R"({"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [2], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": -0.5})", "s").status(),
-                        {"'s'", "nested_offset"});
+  ExpectInvalidArgument(
+      ParseBnb4BitQuantState(
+          R"({"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [2], "absmax": 1})",
+          "s")
+          .status(),
+      {"'s'", "unknown key 'absmax'"});
+  ExpectInvalidArgument(
+      ParseBnb4BitQuantState(
+          R"({"quant_type": "nf4", "blocksize": 48, "dtype": "float32", "shape": [2]})", "s")
+          .status(),
+      {"'s'", "blocksize 48"});
+  ExpectInvalidArgument(
+      ParseBnb4BitQuantState(
+          R"({"quant_type": "nf4", "blocksize": 64, "dtype": "int8", "shape": [2]})", "s")
+          .status(),
+      {"'s'", "dtype"});
+  ExpectInvalidArgument(
+      ParseBnb4BitQuantState(
+          R"({"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [2], "nested_offset": 0.5})",
+          "s")
+          .status(),
+      {"'s'", "some but not all"});
+  ExpectInvalidArgument(
+      ParseBnb4BitQuantState(
+          R"({"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [2], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": -0.5})",
+          "s")
+          .status(),
+      {"'s'", "nested_offset"});
   NamedTensors extra = *good;
   extra.emplace_back("l.weight.quant_state.bitsandbytes__fp4", json("{}"));
   ExpectInvalidArgument(ParseBnb4Bit(extra, "l.weight").status(),
@@ -697,36 +761,16 @@ TEST(Bnb4Bit, DISABLED_Figures4096) {
       auto ms = [](auto a, auto b) {
         return std::chrono::duration<double, std::milli>(b - a).count();
       };
-      std::printf("%s: relative error %.5f, %.4f bits/weight, quantize %.0f ms, dequantize %.0f ms, "
-                  "serialize %.0f ms\n",
-                  Describe(options, at::kBFloat16).c_str(), RelativeError(w.to(at::kFloat), restored.to(at::kFloat)),
-                  *Bnb4BitBitsPerWeight({4096, 4096}, SafetensorsDtype::kBF16, options),
-                  ms(start, quantized), ms(quantized, dequantized), ms(dequantized, serialized));
+      std::printf(
+          "%s: relative error %.5f, %.4f bits/weight, quantize %.0f ms, dequantize %.0f ms, "
+          "serialize %.0f ms\n",
+          Describe(options, at::kBFloat16).c_str(),
+          RelativeError(w.to(at::kFloat), restored.to(at::kFloat)),
+          *Bnb4BitBitsPerWeight({4096, 4096}, SafetensorsDtype::kBF16, options),
+          ms(start, quantized), ms(quantized, dequantized), ms(dequantized, serialized));
     }
   }
 }
 
 }  // namespace
-}  // namespace compress::engine
-namespace compress::engine {
-TEST(Bnb4Bit, DISABLED_Scratch) {
-  at::manual_seed(7);
-  at::Tensor x = at::randn({262144, 64}) ;
-  at::Tensor mids = at::linspace(-1, 1, 15);
-  auto t0 = std::chrono::steady_clock::now();
-  at::Tensor a = x.abs().amax(1, true);
-  auto t1 = std::chrono::steady_clock::now();
-  at::Tensor y = x.div(a);
-  auto t2 = std::chrono::steady_clock::now();
-  at::Tensor p = at::bucketize(y, mids, true);
-  auto t3 = std::chrono::steady_clock::now();
-  at::Tensor c = p.to(at::kByte);
-  auto t4 = std::chrono::steady_clock::now();
-  at::Tensor s = at::zeros_like(y, at::kByte);
-  for (int k = 0; k < 15; ++k) s.add_(y.gt(mids[k].item<float>()));
-  auto t5 = std::chrono::steady_clock::now();
-  auto ms = [](auto a, auto b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
-  std::printf("absmax %.0f div %.0f bucketize %.0f tobyte %.0f compare-sum %.0f threads %d\n", ms(t0,t1), ms(t1,t2), ms(t2,t3), ms(t3,t4), ms(t4,t5), at::get_num_threads());
-  EXPECT_TRUE(s.equal(c));
-}
 }  // namespace compress::engine

@@ -347,6 +347,50 @@ TEST_F(LayerwiseTest, SequentialLinearsAreFittedToTheAlreadyChangedOnesBeforeThe
                            all_at_once.at({0, "self_attn.q_proj"}), 1e-6, 1e-6));
 }
 
+TEST_F(LayerwiseTest, PrepareSeesTheLoadedBlockAndItsChangesReachTheSteps) {
+  RecordingHook reference;
+  ASSERT_TRUE(model_->Forward(ids_, nullptr, &reference).ok());
+  for (PropagationMode mode : {PropagationMode::kParallel, PropagationMode::kSequential}) {
+    SCOPED_TRACE(mode == PropagationMode::kParallel ? "parallel" : "sequential");
+    LayerwiseOptions options = Options(mode);
+    options.sequential_linears = true;
+    options.probe_samples = 3;
+    int prepared = 0;
+    std::vector<DecoderBlockWeights> finished;
+    LayerwiseCallbacks callbacks;
+    callbacks.prepare = [&](DecoderBlockWeights& block, const BlockStatistics& statistics,
+                            const BlockProbe& probe) -> absl::Status {
+      ++prepared;
+      // Block 0's statistics are the original model's, whatever the mode.
+      if (block.layer == 0) {
+        for (const BlockLinear& linear : kBlockLinears) {
+          const at::Tensor expected = reference.XtX(0, linear.name);
+          EXPECT_LT((statistics.Find(linear.name)->hessian - expected).abs().max().item<double>(),
+                    1e-4 * expected.abs().max().item<double>());
+        }
+      }
+      // The probe: zero for the block as loaded, more for a coarser one.
+      EXPECT_EQ(*probe(block), 0.0);
+      DecoderBlockWeights coarse = block;
+      Coarsen(coarse);
+      EXPECT_GT(*probe(coarse), 0.0);
+      // A change here is what the steps see.
+      block.down_proj.weight = block.down_proj.weight * 2;
+      return absl::OkStatus();
+    };
+    callbacks.transform = [&](DecoderBlockWeights&, const BlockStatistics&,
+                              const std::vector<std::string>&) { return absl::OkStatus(); };
+    callbacks.finished = [&](const DecoderBlockWeights& block) {
+      finished.push_back(block);
+      return absl::OkStatus();
+    };
+    ASSERT_TRUE(RunLayerwise(model_->checkpoint(), model_->config(), options, callbacks).ok());
+    EXPECT_EQ(prepared, 3);
+    ASSERT_EQ(finished.size(), 3u);
+    EXPECT_TRUE(finished[1].down_proj.weight.equal(model_->LoadBlock(1)->down_proj.weight * 2));
+  }
+}
+
 TEST_F(LayerwiseTest, ALayerRangeSeesTheSameActivationsAsTheWholeRun) {
   std::map<std::pair<int64_t, std::string>, at::Tensor> whole, range;
   std::vector<DecoderBlockWeights> finished;

@@ -787,40 +787,55 @@ TEST_F(EvaluateStageTest, AwqAndHqqJobsLoseLessThanRtn) {
     fs::rename(out_dir_, dir_ / method);
   }
 
-  // AWQ: layer 0's attention input is the original model's, so the test has
-  // its X^T X. The written model computes x * (g / s) through W * s: the
-  // effective weights are the written ones divided by g / g_written.
+  // AWQ: layer 0's input is the original model's embedding of the samples,
+  // so the test can run block 0 itself. The written model computes
+  // x * (g / s) through W * s: the effective weights are the written ones
+  // divided by s = g / g_written.
   CalibrationSampleOptions sample_options;
   sample_options.num_samples = 8;
   sample_options.sequence_length = 32;
   sample_options.vocab_size = tokenizer_->vocab_size();
   const at::Tensor samples = *LoadCalibrationSamples(text_path_, &*tokenizer_, sample_options);
   const LlamaModel original = *LlamaModel::Load(model_dir_);
-  InputRecorder recorder(0, "self_attn.q_proj");
-  ASSERT_TRUE(original.Forward(samples, nullptr, &recorder).ok());
-  const at::Tensor h = recorder.XtX();
   const SafetensorsCheckpoint awq = *SafetensorsCheckpoint::Open(dir_ / "awq/dequantized");
   const SafetensorsCheckpoint rtn = *SafetensorsCheckpoint::Open(dir_ / "rtn/dequantized");
   const std::string norm = "model.layers.0.input_layernorm.weight";
-  const at::Tensor scales = original.checkpoint().Load(norm, at::kCPU)->to(at::kDouble) /
-                            awq.Load(norm, at::kCPU)->to(at::kDouble);
-  double awq_error = 0, rtn_error = 0;
-  for (const char* linear : {"q_proj", "k_proj", "v_proj"}) {
-    const std::string name = absl::StrCat("model.layers.0.self_attn.", linear, ".weight");
-    const at::Tensor w = original.checkpoint().Load(name, at::kCPU)->to(at::kDouble);
-    const at::Tensor effective = awq.Load(name, at::kCPU)->to(at::kDouble) / scales;
-    awq_error += OutputSquaredError(w, effective, h);
-    rtn_error += OutputSquaredError(w, *rtn.Load(name, at::kCPU), h);
-    if (std::string(linear) == "q_proj") {
-      for (const v1::TensorReport& t : results["awq"].report.stages(0).tensors()) {
-        if (t.name() != name) continue;
-        const double error = RelativeOutputError(w, effective, h);
-        EXPECT_NEAR(t.output_error(), error, 1e-3 * error) << "the report's figure";
-      }
+  const at::Tensor scales =
+      *original.checkpoint().Load(norm, at::kCPU) / *awq.Load(norm, at::kCPU);
+  const DecoderBlockWeights block =
+      *LoadDecoderBlock(original.checkpoint(), original.config(), 0, at::kCPU, at::kFloat);
+  const at::Tensor hidden =
+      *Embed(*original.checkpoint().Load("model.embed_tokens.weight", at::kCPU), samples);
+  const RotaryCache rope = *MakeRotaryCache(original.config(), 0, 32, at::kCPU, at::kFloat);
+  const at::Tensor reference = *DecoderBlockForward(original.config(), block, hidden, rope, nullptr, nullptr);
+  // Block 0's output error with its q/k/v from `written` (divided by `s`).
+  auto attention_error = [&](const SafetensorsCheckpoint& written, const at::Tensor& s) {
+    DecoderBlockWeights trial = block;
+    for (LinearWeights* linear : {&trial.q_proj, &trial.k_proj, &trial.v_proj}) {
+      const std::string name = linear == &trial.q_proj   ? "q_proj"
+                               : linear == &trial.k_proj ? "k_proj"
+                                                         : "v_proj";
+      linear->weight =
+          *written.Load(absl::StrCat("model.layers.0.self_attn.", name, ".weight"), at::kCPU) / s;
     }
-  }
+    const at::Tensor out = *DecoderBlockForward(original.config(), trial, hidden, rope, nullptr, nullptr);
+    return (out - reference).to(at::kDouble).square().sum().item<double>();
+  };
   // The search tries no scaling too: never worse than RTN on its measure.
-  EXPECT_LE(awq_error, rtn_error * 1.001);
+  EXPECT_LE(attention_error(awq, scales), attention_error(rtn, at::ones_like(scales)) * 1.001);
+  // The report's output error is the layer's own, on the inputs it saw.
+  InputRecorder recorder(0, "self_attn.q_proj");
+  ASSERT_TRUE(original.Forward(samples, nullptr, &recorder).ok());
+  const std::string q_name = "model.layers.0.self_attn.q_proj.weight";
+  const double q_error = RelativeOutputError(*original.checkpoint().Load(q_name, at::kCPU),
+                                             *awq.Load(q_name, at::kCPU) / scales, recorder.XtX());
+  bool reported = false;
+  for (const v1::TensorReport& t : results["awq"].report.stages(0).tensors()) {
+    if (t.name() != q_name) continue;
+    reported = true;
+    EXPECT_NEAR(t.output_error(), q_error, 1e-3 * q_error);
+  }
+  EXPECT_TRUE(reported);
 
   // HQQ keeps, per group, the fit with the least squared error, RTN's included.
   EXPECT_LT(results["hqq"].report.stages(0).mean_relative_error(),

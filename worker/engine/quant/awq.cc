@@ -59,10 +59,30 @@ double OutputSquaredError(const at::Tensor& reference, const at::Tensor& approxi
   return (d.mm(hessian.to(at::kDouble)) * d).sum().item<double>();
 }
 
+AwqErrorFunction LinearOutputError(const std::vector<at::Tensor>& weights,
+                                   const at::Tensor& hessian) {
+  std::vector<at::Tensor> w32;
+  for (const at::Tensor& w : weights) w32.push_back(w.to(at::kFloat));
+  const at::Tensor h = hessian.to(at::kFloat);
+  return [w32, h](const std::vector<at::Tensor>& candidates) -> absl::StatusOr<double> {
+    if (candidates.size() != w32.size()) {
+      return absl::InvalidArgumentError("awq: one candidate per weight expected");
+    }
+    return CatchTorchErrors("awq output error", [&]() -> absl::StatusOr<double> {
+      double total = 0;
+      for (size_t i = 0; i < w32.size(); ++i) {
+        const at::Tensor d = w32[i] - candidates[i];
+        total += (d.mm(h) * d).sum().item<double>();
+      }
+      return total;
+    });
+  };
+}
+
 absl::StatusOr<AwqScales> SearchAwqScales(const std::vector<at::Tensor>& weights,
-                                          const at::Tensor& hessian,
                                           const at::Tensor& mean_abs_input,
-                                          const AwqOptions& options, absl::string_view name) {
+                                          const AwqOptions& options, absl::string_view name,
+                                          const AwqErrorFunction& error) {
   RETURN_IF_ERROR(ValidateAwqOptions(options));
   if (weights.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("awq: ", name, ": no weights to scale"));
@@ -76,59 +96,57 @@ absl::StatusOr<AwqScales> SearchAwqScales(const std::vector<at::Tensor>& weights
                                                      in, " inputs)"));
     }
   }
-  if (hessian.dim() != 2 || hessian.size(0) != in || hessian.size(1) != in ||
-      mean_abs_input.dim() != 1 || mean_abs_input.size(0) != in) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("awq: ", name, ": statistics ", ShapeString(hessian.sizes()), " and ",
-                     ShapeString(mean_abs_input.sizes()), " do not fit ", in, " inputs"));
+  if (mean_abs_input.dim() != 1 || mean_abs_input.size(0) != in) {
+    return absl::InvalidArgumentError(absl::StrCat("awq: ", name, ": activation means ",
+                                                   ShapeString(mean_abs_input.sizes()),
+                                                   " do not fit ", in, " inputs"));
   }
-  return CatchTorchErrors(absl::StrCat("awq ", name), [&]() -> absl::StatusOr<AwqScales> {
-    const at::Tensor h = hessian.to(at::kFloat);
-    const at::Tensor x_mean = mean_abs_input.to(at::kFloat);
-    std::vector<at::Tensor> w32;
-    for (const at::Tensor& w : weights) w32.push_back(w.to(at::kFloat));
-    if (!AllFinite(h) || !AllFinite(x_mean)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("awq: ", name, ": the calibration statistics are not finite"));
-    }
-    const at::Tensor stacked = at::cat(w32, 0);
-    if (!AllFinite(stacked)) {
-      return absl::InvalidArgumentError(absl::StrCat("awq: ", name, ": weights are not finite"));
-    }
-    ASSIGN_OR_RETURN(const int64_t group_size,
-                     RtnGroupSize(options.grid, stacked.sizes().vec(), name));
-    // mean_w: |W| relative to its group's max, averaged over the rows.
-    const at::Tensor grouped = stacked.abs().reshape({-1, group_size});
-    const at::Tensor w_mean =
-        (grouped / grouped.amax({1}, true).clamp_min(1e-12)).reshape(stacked.sizes()).mean(0);
+  ASSIGN_OR_RETURN(
+      const at::Tensor stacked, CatchTorchErrors(absl::StrCat("awq ", name), [&]() -> absl::StatusOr<at::Tensor> {
+        std::vector<at::Tensor> w32;
+        for (const at::Tensor& w : weights) w32.push_back(w.to(at::kFloat));
+        return at::cat(w32, 0);
+      }));
+  ASSIGN_OR_RETURN(const int64_t group_size,
+                   RtnGroupSize(options.grid, stacked.sizes().vec(), name));
+  const at::Tensor x_mean = mean_abs_input.to(at::kFloat);
+  if (!AllFinite(x_mean)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("awq: ", name, ": the calibration statistics are not finite"));
+  }
+  if (!AllFinite(stacked)) {
+    return absl::InvalidArgumentError(absl::StrCat("awq: ", name, ": weights are not finite"));
+  }
+  // mean_w: |W| relative to its group's max, averaged over the rows.
+  const at::Tensor grouped = stacked.abs().reshape({-1, group_size});
+  const at::Tensor w_mean =
+      (grouped / grouped.amax({1}, true).clamp_min(1e-12)).reshape(stacked.sizes()).mean(0);
 
-    auto error_at = [&](const at::Tensor& s) -> absl::StatusOr<double> {
-      double total = 0;
-      for (const at::Tensor& w : w32) {
-        ASSIGN_OR_RETURN(const at::Tensor q, RtnRoundTrip(w * s, options.grid, name));
-        const at::Tensor d = w - q / s;
-        total += (d.mm(h) * d).sum().item<double>();
-      }
-      return total;
-    };
-    AwqScales best;
-    best.scales = at::ones({in}, x_mean.options());
-    ASSIGN_OR_RETURN(best.unscaled_error, error_at(best.scales));
-    best.error = best.unscaled_error;
-    for (int i = 0; i < options.grid_points; ++i) {
-      const double a = static_cast<double>(i) / options.grid_points;
-      at::Tensor s = (x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)).clamp_min(1e-4);
-      s = s / (s.max() * s.min()).sqrt();
-      if (!AllFinite(s)) continue;
-      ASSIGN_OR_RETURN(const double error, error_at(s));
-      if (error < best.error) {
-        best.error = error;
-        best.exponent = a;
-        best.scales = s;
-      }
+  auto error_at = [&](const at::Tensor& s) -> absl::StatusOr<double> {
+    std::vector<at::Tensor> candidates;
+    for (const at::Tensor& w : weights) {
+      ASSIGN_OR_RETURN(const at::Tensor q, RtnRoundTrip(w.to(at::kFloat) * s, options.grid, name));
+      candidates.push_back(q / s);
     }
-    return best;
-  });
+    return error(candidates);
+  };
+  AwqScales best;
+  best.scales = at::ones({in}, x_mean.options());
+  ASSIGN_OR_RETURN(best.unscaled_error, error_at(best.scales));
+  best.error = best.unscaled_error;
+  for (int i = 0; i < options.grid_points; ++i) {
+    const double a = static_cast<double>(i) / options.grid_points;
+    at::Tensor s = (x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)).clamp_min(1e-4);
+    s = s / (s.max() * s.min()).sqrt();
+    if (!AllFinite(s)) continue;
+    ASSIGN_OR_RETURN(const double candidate_error, error_at(s));
+    if (candidate_error < best.error) {
+      best.error = candidate_error;
+      best.exponent = a;
+      best.scales = s;
+    }
+  }
+  return best;
 }
 
 absl::StatusOr<at::Tensor> SearchAwqClip(const at::Tensor& weight, const at::Tensor& hessian,

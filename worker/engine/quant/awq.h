@@ -4,19 +4,19 @@
 // error) and the input is scaled down by the same factor, which the
 // preceding RMSNorm or linear absorbs: the model's function is unchanged.
 //
-// For the linears W_l [out_l, in] fed by one input x with H = sum x^T x over
-// the calibration tokens, the scales are, as AutoAWQ's duo scaling:
+// For the linears W_l [out_l, in] fed by one input x, the scales are, as
+// AutoAWQ's duo scaling:
 //   s(a) = mean|x|^a / (mean_w^(1-a) + 1e-4), clamped to >= 1e-4, then divided
 //          by sqrt(max s * min s)
 // where mean|x| is per input channel over the calibration tokens and mean_w
 // is the mean over the rows of |W| / (its group's max |W|), all of a group's
 // linears stacked. The exponent a runs over 0, 1/n, ..., (n-1)/n and s = 1
-// (no scaling) is a candidate too; the chosen s minimises the output error
-//   sum_l tr(dW_l H dW_l^T),  dW_l = W_l - RTN(W_l diag(s)) diag(s)^-1
-// (AutoAWQ measures the same error on the outputs of the module that holds
-// the linears; here it is the linears' own outputs, computed exactly from
-// H). RTN is the quantizer of rtn.h with the stage's grid.
-//
+// (no scaling) is a candidate too; the chosen s minimises an error the
+// caller measures for the weights RTN(W_l diag(s)) diag(s)^-1: the job
+// runner measures the decoder block's output on calibration samples (as
+// AutoAWQ measures the module that holds the linears);
+// LinearOutputError below is the linears' own output error computed from
+// X^T X, sum_l tr(dW_l H dW_l^T).
 // Clipping (optional, AutoAWQ's auto_clip): per output row and group, the
 // range is shrunk to max|w| * (1 - i/n) for i < max_shrink * n; the ratio
 // with the least output error of that group, dw_g H_gg dw_g^T, is kept and
@@ -25,6 +25,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -50,14 +51,25 @@ struct AwqScales {
   double unscaled_error = 0;  // plain RTN's output error (s = 1)
 };
 
+// What a scale candidate costs: given the linears' weights as the candidate
+// leaves them (RTN(W diag(s)) diag(s)^-1, float32, in the order of
+// `weights`), the error to minimise.
+using AwqErrorFunction =
+    std::function<absl::StatusOr<double>(const std::vector<at::Tensor>& candidate_weights)>;
+
 // Searches the scales for the linears `weights` ([out_l, in] each, any float
-// dtype) that share one input with X^T X `hessian` [in, in] and per-channel
-// mean |x| `mean_abs_input` [in]. INVALID_ARGUMENT naming `name` for
-// mismatched shapes, non-finite values, or a group size that does not divide in.
+// dtype) that share one input with per-channel mean |x| `mean_abs_input`
+// [in]. INVALID_ARGUMENT naming `name` for mismatched shapes, non-finite
+// values, or a group size that does not divide in; what `error` returns.
 absl::StatusOr<AwqScales> SearchAwqScales(const std::vector<at::Tensor>& weights,
-                                          const at::Tensor& hessian,
                                           const at::Tensor& mean_abs_input,
-                                          const AwqOptions& options, absl::string_view name);
+                                          const AwqOptions& options, absl::string_view name,
+                                          const AwqErrorFunction& error);
+
+// sum_l tr((W_l - C_l) H (W_l - C_l)^T) for the candidates C_l: the linears'
+// squared output error on inputs with X^T X `hessian` [in, in].
+AwqErrorFunction LinearOutputError(const std::vector<at::Tensor>& weights,
+                                   const at::Tensor& hessian);
 
 // The weight (float32) clamped per row and group to the range whose RTN
 // quantization has the least output error on inputs with X^T X `hessian`.

@@ -1,7 +1,7 @@
-// bitsandbytes 4-bit (NF4 / FP4): the code tables, the fast ATen path,
-// serialization to and from the Linear4bit state dict, and, in the last
-// section of this file, the scalar references the tests check the fast path
-// against. The formats and the on-disk layout are described in bnb4bit.h.
+// bitsandbytes 4-bit (NF4 / FP4): the code tables, the fast paths (a C++ loop
+// on the CPU, ATen ops elsewhere), serialization to and from the Linear4bit state dict, and, in the
+// last section of this file, the scalar references the tests check the fast path against. The
+// formats and the on-disk layout are described in bnb4bit.h.
 #include "worker/engine/quant/bnb4bit.h"
 
 #include <ATen/ATen.h>
@@ -13,10 +13,9 @@
 #include <cstring>
 #include <limits>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -74,17 +73,15 @@ const BnbDtype* FindDtype(absl::string_view torch_name) {
   return nullptr;
 }
 
-bool IsBlockSize(int64_t size) {
-  return size >= 64 && size <= 4096 && (size & (size - 1)) == 0;
-}
+bool IsBlockSize(int64_t size) { return size >= 64 && size <= 4096 && (size & (size - 1)) == 0; }
 
 // numel of `shape`, or INVALID_ARGUMENT unless 1 <= numel < 2^31.
 absl::StatusOr<int64_t> CheckedNumel(const std::vector<int64_t>& shape, absl::string_view name) {
   int64_t n = 1;
   for (int64_t d : shape) {
     if (d < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "' ", ShapeString(shape),
-                                                     ": negative dimension"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor '", name, "' ", ShapeString(shape), ": negative dimension"));
     }
     if (d != 0 && n > (kMaxElements - 1) / d) {
       n = kMaxElements;
@@ -139,8 +136,9 @@ const CodeGrid& DynamicGrid() {
 }
 
 at::Tensor FloatTensor(const float* values, int64_t count, const at::Device& device) {
-  return at::from_blob(const_cast<float*>(values), {count}, at::kFloat).to(device, /*non_blocking=*/false,
-                                                                           /*copy=*/true);
+  return at::from_blob(const_cast<float*>(values), {count}, at::kFloat)
+      .to(device, /*non_blocking=*/false,
+          /*copy=*/true);
 }
 
 // A CodeGrid as small tensors on the device the fast path runs on.
@@ -153,8 +151,8 @@ struct DeviceGrid {
 
 DeviceGrid ToDevice(const CodeGrid& grid, bool sign_magnitude, const at::Device& device) {
   DeviceGrid d;
-  d.midpoints = FloatTensor(grid.midpoints.data(), static_cast<int64_t>(grid.midpoints.size()),
-                            device);
+  d.midpoints =
+      FloatTensor(grid.midpoints.data(), static_cast<int64_t>(grid.midpoints.size()), device);
   d.codes = at::from_blob(const_cast<uint8_t*>(grid.codes.data()),
                           {static_cast<int64_t>(grid.codes.size())}, at::kByte)
                 .to(device, /*non_blocking=*/false, /*copy=*/true);
@@ -164,10 +162,10 @@ DeviceGrid ToDevice(const CodeGrid& grid, bool sign_magnitude, const at::Device&
 }
 
 // ---------------------------------------------------------------------------
-// The fast path.
+// The fast paths.
 // ---------------------------------------------------------------------------
 
-// Blockwise absmax quantization of the rows of `x` ([b, size], float32) onto
+// ATen ops: blockwise absmax quantization of the rows of `x` ([b, size], float32) onto
 // `grid`: writes codes [b, size] and absmax [b]. Returns false (outputs
 // unspecified) if x holds NaN or Inf: amax propagates both, so the check is
 // on the small result.
@@ -193,9 +191,83 @@ bool QuantizeRows(const at::Tensor& x, const DeviceGrid& grid, at::Tensor codes_
   return true;
 }
 
+// The CPU kernel: blocks [first, last) of `x` (float32, contiguous, holding
+// the elements of those blocks only; the tensor's last block may be short).
+// code = how many of the sorted grid's midpoints lie below y = x / divisor
+// (below |y| for a sign-magnitude grid, whose sign goes to bit 3), mapped to
+// the grid's code. The inner loop over the kCandidates - 1 midpoints has a
+// fixed length and no branch (the compiler unrolls it). False on NaN/Inf.
+template <int kCandidates>
+bool QuantizeBlocksCpu(const float* x, int64_t first, int64_t last, int64_t size, int64_t n,
+                       const CodeGrid& grid, bool sign_magnitude, uint8_t* codes, float* absmax) {
+  float midpoints[kCandidates - 1];
+  uint8_t code_of[kCandidates];
+  for (int k = 0; k < kCandidates; ++k) code_of[k] = grid.codes[k];
+  for (int k = 0; k + 1 < kCandidates; ++k) midpoints[k] = grid.midpoints[k];
+  for (int64_t b = first; b < last; ++b) {
+    const float* block = x + (b - first) * size;
+    uint8_t* out = codes + b * size;
+    const int64_t count = std::min(size, n - b * size);
+    float m = 0.0f;
+    for (int64_t i = 0; i < count; ++i) {
+      if (!std::isfinite(block[i])) return false;
+      m = std::max(m, std::fabs(block[i]));
+    }
+    absmax[b] = m;
+    const float divisor = m == 0.0f ? 1.0f : m;
+    for (int64_t i = 0; i < count; ++i) {
+      const float y = block[i] / divisor;
+      int position = 0;
+      if (sign_magnitude) {
+        const float magnitude = std::fabs(y);
+        for (int k = 0; k + 1 < kCandidates; ++k) position += magnitude > midpoints[k] ? 1 : 0;
+        position |= y < 0.0f ? 8 : 0;  // the sign of y: -0 after underflow is not negative
+      } else {
+        for (int k = 0; k + 1 < kCandidates; ++k) position += y > midpoints[k] ? 1 : 0;
+      }
+      out[i] = static_cast<uint8_t>(position);
+    }
+    if (sign_magnitude) {
+      for (int64_t i = 0; i < count; ++i) {
+        out[i] = static_cast<uint8_t>(code_of[out[i] & 7] | (out[i] & 8));
+      }
+    } else if (!grid.identity) {
+      for (int64_t i = 0; i < count; ++i) out[i] = code_of[out[i]];
+    }
+  }
+  return true;
+}
+
+// The CPU fast path over a flat tensor: chunks of whole blocks in parallel.
+bool QuantizeFlatCpu(const at::Tensor& flat, int64_t size, const CodeGrid& grid,
+                     bool sign_magnitude, at::Tensor codes, at::Tensor absmax) {
+  const int64_t n = flat.numel();
+  const int64_t blocks = (n + size - 1) / size;
+  const int64_t blocks_per_chunk = std::max<int64_t>(1, kCpuChunkElements / size);
+  uint8_t* code_data = codes.data_ptr<uint8_t>();
+  float* absmax_data = absmax.data_ptr<float>();
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, blocks, blocks_per_chunk, [&](int64_t begin, int64_t end) {
+    for (int64_t first = begin; first < end; first += blocks_per_chunk) {
+      const int64_t last = std::min(end, first + blocks_per_chunk);
+      const int64_t start = first * size;
+      at::Tensor chunk =
+          flat.narrow(0, start, std::min(n, last * size) - start).to(at::kFloat).contiguous();
+      const bool ok = grid.values.size() == 16
+                          ? QuantizeBlocksCpu<16>(chunk.data_ptr<float>(), first, last, size, n,
+                                                  grid, sign_magnitude, code_data, absmax_data)
+                          : QuantizeBlocksCpu<8>(chunk.data_ptr<float>(), first, last, size, n,
+                                                 grid, sign_magnitude, code_data, absmax_data);
+      if (!ok) finite = false;
+    }
+  });
+  return finite;
+}
+
 // Blockwise quantization of a flat float tensor `flat` [n] into codes [n]
-// and absmax [ceil(n / size)]: whole blocks in chunks (in parallel on the
-// CPU), the partial last block zero-padded (zeros change no absmax).
+// and absmax [ceil(n / size)] with ATen ops: whole blocks in chunks (in
+// parallel on the CPU), the partial last block zero-padded (zeros change no
+// absmax).
 bool QuantizeFlat(const at::Tensor& flat, int64_t size, const DeviceGrid& grid, at::Tensor codes,
                   at::Tensor absmax) {
   const int64_t n = flat.numel();
@@ -270,8 +342,7 @@ absl::Status CheckTensor(const at::Tensor& t, at::ScalarType dtype,
   return absl::OkStatus();
 }
 
-absl::Status CheckScales(const at::Tensor& scales, absl::string_view what,
-                         absl::string_view name) {
+absl::Status CheckScales(const at::Tensor& scales, absl::string_view what, absl::string_view name) {
   if (!at::isfinite(scales).all().item<bool>() || scales.lt(0).any().item<bool>()) {
     return absl::InvalidArgumentError(
         absl::StrCat("tensor '", name, "': ", what, " holds a negative, NaN or Inf value"));
@@ -328,9 +399,8 @@ const std::array<float, 256>& Bnb4BitDynamicMap() {
 
 absl::Status ValidateBnb4BitOptions(const Bnb4BitOptions& options) {
   if (options.type != Bnb4BitType::kNf4 && options.type != Bnb4BitType::kFp4) {
-    return absl::InvalidArgumentError(absl::StrCat("bnb4bit: type ",
-                                                   static_cast<int>(options.type),
-                                                   " is neither nf4 nor fp4"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("bnb4bit: type ", static_cast<int>(options.type), " is neither nf4 nor fp4"));
   }
   if (!IsBlockSize(options.block_size)) {
     return absl::InvalidArgumentError(absl::StrCat("bnb4bit: block_size ", options.block_size,
@@ -351,8 +421,8 @@ int64_t Bnb4BitTensor::numel() const {
 }
 
 absl::StatusOr<Bnb4BitTensor> QuantizeBnb4Bit(const at::Tensor& weight,
-                                              const Bnb4BitOptions& options,
-                                              absl::string_view name) {
+                                              const Bnb4BitOptions& options, absl::string_view name,
+                                              Bnb4BitKernel kernel) {
   RETURN_IF_ERROR(CheckWeight(weight, options, name));
   return CatchTorchErrors(
       absl::StrCat("bnb4bit: tensor '", name, "'"), [&]() -> absl::StatusOr<Bnb4BitTensor> {
@@ -366,8 +436,15 @@ absl::StatusOr<Bnb4BitTensor> QuantizeBnb4Bit(const at::Tensor& weight,
         const int64_t blocks = q.blocks();
         q.codes = at::empty({n}, weight.options().dtype(at::kByte));
         at::Tensor absmax = at::empty({blocks}, weight.options().dtype(at::kFloat));
-        const DeviceGrid grid = ToDevice(FourBitGrid(options.type), format.sign_magnitude, device);
-        if (!QuantizeFlat(weight.reshape({-1}), options.block_size, grid, q.codes, absmax)) {
+        const at::Tensor flat = weight.reshape({-1});
+        const bool finite =
+            weight.is_cpu() && kernel == Bnb4BitKernel::kAuto
+                ? QuantizeFlatCpu(flat, options.block_size, FourBitGrid(options.type),
+                                  format.sign_magnitude, q.codes, absmax)
+                : QuantizeFlat(flat, options.block_size,
+                               ToDevice(FourBitGrid(options.type), format.sign_magnitude, device),
+                               q.codes, absmax);
+        if (!finite) {
           return absl::InvalidArgumentError(absl::StrCat(
               "tensor '", name, "' ", ShapeString(weight.sizes()), " contains NaN or Inf"));
         }
@@ -427,8 +504,8 @@ absl::Status ValidateBnb4Bit(const Bnb4BitTensor& q, absl::string_view name) {
     const int64_t blocks = q.blocks();
     if (!q.options.double_quant) {
       if (q.quantized_absmax.defined() || q.nested_absmax.defined()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "tensor '", name, "': nested absmax tensors without double quantization"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("tensor '", name, "': nested absmax tensors without double quantization"));
       }
       RETURN_IF_ERROR(CheckTensor(q.absmax, at::kFloat, {blocks}, "absmax", name));
       return CheckScales(q.absmax, "absmax", name);
@@ -437,14 +514,13 @@ absl::Status ValidateBnb4Bit(const Bnb4BitTensor& q, absl::string_view name) {
       return absl::InvalidArgumentError(absl::StrCat(
           "tensor '", name, "': a float absmax with double quantization (it is quantized)"));
     }
-    RETURN_IF_ERROR(
-        CheckTensor(q.quantized_absmax, at::kByte, {blocks}, "quantized absmax", name));
+    RETURN_IF_ERROR(CheckTensor(q.quantized_absmax, at::kByte, {blocks}, "quantized absmax", name));
     RETURN_IF_ERROR(
         CheckTensor(q.nested_absmax, at::kFloat, {q.nested_blocks()}, "nested absmax", name));
     RETURN_IF_ERROR(CheckScales(q.nested_absmax, "nested absmax", name));
     if (!std::isfinite(q.nested_offset) || q.nested_offset < 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "tensor '", name, "': nested offset ", q.nested_offset, " is not finite and >= 0"));
+      return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "': nested offset ",
+                                                     q.nested_offset, " is not finite and >= 0"));
     }
     return absl::OkStatus();
   });
@@ -457,10 +533,9 @@ absl::Status ValidateBnb4Bit(const Bnb4BitTensor& q, absl::string_view name) {
 std::string FormatBnb4BitQuantState(const Bnb4BitQuantState& state) {
   // json.dumps(dict) with its default separators; strings here never need
   // escaping (they come from the fixed tables).
-  std::string json = absl::StrCat("{\"quant_type\": \"", state.quant_type,
-                                  "\", \"blocksize\": ", state.blocksize, ", \"dtype\": \"",
-                                  state.dtype, "\", \"shape\": [",
-                                  absl::StrJoin(state.shape, ", "), "]");
+  std::string json = absl::StrCat(
+      "{\"quant_type\": \"", state.quant_type, "\", \"blocksize\": ", state.blocksize,
+      ", \"dtype\": \"", state.dtype, "\", \"shape\": [", absl::StrJoin(state.shape, ", "), "]");
   if (state.nested) {
     // +0.0f turns -0 into 0: the sign would add a character.
     const double offset = static_cast<double>(state.nested_offset + 0.0f);
@@ -481,11 +556,12 @@ absl::StatusOr<Bnb4BitQuantState> ParseBnb4BitQuantState(absl::string_view json,
   const nlohmann::json parsed = nlohmann::json::parse(json.begin(), json.end(), nullptr,
                                                       /*allow_exceptions=*/false);
   if (parsed.is_discarded() || !parsed.is_object()) return error("is not a JSON object");
-  static const std::set<std::string> kKeys = {"quant_type",       "blocksize",    "dtype",
-                                              "shape",            "nested_blocksize",
-                                              "nested_dtype",     "nested_offset"};
+  static const std::set<std::string> kKeys = {"quant_type",   "blocksize",        "dtype",
+                                              "shape",        "nested_blocksize", "nested_dtype",
+                                              "nested_offset"};
   for (const auto& item : parsed.items()) {
-    if (kKeys.count(item.key()) == 0) return error(absl::StrCat("has unknown key '", item.key(), "'"));
+    if (kKeys.count(item.key()) == 0)
+      return error(absl::StrCat("has unknown key '", item.key(), "'"));
   }
   Bnb4BitQuantState state;
   if (!parsed.contains("quant_type") || !parsed["quant_type"].is_string()) {
@@ -548,8 +624,7 @@ absl::StatusOr<std::vector<SafetensorsTensorSpec>> Bnb4BitTensorSpecs(
   const BnbDtype* bnb_dtype = FindDtype(dtype);
   if (bnb_dtype == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat("tensor '", weight_name, "' ",
-                                                   ShapeString(shape), ": dtype ",
-                                                   DtypeName(dtype),
+                                                   ShapeString(shape), ": dtype ", DtypeName(dtype),
                                                    " is not F32, F16 or BF16"));
   }
   ASSIGN_OR_RETURN(const int64_t n, CheckedNumel(shape, weight_name));
@@ -598,8 +673,7 @@ absl::StatusOr<int64_t> Bnb4BitSerializedBytes(const std::vector<int64_t>& shape
 }
 
 absl::StatusOr<double> Bnb4BitBitsPerWeight(const std::vector<int64_t>& shape,
-                                            SafetensorsDtype dtype,
-                                            const Bnb4BitOptions& options) {
+                                            SafetensorsDtype dtype, const Bnb4BitOptions& options) {
   ASSIGN_OR_RETURN(const int64_t bytes, Bnb4BitSerializedBytes(shape, dtype, options));
   ASSIGN_OR_RETURN(const int64_t n, CheckedNumel(shape, "weight"));
   return 8.0 * static_cast<double>(bytes) / static_cast<double>(n);
@@ -609,11 +683,11 @@ absl::StatusOr<NamedTensors> SerializeBnb4Bit(const Bnb4BitTensor& q,
                                               const std::string& weight_name) {
   RETURN_IF_ERROR(ValidateBnb4Bit(q, weight_name));
   const BnbDtype* bnb_dtype = FindDtype(q.dtype);  // validated above
-  ASSIGN_OR_RETURN(
-      const std::vector<SafetensorsTensorSpec> specs,
-      Bnb4BitTensorSpecs(weight_name, q.shape, bnb_dtype->safetensors, q.options));
+  ASSIGN_OR_RETURN(const std::vector<SafetensorsTensorSpec> specs,
+                   Bnb4BitTensorSpecs(weight_name, q.shape, bnb_dtype->safetensors, q.options));
   return CatchTorchErrors(
-      absl::StrCat("bnb4bit: serialize '", weight_name, "'"), [&]() -> absl::StatusOr<NamedTensors> {
+      absl::StrCat("bnb4bit: serialize '", weight_name, "'"),
+      [&]() -> absl::StatusOr<NamedTensors> {
         const Bnb4BitFormat& format = FindBnb4BitFormat(q.options.type);
         const int64_t n = q.numel();
         // Two codes a byte, the first in the high nibble.
@@ -654,9 +728,8 @@ absl::StatusOr<NamedTensors> SerializeBnb4Bit(const Bnb4BitTensor& q,
         // The format's names, dtypes, shapes and sizes, checked before anything
         // reaches a file.
         if (out.size() != specs.size()) {
-          return absl::InternalError(absl::StrCat("tensor '", weight_name, "': made ",
-                                                  out.size(), " tensors, the format has ",
-                                                  specs.size()));
+          return absl::InternalError(absl::StrCat("tensor '", weight_name, "': made ", out.size(),
+                                                  " tensors, the format has ", specs.size()));
         }
         int64_t bytes = 0;
         for (size_t i = 0; i < specs.size(); ++i) {
@@ -674,8 +747,8 @@ absl::StatusOr<NamedTensors> SerializeBnb4Bit(const Bnb4BitTensor& q,
         ASSIGN_OR_RETURN(const int64_t expected,
                          Bnb4BitSerializedBytes(q.shape, bnb_dtype->safetensors, q.options));
         if (bytes != expected) {
-          return absl::InternalError(absl::StrCat("tensor '", weight_name, "': serialized ",
-                                                  bytes, " bytes, the format says ", expected));
+          return absl::InternalError(absl::StrCat("tensor '", weight_name, "': serialized ", bytes,
+                                                  " bytes, the format says ", expected));
         }
         return out;
       });
@@ -698,15 +771,14 @@ absl::StatusOr<Bnb4BitTensor> ParseBnb4Bit(const NamedTensors& tensors,
     if (!absl::StartsWith(tensor_name, state_prefix)) continue;
     if (!state_name.empty()) {
       return absl::InvalidArgumentError(absl::StrCat("tensor '", weight_name,
-                                                     "': more than one quant_state: '",
-                                                     state_name, "', '", tensor_name, "'"));
+                                                     "': more than one quant_state: '", state_name,
+                                                     "', '", tensor_name, "'"));
     }
     state_name = tensor_name;
   }
   if (state_name.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("tensor '", weight_name, "': no '", weight_name, kBnbQuantStateSuffix,
-                     "nf4' or 'fp4' tensor"));
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", weight_name, "': no '", weight_name,
+                                                   kBnbQuantStateSuffix, "nf4' or 'fp4' tensor"));
   }
   const at::Tensor& state_tensor = mine[state_name];
   if (!state_tensor.defined() || state_tensor.scalar_type() != at::kByte ||
@@ -722,9 +794,8 @@ absl::StatusOr<Bnb4BitTensor> ParseBnb4Bit(const NamedTensors& tensors,
                             static_cast<size_t>(state_bytes.numel())),
           state_name));
   if (state_name != absl::StrCat(weight_name, kBnbQuantStateSuffix, state.quant_type)) {
-    return absl::InvalidArgumentError(absl::StrCat("tensor '", state_name,
-                                                   "': name does not match quant_type '",
-                                                   state.quant_type, "'"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tensor '", state_name, "': name does not match quant_type '", state.quant_type, "'"));
   }
 
   Bnb4BitTensor q;
@@ -746,9 +817,9 @@ absl::StatusOr<Bnb4BitTensor> ParseBnb4Bit(const NamedTensors& tensors,
     bool known = false;
     for (const SafetensorsTensorSpec& spec : specs) known = known || spec.name == tensor_name;
     if (!known) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "tensor '", tensor_name, "' is not part of a ", state.nested ? "double-quantized " : "",
-          state.quant_type, " weight"));
+      return absl::InvalidArgumentError(absl::StrCat("tensor '", tensor_name, "' is not part of a ",
+                                                     state.nested ? "double-quantized " : "",
+                                                     state.quant_type, " weight"));
     }
   }
   for (const SafetensorsTensorSpec& spec : specs) {
@@ -757,8 +828,8 @@ absl::StatusOr<Bnb4BitTensor> ParseBnb4Bit(const NamedTensors& tensors,
       return absl::InvalidArgumentError(absl::StrCat("tensor '", spec.name, "' is missing"));
     }
     if (spec.name == state_name) continue;
-    RETURN_IF_ERROR(CheckTensor(it->second, *ToScalarType(spec.dtype), spec.shape, "this tensor",
-                                spec.name));
+    RETURN_IF_ERROR(
+        CheckTensor(it->second, *ToScalarType(spec.dtype), spec.shape, "this tensor", spec.name));
   }
 
   return CatchTorchErrors(
@@ -772,13 +843,12 @@ absl::StatusOr<Bnb4BitTensor> ParseBnb4Bit(const NamedTensors& tensors,
           if (!(deviation <= kMapTolerance)) {
             return absl::InvalidArgumentError(absl::StrCat(
                 "tensor '", map_name, "' differs from bitsandbytes' ", format.quant_type,
-                map_name == weight_name + kBnbQuantMapSuffix ? " table" : " dynamic map",
-                " by ", deviation));
+                map_name == weight_name + kBnbQuantMapSuffix ? " table" : " dynamic map", " by ",
+                deviation));
           }
           return absl::OkStatus();
         };
-        RETURN_IF_ERROR(
-            check_map(weight_name + kBnbQuantMapSuffix, format.quant_map.data(), 16));
+        RETURN_IF_ERROR(check_map(weight_name + kBnbQuantMapSuffix, format.quant_map.data(), 16));
 
         const int64_t n = q.numel();
         at::Tensor packed = mine[weight_name].to(at::kCPU).view(-1);
@@ -788,8 +858,8 @@ absl::StatusOr<Bnb4BitTensor> ParseBnb4Bit(const NamedTensors& tensors,
                       .contiguous();
         at::Tensor absmax = mine[weight_name + kBnbAbsmaxSuffix].to(at::kCPU).contiguous();
         if (q.options.double_quant) {
-          RETURN_IF_ERROR(check_map(weight_name + kBnbNestedQuantMapSuffix,
-                                    Bnb4BitDynamicMap().data(), 256));
+          RETURN_IF_ERROR(
+              check_map(weight_name + kBnbNestedQuantMapSuffix, Bnb4BitDynamicMap().data(), 256));
           q.quantized_absmax = absmax;
           q.nested_absmax = mine[weight_name + kBnbNestedAbsmaxSuffix].to(at::kCPU).contiguous();
         } else {
@@ -870,7 +940,8 @@ absl::StatusOr<Bnb4BitTensor> QuantizeBnb4BitReference(const at::Tensor& weight,
             const float y = x[i] / divisor;
             if (format.sign_magnitude) {
               const uint8_t sign = y < 0.0f ? 8 : 0;
-              codes[i] = static_cast<uint8_t>(NearestCodeReference(candidates, std::fabs(y)) | sign);
+              codes[i] =
+                  static_cast<uint8_t>(NearestCodeReference(candidates, std::fabs(y)) | sign);
             } else {
               codes[i] = NearestCodeReference(candidates, y);
             }
@@ -901,7 +972,8 @@ absl::StatusOr<Bnb4BitTensor> QuantizeBnb4BitReference(const at::Tensor& weight,
           nested[j] = m;
           const float divisor = m == 0.0f ? 1.0f : m;
           for (int64_t b = begin; b < end; ++b) {
-            quantized[b] = NearestCodeReference(dynamic, (absmax_data[b] - q.nested_offset) / divisor);
+            quantized[b] =
+                NearestCodeReference(dynamic, (absmax_data[b] - q.nested_offset) / divisor);
           }
         }
         return q;

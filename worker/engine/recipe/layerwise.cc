@@ -40,6 +40,28 @@ absl::Status RunBlock(const LlamaConfig& config, const DecoderBlockWeights& bloc
   return absl::OkStatus();
 }
 
+// The block's outputs on `inputs`, in passes of samples_per_pass.
+absl::StatusOr<at::Tensor> BlockOutputs(const LlamaConfig& config, const DecoderBlockWeights& block,
+                                        const at::Tensor& inputs, const RotaryCache& rope,
+                                        const LayerwiseOptions& options) {
+  at::Tensor outputs;
+  RETURN_IF_ERROR(CatchTorchErrors("block probe", [&]() -> absl::Status {
+    outputs = at::empty_like(inputs);
+    return absl::OkStatus();
+  }));
+  RETURN_IF_ERROR(RunBlock(config, block, inputs, rope, options, nullptr, &outputs));
+  return outputs;
+}
+
+// At most `count` of the samples, spread evenly over them, as a copy.
+absl::StatusOr<at::Tensor> ProbeInputs(const at::Tensor& hidden, int64_t count) {
+  return CatchTorchErrors("block probe", [&]() -> absl::StatusOr<at::Tensor> {
+    const int64_t samples = hidden.size(0);
+    const int64_t step = std::max<int64_t>(1, samples / std::max<int64_t>(count, 1));
+    return hidden.slice(0, 0, samples, step).narrow(0, 0, std::min(count, (samples + step - 1) / step)).contiguous();
+  });
+}
+
 }  // namespace
 
 absl::Status RunLayerwise(const SafetensorsCheckpoint& checkpoint, const LlamaConfig& config,
@@ -127,7 +149,17 @@ absl::Status RunLayerwise(const SafetensorsCheckpoint& checkpoint, const LlamaCo
     if (calibrating && callbacks.prepare) {
       prepare_statistics.Clear();
       RETURN_IF_ERROR(statistics_pass(prepare_statistics, kBlockLinears.back().name));
-      RETURN_IF_ERROR(callbacks.prepare(block, prepare_statistics));
+      ASSIGN_OR_RETURN(const at::Tensor probe_inputs, ProbeInputs(hidden, options.probe_samples));
+      ASSIGN_OR_RETURN(const at::Tensor reference,
+                       BlockOutputs(config, block, probe_inputs, rope, options));
+      const BlockProbe probe = [&](const DecoderBlockWeights& candidate) -> absl::StatusOr<double> {
+        ASSIGN_OR_RETURN(const at::Tensor outputs,
+                         BlockOutputs(config, candidate, probe_inputs, rope, options));
+        return CatchTorchErrors("block probe", [&]() -> absl::StatusOr<double> {
+          return (outputs.to(at::kDouble) - reference.to(at::kDouble)).square().sum().item<double>();
+        });
+      };
+      RETURN_IF_ERROR(callbacks.prepare(block, prepare_statistics, probe));
       prepare_statistics.Clear();
     }
     if (!calibrating || !options.sequential_linears) {

@@ -51,6 +51,9 @@ struct LayerwiseOptions {
   // input statistics (with X^T X) prepare receives, from one pass over the
   // block as loaded, before any step.
   std::set<std::string> prepare_statistics_for;
+  // Calibration samples (spread evenly over all of them) that prepare's
+  // BlockProbe runs a candidate block on.
+  int64_t probe_samples = 32;
   bool with_hessian = true;
   at::ScalarType hessian_dtype = at::kFloat;
   // With calibration: the linears are changed in four steps (q/k/v_proj,
@@ -82,12 +85,18 @@ inline const std::vector<std::vector<std::string>>& SequentialLinearSteps() {
   return *steps;
 }
 
+// The squared difference (summed in float64) between a candidate block's
+// outputs and the block's as loaded, on probe_samples calibration samples.
+using BlockProbe = std::function<absl::StatusOr<double>(const DecoderBlockWeights& candidate)>;
+
 struct LayerwiseCallbacks {
   // Optional, with calibration: changes the block before its steps (for
   // example rescaling it without changing its function), given the input
-  // statistics of prepare_statistics_for on the block as loaded. The steps'
-  // statistics are then taken on the prepared block.
-  std::function<absl::Status(DecoderBlockWeights& block, const BlockStatistics& statistics)>
+  // statistics of prepare_statistics_for on the block as loaded and a probe
+  // that measures candidate blocks. The steps' statistics are then taken on
+  // the prepared block.
+  std::function<absl::Status(DecoderBlockWeights& block, const BlockStatistics& statistics,
+                             const BlockProbe& probe)>
       prepare;
   // Changes the weights of `linears` (names inside the block) in place
   // (replace or edit the tensors; keep shapes, dtype and device), using the

@@ -1054,8 +1054,9 @@ class JobRunner {
       for (const AwqScaledInput& input : AwqScaledInputs()) {
         for (const char* consumer : input.consumers) layerwise.prepare_statistics_for.insert(consumer);
       }
-      callbacks.prepare = [&](DecoderBlockWeights& block, const BlockStatistics& statistics) {
-        return PrepareAwq(block, statistics, &prepared);
+      callbacks.prepare = [&](DecoderBlockWeights& block, const BlockStatistics& statistics,
+                              const BlockProbe& probe) {
+        return PrepareAwq(block, statistics, probe, &prepared);
       };
     }
     callbacks.transform = [&](DecoderBlockWeights& block, const BlockStatistics& statistics,
@@ -1161,7 +1162,7 @@ class JobRunner {
   // statistics and folded into the block. The tensors it changes are
   // recorded in `prepared` (checkpoint indexes) to be written.
   absl::Status PrepareAwq(DecoderBlockWeights& block, const BlockStatistics& statistics,
-                          std::set<size_t>* prepared) {
+                          const BlockProbe& probe, std::set<size_t>* prepared) {
     StagePlan& stage = stages_[awq_stage_];
     const Clock::time_point start = Clock::now();
     std::map<std::string, size_t> index_of;
@@ -1169,11 +1170,13 @@ class JobRunner {
     for (const AwqScaledInput& input : AwqScaledInputs()) {
       if (!AwqInputApplies(*config_, input)) continue;
       std::vector<at::Tensor> weights;
+      std::vector<LinearWeights DecoderBlockWeights::*> members;
       bool targeted = false;
       for (const char* consumer : input.consumers) {
         for (const BlockLinear& linear : kBlockLinears) {
           if (absl::string_view(linear.name) == consumer) {
             weights.push_back((block.*linear.member).weight);
+            members.push_back(linear.member);
           }
         }
         targeted = targeted ||
@@ -1190,8 +1193,19 @@ class JobRunner {
                        CatchTorchErrors(label, [&]() -> absl::StatusOr<at::Tensor> {
                          return (stats->sum_abs / static_cast<double>(stats->tokens)).to(at::kFloat);
                        }));
+      // A candidate is measured by the whole block's output with these
+      // linears replaced (the others as loaded).
+      const AwqErrorFunction block_error =
+          [&](const std::vector<at::Tensor>& candidates) -> absl::StatusOr<double> {
+        DecoderBlockWeights trial = block;
+        for (size_t k = 0; k < members.size(); ++k) {
+          LinearWeights& linear = trial.*members[k];
+          linear.weight = candidates[k].to(linear.weight.scalar_type());
+        }
+        return probe(trial);
+      };
       ASSIGN_OR_RETURN(const AwqScales scales,
-                       SearchAwqScales(weights, stats->hessian, mean_abs, stage.awq, label));
+                       SearchAwqScales(weights, mean_abs, stage.awq, label, block_error));
       ASSIGN_OR_RETURN(const std::vector<std::string> changed,
                        FoldAwqScales(block, input, scales.scales));
       for (const std::string& name : changed) {
@@ -1200,10 +1214,10 @@ class JobRunner {
       }
       events_.Log("INFO",
                   scales.exponent < 0
-                      ? absl::StrFormat("awq: %s: no scaling beats plain rounding (output error %.4g)",
+                      ? absl::StrFormat("awq: %s: no scaling beats plain rounding (block output error %.4g)",
                                         label, scales.unscaled_error)
-                      : absl::StrFormat("awq: %s: exponent %.2f, output error %.4g (%.3g of plain "
-                                        "rounding's)",
+                      : absl::StrFormat("awq: %s: exponent %.2f, block output error %.4g (%.3g of "
+                                        "plain rounding's)",
                                         label, scales.exponent, scales.error,
                                         scales.unscaled_error > 0 ? scales.error / scales.unscaled_error : 0.0));
     }
