@@ -276,11 +276,20 @@ TEST_F(EndToEndTest, BadRequestsAreRefusedAndTheServerKeepsServing) {
             grpc::StatusCode::NOT_FOUND);
   EXPECT_EQ(SubmitStatus("model: {path: llama}\nstages: [{rtn: {bits: -3}}]\n").error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
-  // A group size that does not divide the rows is caught by the worker.
-  std::string id = Submit("model: {path: llama}\nstages: [{rtn: {bits: 4, group_size: 100}}]\n");
-  Job failed = WaitForEnd(id);
-  EXPECT_EQ(failed.state(), v1::FAILED);
-  EXPECT_NE(failed.message().find("INVALID_ARGUMENT"), std::string::npos) << failed.message();
+  // The recipe against the model's tensors, at submit: a group size that
+  // does not divide the inputs, a pattern that selects nothing.
+  const grpc::Status group =
+      SubmitStatus("model: {path: llama}\nstages: [{rtn: {bits: 4, group_size: 100}}]\n");
+  EXPECT_EQ(group.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(group.error_message().find("stages[0].rtn.group_size: 100 does not divide"),
+            std::string::npos)
+      << group.error_message();
+  const grpc::Status pattern =
+      SubmitStatus("model: {path: llama}\nstages: [{hqq: {bits: 3, include: [vision_tower]}}]\n");
+  EXPECT_EQ(pattern.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(pattern.error_message().find("include pattern 'vision_tower' matches no"),
+            std::string::npos)
+      << pattern.error_message();
   EXPECT_TRUE(server_->Running());
   Job ok = WaitForEnd(Submit("model: {path: llama}\nstages: [{rtn: {bits: 8}}]\n"));
   EXPECT_EQ(ok.state(), v1::SUCCEEDED) << ok.message();

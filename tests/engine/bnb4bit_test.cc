@@ -741,36 +741,5 @@ TEST(Bnb4Bit, RejectsBadInputsNamingTensorAndField) {
   ExpectInvalidArgument(ParseBnb4Bit(unknown, "l.weight").status(), {"'l.weight.SCB'"});
 }
 
-// Prints the figures the report quotes (4096 x 4096, Gaussian weights); run
-// with --gtest_also_run_disabled_tests.
-TEST(Bnb4Bit, DISABLED_Figures4096) {
-  at::manual_seed(7);
-  const at::Tensor w = (at::randn({4096, 4096}) * 0.02).to(at::kBFloat16);
-  for (Bnb4BitType type : kTypes) {
-    for (bool double_quant : {false, true}) {
-      const Bnb4BitOptions options{type, 64, double_quant, 256};
-      const auto start = std::chrono::steady_clock::now();
-      absl::StatusOr<Bnb4BitTensor> q = QuantizeBnb4Bit(w, options, "w");
-      const auto quantized = std::chrono::steady_clock::now();
-      ASSERT_TRUE(q.ok());
-      const at::Tensor restored = DequantizeBnb4Bit(*q, at::kBFloat16);
-      const auto dequantized = std::chrono::steady_clock::now();
-      absl::StatusOr<NamedTensors> tensors = SerializeBnb4Bit(*q, "w");
-      const auto serialized = std::chrono::steady_clock::now();
-      ASSERT_TRUE(tensors.ok());
-      auto ms = [](auto a, auto b) {
-        return std::chrono::duration<double, std::milli>(b - a).count();
-      };
-      std::printf(
-          "%s: relative error %.5f, %.4f bits/weight, quantize %.0f ms, dequantize %.0f ms, "
-          "serialize %.0f ms\n",
-          Describe(options, at::kBFloat16).c_str(),
-          RelativeError(w.to(at::kFloat), restored.to(at::kFloat)),
-          *Bnb4BitBitsPerWeight({4096, 4096}, SafetensorsDtype::kBF16, options),
-          ms(start, quantized), ms(quantized, dequantized), ms(dequantized, serialized));
-    }
-  }
-}
-
 }  // namespace
 }  // namespace compress::engine

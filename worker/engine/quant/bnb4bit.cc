@@ -195,11 +195,12 @@ bool QuantizeRows(const at::Tensor& x, const DeviceGrid& grid, at::Tensor codes_
 // the elements of those blocks only; the tensor's last block may be short).
 // code = how many of the sorted grid's midpoints lie below y = x / divisor
 // (below |y| for a sign-magnitude grid, whose sign goes to bit 3), mapped to
-// the grid's code. The inner loop over the kCandidates - 1 midpoints has a
-// fixed length and no branch (the compiler unrolls it). False on NaN/Inf.
-template <int kCandidates>
+// the grid's code. Grid size and sign handling are template parameters, so
+// the loop over the elements has a fixed-length, branch-free body the
+// compiler can unroll and vectorize. False on NaN/Inf.
+template <int kCandidates, bool kSignMagnitude>
 bool QuantizeBlocksCpu(const float* x, int64_t first, int64_t last, int64_t size, int64_t n,
-                       const CodeGrid& grid, bool sign_magnitude, uint8_t* codes, float* absmax) {
+                       const CodeGrid& grid, uint8_t* codes, float* absmax) {
   float midpoints[kCandidates - 1];
   uint8_t code_of[kCandidates];
   for (int k = 0; k < kCandidates; ++k) code_of[k] = grid.codes[k];
@@ -217,17 +218,14 @@ bool QuantizeBlocksCpu(const float* x, int64_t first, int64_t last, int64_t size
     const float divisor = m == 0.0f ? 1.0f : m;
     for (int64_t i = 0; i < count; ++i) {
       const float y = block[i] / divisor;
+      const float key = kSignMagnitude ? std::fabs(y) : y;
       int position = 0;
-      if (sign_magnitude) {
-        const float magnitude = std::fabs(y);
-        for (int k = 0; k + 1 < kCandidates; ++k) position += magnitude > midpoints[k] ? 1 : 0;
-        position |= y < 0.0f ? 8 : 0;  // the sign of y: -0 after underflow is not negative
-      } else {
-        for (int k = 0; k + 1 < kCandidates; ++k) position += y > midpoints[k] ? 1 : 0;
-      }
+      for (int k = 0; k + 1 < kCandidates; ++k) position += key > midpoints[k] ? 1 : 0;
+      // The sign of y, not of x: x / absmax may underflow to -0, not negative.
+      if (kSignMagnitude) position |= y < 0.0f ? 8 : 0;
       out[i] = static_cast<uint8_t>(position);
     }
-    if (sign_magnitude) {
+    if (kSignMagnitude) {
       for (int64_t i = 0; i < count; ++i) {
         out[i] = static_cast<uint8_t>(code_of[out[i] & 7] | (out[i] & 8));
       }
@@ -239,8 +237,10 @@ bool QuantizeBlocksCpu(const float* x, int64_t first, int64_t last, int64_t size
 }
 
 // The CPU fast path over a flat tensor: chunks of whole blocks in parallel.
+// The 4-bit grids: NF4's 16 codes, or FP4's 8 magnitudes and a sign bit.
 bool QuantizeFlatCpu(const at::Tensor& flat, int64_t size, const CodeGrid& grid,
                      bool sign_magnitude, at::Tensor codes, at::Tensor absmax) {
+  TORCH_CHECK(grid.values.size() == (sign_magnitude ? 8u : 16u), "bnb4bit: unexpected grid");
   const int64_t n = flat.numel();
   const int64_t blocks = (n + size - 1) / size;
   const int64_t blocks_per_chunk = std::max<int64_t>(1, kCpuChunkElements / size);
@@ -253,11 +253,11 @@ bool QuantizeFlatCpu(const at::Tensor& flat, int64_t size, const CodeGrid& grid,
       const int64_t start = first * size;
       at::Tensor chunk =
           flat.narrow(0, start, std::min(n, last * size) - start).to(at::kFloat).contiguous();
-      const bool ok = grid.values.size() == 16
-                          ? QuantizeBlocksCpu<16>(chunk.data_ptr<float>(), first, last, size, n,
-                                                  grid, sign_magnitude, code_data, absmax_data)
-                          : QuantizeBlocksCpu<8>(chunk.data_ptr<float>(), first, last, size, n,
-                                                 grid, sign_magnitude, code_data, absmax_data);
+      const float* x = chunk.data_ptr<float>();
+      const bool ok =
+          sign_magnitude
+              ? QuantizeBlocksCpu<8, true>(x, first, last, size, n, grid, code_data, absmax_data)
+              : QuantizeBlocksCpu<16, false>(x, first, last, size, n, grid, code_data, absmax_data);
       if (!ok) finite = false;
     }
   });
