@@ -1,0 +1,82 @@
+// Llama checkpoints in llama.cpp's names and rotary row order.
+#include "worker/engine/gguf/gguf_llama.h"
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+namespace compress::engine {
+namespace {
+
+TEST(GgufLlama, TensorNamesAreLlamaCpps) {
+  EXPECT_EQ(*GgufTensorName("model.embed_tokens.weight"), "token_embd.weight");
+  EXPECT_EQ(*GgufTensorName("model.norm.weight"), "output_norm.weight");
+  EXPECT_EQ(*GgufTensorName("lm_head.weight"), "output.weight");
+  EXPECT_EQ(*GgufTensorName("model.layers.12.self_attn.q_proj.weight"), "blk.12.attn_q.weight");
+  EXPECT_EQ(*GgufTensorName("model.layers.0.self_attn.o_proj.weight"), "blk.0.attn_output.weight");
+  EXPECT_EQ(*GgufTensorName("model.layers.3.input_layernorm.weight"), "blk.3.attn_norm.weight");
+  EXPECT_EQ(*GgufTensorName("model.layers.3.post_attention_layernorm.weight"), "blk.3.ffn_norm.weight");
+  EXPECT_EQ(*GgufTensorName("model.layers.7.mlp.down_proj.weight"), "blk.7.ffn_down.weight");
+  EXPECT_EQ(*GgufTensorName("model.layers.1.self_attn.k_proj.bias"), "blk.1.attn_k.bias");
+  EXPECT_FALSE(GgufTensorName("model.layers.1.self_attn.rotary_emb.inv_freq").has_value());
+  EXPECT_FALSE(GgufTensorName("model.layers.x.mlp.up_proj.weight").has_value());
+  EXPECT_EQ(GgufLayerOf("blk.12.attn_q.weight"), 12);
+  EXPECT_EQ(GgufLayerOf("output.weight"), -1);
+}
+
+// Rotary embedding of one head's vector at `position`, two conventions.
+at::Tensor RotateHalves(const at::Tensor& x, int64_t position) {  // transformers
+  const int64_t d = x.size(0);
+  at::Tensor out = x.clone();
+  for (int64_t i = 0; i < d / 2; ++i) {
+    const double angle = position * std::pow(10000.0, -2.0 * i / d);
+    const double a = x[i].item<double>(), b = x[i + d / 2].item<double>();
+    out[i] = a * std::cos(angle) - b * std::sin(angle);
+    out[i + d / 2] = b * std::cos(angle) + a * std::sin(angle);
+  }
+  return out;
+}
+
+at::Tensor RotatePairs(const at::Tensor& x, int64_t position) {  // llama.cpp
+  const int64_t d = x.size(0);
+  at::Tensor out = x.clone();
+  for (int64_t i = 0; i < d / 2; ++i) {
+    const double angle = position * std::pow(10000.0, -2.0 * i / d);
+    const double a = x[2 * i].item<double>(), b = x[2 * i + 1].item<double>();
+    out[2 * i] = a * std::cos(angle) - b * std::sin(angle);
+    out[2 * i + 1] = a * std::sin(angle) + b * std::cos(angle);
+  }
+  return out;
+}
+
+TEST(GgufLlama, PermutedRowsGiveTheSameAttentionScoresUnderLlamaCppsRope) {
+  at::manual_seed(1);
+  const int64_t heads = 3, head_dim = 8, hidden = 12;
+  const at::Tensor wq = at::randn({heads * head_dim, hidden}, at::kDouble);
+  const at::Tensor wk = at::randn({heads * head_dim, hidden}, at::kDouble);
+  const at::Tensor pq = *PermuteRotaryRowsForGguf(wq, heads, "q");
+  const at::Tensor pk = *PermuteRotaryRowsForGguf(wk, heads, "k");
+  const at::Tensor x1 = at::randn({hidden}, at::kDouble), x2 = at::randn({hidden}, at::kDouble);
+  for (int64_t h = 0; h < heads; ++h) {
+    auto head = [&](const at::Tensor& w, const at::Tensor& x) {
+      return w.mv(x).narrow(0, h * head_dim, head_dim);
+    };
+    // Query at position 5 against key at position 2, both conventions.
+    const double hf = RotateHalves(head(wq, x1), 5).dot(RotateHalves(head(wk, x2), 2)).item<double>();
+    const double gguf = RotatePairs(head(pq, x1), 5).dot(RotatePairs(head(pk, x2), 2)).item<double>();
+    EXPECT_NEAR(gguf, hf, 1e-9 * std::abs(hf) + 1e-12) << "head " << h;
+  }
+  // A bias is a matrix of one column.
+  const at::Tensor bias = at::arange(heads * head_dim, at::kDouble);
+  const at::Tensor permuted = *PermuteRotaryRowsForGguf(bias, heads, "b");
+  EXPECT_EQ(permuted[1].item<double>(), head_dim / 2);  // row 1 <- row D/2 of head 0
+  EXPECT_EQ(permuted[head_dim + 2].item<double>(), head_dim + 1);
+  EXPECT_EQ(PermuteRotaryRowsForGguf(at::zeros({10, 4}), 3, "w").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(PermuteRotaryRowsForGguf(at::zeros({9, 4}), 3, "w").status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace compress::engine

@@ -1,0 +1,36 @@
+// A Llama-family checkpoint as llama.cpp's "llama" architecture reads it:
+// tensor names and the query/key row order. (The metadata that goes with
+// them is built by the GGUF output writer.)
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace compress::engine {
+
+// Hugging Face name -> GGUF name ("model.layers.3.self_attn.q_proj.weight" ->
+// "blk.3.attn_q.weight"); nullopt for a tensor llama.cpp's Llama loader has
+// no name for (rotary caches and the like, which it recomputes).
+std::optional<std::string> GgufTensorName(absl::string_view hf_name);
+
+// The block index of a GGUF name ("blk.3.attn_q.weight" -> 3), -1 outside.
+int64_t GgufLayerOf(absl::string_view gguf_name);
+
+// transformers rotates the two halves of each head's query/key vector
+// against each other; llama.cpp's Llama rope rotates adjacent pairs. The
+// checkpoint's q_proj/k_proj rows (and biases) are reordered so that row
+// h*D + 2i + j holds what was row h*D + j*D/2 + i (D = head_dim): the model
+// computes the same attention under llama.cpp's convention. `heads` is the
+// number of heads the rows hold (attention heads for q, key/value heads for
+// k). INVALID_ARGUMENT naming `name` when the rows do not split into heads
+// of an even size.
+absl::StatusOr<at::Tensor> PermuteRotaryRowsForGguf(const at::Tensor& rows, int64_t heads,
+                                                    absl::string_view name);
+
+}  // namespace compress::engine
