@@ -1,10 +1,14 @@
 // Llama checkpoints in llama.cpp's names and rotary row order.
 #include "worker/engine/gguf/gguf_llama.h"
+#include "worker/engine/gguf/gguf_vocabulary.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "tests/engine/test_util.h"
 
 namespace compress::engine {
 namespace {
@@ -76,6 +80,43 @@ TEST(GgufLlama, PermutedRowsGiveTheSameAttentionScoresUnderLlamaCppsRope) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(PermuteRotaryRowsForGguf(at::zeros({9, 4}), 3, "w").status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+TEST(GgufVocabulary, TheTrainedModelsTokenizerAsConvertHfToGgufWritesIt) {
+  const std::string path = std::string(FIXTURES_DIR) + "/kjv-llama/tokenizer.json";
+  absl::StatusOr<GgufVocabulary> vocabulary = ReadGgufVocabulary(path, 1024);
+  ASSERT_TRUE(vocabulary.ok()) << vocabulary.status();
+  const nlohmann::json json = nlohmann::json::parse(testing::ReadBytes(path));
+  EXPECT_EQ(vocabulary->model, "gpt2");
+  EXPECT_EQ(vocabulary->pre, "gpt-2");
+  ASSERT_EQ(vocabulary->tokens.size(), 1024u);
+  for (const auto& [token, id] : json["model"]["vocab"].items()) {
+    ASSERT_EQ(vocabulary->tokens[id.get<int>()], token);
+  }
+  EXPECT_EQ(vocabulary->tokens[0], "<|begin_of_text|>");
+  EXPECT_EQ(vocabulary->token_types[0], static_cast<int32_t>(GgufTokenType::kControl));
+  EXPECT_EQ(vocabulary->token_types[300], static_cast<int32_t>(GgufTokenType::kNormal));
+  ASSERT_EQ(vocabulary->merges.size(), json["model"]["merges"].size());
+  EXPECT_EQ(vocabulary->merges[0], "t h");
+  EXPECT_EQ(vocabulary->bos_id, 0);
+  EXPECT_EQ(vocabulary->eos_id, 1);
+
+  // A model whose vocabulary is padded past the tokenizer's.
+  vocabulary = ReadGgufVocabulary(path, 1030);
+  ASSERT_TRUE(vocabulary.ok());
+  EXPECT_EQ(vocabulary->tokens[1029], "[PAD1029]");
+  EXPECT_EQ(vocabulary->token_types[1029], static_cast<int32_t>(GgufTokenType::kUnused));
+  // One smaller than the tokenizer's is a mismatch, named.
+  EXPECT_EQ(ReadGgufVocabulary(path, 1000).status().code(), absl::StatusCode::kInvalidArgument);
+
+  // SentencePiece-style BPE is refused with a reason.
+  testing::TempDir dir;
+  nlohmann::json spm = json;
+  spm["model"]["byte_fallback"] = true;
+  testing::WriteBytes(dir / "tokenizer.json", spm.dump());
+  const absl::Status refused = ReadGgufVocabulary(dir / "tokenizer.json", 1024).status();
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.message().find("byte_fallback"), std::string::npos) << refused;
 }
 
 }  // namespace

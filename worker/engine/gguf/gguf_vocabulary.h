@@ -1,0 +1,47 @@
+// A model's tokenizer.json as GGUF's tokenizer.ggml.* metadata, the way
+// llama.cpp's convert_hf_to_gguf.py writes it for byte-level BPE tokenizers
+// (GPT-2 and Llama-3 style: tokenizer.ggml.model "gpt2").
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace compress::engine {
+
+// llama.cpp's llama_token_type values (tokenizer.ggml.token_type).
+enum class GgufTokenType : int32_t {
+  kNormal = 1,
+  kUnknown = 2,
+  kControl = 3,
+  kUserDefined = 4,
+  kUnused = 5,
+  kByte = 6,
+};
+
+struct GgufVocabulary {
+  std::string model;                // tokenizer.ggml.model: "gpt2"
+  std::string pre;                  // tokenizer.ggml.pre: "gpt-2", "llama-bpe"
+  std::vector<std::string> tokens;  // by id, vocab_size of them
+  std::vector<int32_t> token_types;
+  std::vector<std::string> merges;  // "a b", in priority order
+  std::optional<int32_t> bos_id;
+  std::optional<int32_t> eos_id;
+  std::optional<int32_t> padding_id;
+  bool add_bos = false;  // tokenizer.ggml.add_bos_token
+};
+
+// Reads `tokenizer_json` (tokenizer_config.json next to it, when present,
+// names BOS/EOS/padding and add_bos_token). `vocab_size` is the model's
+// (config.json): ids the tokenizer lacks below it become "[PAD<id>]" unused
+// tokens, as the converter writes them. INVALID_ARGUMENT naming the file for
+// a tokenizer GGUF export does not handle yet (SentencePiece-style BPE,
+// pre-tokenizers other than GPT-2's and Llama-3's), a vocabulary larger than
+// vocab_size, or a malformed file.
+absl::StatusOr<GgufVocabulary> ReadGgufVocabulary(const std::string& tokenizer_json,
+                                                  int64_t vocab_size);
+
+}  // namespace compress::engine
