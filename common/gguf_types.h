@@ -7,7 +7,9 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 
+#include "absl/strings/match.h"
 #include "absl/strings/string_view.h"
 
 namespace compress {
@@ -73,6 +75,42 @@ inline const GgufTypeInfo& GgufTypeOf(GgufType type) {
     if (info.type == type) return info;
   }
   return kGgufTypes[0];  // unreachable: every enumerator has a row
+}
+
+// llama-quantize's preset mixes by name; which tensor gets which type is
+// the engine's policy (worker/engine/gguf/gguf_presets.h).
+struct GgufPreset {
+  const char* name;     // as llama-quantize spells it: "Q4_K_M"
+  uint32_t file_type;   // llama_ftype, written as general.file_type
+  GgufType base;        // the type of every tensor no rule changes
+};
+
+inline constexpr GgufPreset kGgufPresets[] = {
+    {"F32", 0, GgufType::kF32},     {"F16", 1, GgufType::kF16},
+    {"BF16", 32, GgufType::kBF16},  {"Q8_0", 7, GgufType::kQ8_0},
+    {"Q4_0", 2, GgufType::kQ4_0},   {"Q4_1", 3, GgufType::kQ4_1},
+    {"Q5_0", 8, GgufType::kQ5_0},   {"Q5_1", 9, GgufType::kQ5_1},
+    {"Q2_K", 10, GgufType::kQ2_K},  {"Q3_K_M", 12, GgufType::kQ3_K},
+    {"Q4_K_M", 15, GgufType::kQ4_K}, {"Q5_K_M", 17, GgufType::kQ5_K},
+    {"Q6_K", 18, GgufType::kQ6_K},
+};
+
+// The preset named `name` (case-insensitive); nullopt for others.
+inline std::optional<GgufPreset> FindGgufPreset(absl::string_view name) {
+  for (const GgufPreset& preset : kGgufPresets) {
+    if (absl::EqualsIgnoreCase(name, preset.name)) return preset;
+  }
+  return std::nullopt;
+}
+
+// "F32, F16, ..." for messages.
+inline std::string GgufPresetNames() {
+  std::string names;
+  for (const GgufPreset& preset : kGgufPresets) {
+    if (!names.empty()) names += ", ";
+    names += preset.name;
+  }
+  return names;
 }
 
 }  // namespace compress

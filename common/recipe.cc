@@ -20,6 +20,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
 #include "common/files.h"
+#include "common/gguf_types.h"
 
 namespace compress {
 namespace {
@@ -360,9 +361,26 @@ class SpecChecker {
       if (format == v1::OUTPUT_FORMAT_UNSPECIFIED || !v1::OutputFormat_IsValid(format)) {
         Fail(field, absl::StrCat(format,
                                  " is not an output format (DEQUANTIZED_SAFETENSORS, "
-                                 "PACKED_SAFETENSORS)"));
+                                 "PACKED_SAFETENSORS, GGUF)"));
       } else if (!seen.insert(format).second) {
         Fail(field, absl::StrCat(v1::OutputFormat_Name(format), " is listed twice"));
+      }
+    }
+    std::set<std::string> files;
+    for (int i = 0; i < spec.gguf_size(); ++i) {
+      const v1::GgufOutput& gguf = spec.gguf(i);
+      const std::string field = absl::StrCat("gguf[", i, "]");
+      const std::string preset = gguf.preset().empty() ? "Q4_K_M" : gguf.preset();
+      const std::optional<GgufPreset> found = FindGgufPreset(preset);
+      if (!found) {
+        Fail(field + ".preset",
+             absl::StrCat("\"", preset, "\" is not a preset (", GgufPresetNames(), ")"));
+      } else if (!files.insert(absl::StrCat(found->name, gguf.importance())).second) {
+        Fail(field, absl::StrCat(found->name, gguf.importance() ? " with importance" : "",
+                                 " is listed twice"));
+      }
+      if (gguf.importance() && calibration_path_empty_) {
+        Fail(field + ".importance", "needs calibration data (calibration.path)");
       }
     }
   }

@@ -100,7 +100,7 @@ TEST(RecipeTest, EnumsAreCaseInsensitive) {
     ASSERT_EQ(spec->outputs_size(), 1);
     EXPECT_EQ(spec->outputs(0), v1::PACKED_SAFETENSORS);
   }
-  EXPECT_EQ(ParseRecipe("outputs: [gguf]").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseRecipe("outputs: [onnx]").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(RecipeTest, UnknownFieldIsRejectedByName) {
@@ -384,6 +384,21 @@ TEST(ValidateJobSpecTest, AwqHqqAndBnb4BitSettingsAreChecked) {
   hqq->set_lp_norm(0);
   bnb->set_block_size(128);
   bnb->clear_exclude();
+  spec.mutable_calibration()->set_path("calib.txt");
+  EXPECT_TRUE(ValidateJobSpec(spec).ok()) << ValidateJobSpec(spec);
+}
+
+TEST(ValidateJobSpecTest, GgufOutputsNameAPresetOnce) {
+  v1::JobSpec spec = ValidSpec();
+  spec.add_outputs(v1::GGUF);
+  spec.add_gguf()->set_preset("Q4_K_XL");
+  spec.add_gguf()->set_preset("q8_0");
+  spec.add_gguf()->set_preset("Q8_0");
+  spec.add_gguf()->set_importance(true);
+  EXPECT_THAT(Problem(spec), HasSubstr("gguf[0].preset: \"Q4_K_XL\" is not a preset (F32, F16"));
+  EXPECT_THAT(Problem(spec), HasSubstr("gguf[2]: Q8_0 is listed twice"));
+  EXPECT_THAT(Problem(spec), HasSubstr("gguf[3].importance: needs calibration data"));
+  spec.mutable_gguf()->DeleteSubrange(0, 2);
   spec.mutable_calibration()->set_path("calib.txt");
   EXPECT_TRUE(ValidateJobSpec(spec).ok()) << ValidateJobSpec(spec);
 }

@@ -49,19 +49,6 @@ GgufType RuleType(const GgufPreset& preset, const GgufTensorRole& t) {
 
 }  // namespace
 
-std::optional<GgufPreset> FindGgufPreset(absl::string_view name) {
-  for (const GgufPreset& preset : kGgufPresets) {
-    if (absl::EqualsIgnoreCase(name, preset.name)) return preset;
-  }
-  return std::nullopt;
-}
-
-std::string GgufPresetNames() {
-  std::vector<std::string> names;
-  for (const GgufPreset& preset : kGgufPresets) names.push_back(preset.name);
-  return absl::StrJoin(names, ", ");
-}
-
 GgufType GgufTypeForTensor(const GgufPreset& preset, const GgufTensorRole& tensor) {
   // Vectors (norms, biases) stay exact; llama.cpp quantizes matrices only.
   if (tensor.shape.size() < 2) return GgufType::kF32;

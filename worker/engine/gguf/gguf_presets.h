@@ -25,27 +25,6 @@
 
 namespace compress::engine {
 
-struct GgufPreset {
-  const char* name;     // as llama-quantize spells it: "Q4_K_M"
-  uint32_t file_type;   // llama_ftype, written as general.file_type
-  GgufType base;        // the type of every tensor no rule changes
-};
-
-inline constexpr GgufPreset kGgufPresets[] = {
-    {"F32", 0, GgufType::kF32},     {"F16", 1, GgufType::kF16},
-    {"BF16", 32, GgufType::kBF16},  {"Q8_0", 7, GgufType::kQ8_0},
-    {"Q4_0", 2, GgufType::kQ4_0},   {"Q4_1", 3, GgufType::kQ4_1},
-    {"Q5_0", 8, GgufType::kQ5_0},   {"Q5_1", 9, GgufType::kQ5_1},
-    {"Q2_K", 10, GgufType::kQ2_K},  {"Q3_K_M", 12, GgufType::kQ3_K},
-    {"Q4_K_M", 15, GgufType::kQ4_K}, {"Q5_K_M", 17, GgufType::kQ5_K},
-    {"Q6_K", 18, GgufType::kQ6_K},
-};
-
-// The preset named `name` (case-insensitive); nullopt for others.
-std::optional<GgufPreset> FindGgufPreset(absl::string_view name);
-// "F32, F16, ..." for messages.
-std::string GgufPresetNames();
-
 // What the policy needs to know of one tensor (GGUF names: "blk.3.attn_v.weight").
 struct GgufTensorRole {
   std::string name;
