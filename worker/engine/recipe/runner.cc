@@ -23,11 +23,14 @@
 #include "absl/strings/strip.h"
 #include "re2/re2.h"
 #include "common/files.h"
+#include "common/gguf_types.h"
 #include "common/recipe.h"
 #include "common/sha256.h"
 #include "common/stage_targets.h"
 #include "common/status_macros.h"
 #include "worker/engine/eval/eval.h"
+#include "worker/engine/gguf/gguf_export.h"
+#include "worker/engine/gguf/gguf_vocabulary.h"
 #include "worker/engine/model/llama_config.h"
 #include "worker/engine/model/llama_model.h"
 #include "worker/engine/model/safetensors_reader.h"
@@ -299,14 +302,22 @@ absl::StatusOr<std::vector<StagePlan>> PlanStages(const v1::JobSpec& spec,
   return plans;
 }
 
+struct GgufOutputPlan {
+  GgufPreset preset;
+  bool importance = false;
+};
+
 struct Outputs {
   bool dequantized = false;
   bool packed = false;
+  std::vector<GgufOutputPlan> gguf;
 };
 
 absl::StatusOr<Outputs> PlanOutputs(const v1::JobSpec& spec) {
   Outputs outputs;
-  if (spec.outputs_size() == 0) outputs.dequantized = true;
+  // No formats listed: the dequantized checkpoint, unless GGUF files are.
+  if (spec.outputs_size() == 0 && spec.gguf_size() == 0) outputs.dequantized = true;
+  bool gguf = spec.gguf_size() > 0;
   for (int format : spec.outputs()) {
     switch (format) {
       case v1::DEQUANTIZED_SAFETENSORS:
@@ -315,10 +326,23 @@ absl::StatusOr<Outputs> PlanOutputs(const v1::JobSpec& spec) {
       case v1::PACKED_SAFETENSORS:
         outputs.packed = true;
         break;
+      case v1::GGUF:
+        gguf = true;
+        break;
       default:
         return absl::InvalidArgumentError(
             absl::StrCat("output format ", format, " is not supported"));
     }
+  }
+  if (gguf && spec.gguf_size() == 0) outputs.gguf.push_back({*FindGgufPreset("Q4_K_M"), false});
+  for (int i = 0; i < spec.gguf_size(); ++i) {
+    const std::string name = spec.gguf(i).preset().empty() ? "Q4_K_M" : spec.gguf(i).preset();
+    const std::optional<GgufPreset> preset = FindGgufPreset(name);
+    if (!preset) {
+      return absl::InvalidArgumentError(absl::StrCat("gguf[", i, "].preset: \"", name,
+                                                     "\" is not a preset (", GgufPresetNames(), ")"));
+    }
+    outputs.gguf.push_back({*preset, spec.gguf(i).importance()});
   }
   return outputs;
 }
@@ -658,7 +682,8 @@ absl::Status WriteCompanionFiles(const std::string& model_folder, const std::str
 absl::Status MoveIntoPlace(const std::string& staging, const std::string& output_dir,
                            const std::vector<std::string>& entries) {
   std::error_code ec;
-  for (const char* previous : {kReportFileName, kDequantizedOutputDir, kPackedOutputDir}) {
+  for (const char* previous :
+       {kReportFileName, kDequantizedOutputDir, kPackedOutputDir, kGgufOutputDir}) {
     const fs::path to = fs::path(output_dir) / previous;
     if (!fs::exists(to, ec)) continue;
     fs::rename(to, fs::path(staging) / absl::StrCat(".replaced-", previous), ec);
@@ -749,7 +774,9 @@ class JobRunner {
       calibrate_ = calibrate_ || NeedsCalibration(stages_[s].method);
       if (stages_[s].method == Method::kAwq) awq_stage_ = static_cast<int>(s);
     }
-    if (calibrate_ || evaluate_) {
+    for (const GgufOutputPlan& gguf : outputs.gguf) gguf_importance_ |= gguf.importance;
+    calibrate_ = calibrate_ || gguf_importance_;
+    if (calibrate_ || evaluate_ || !outputs.gguf.empty()) {
       ASSIGN_OR_RETURN(config_, ReadLlamaConfig(checkpoint_.folder()));
       RETURN_IF_ERROR(ValidateLlamaCheckpoint(*config_, checkpoint_));
     }
@@ -790,11 +817,13 @@ class JobRunner {
     for (const TensorPlan& p : tensor_plans_) total_units_ += static_cast<int64_t>(p.stages.size());
     tensor_share_ = evaluate_ ? 0.6 * kWorkFraction : kWorkFraction;
     RETURN_IF_ERROR(OpenWriters(staging.path(), write_dequantized, outputs.packed));
+    RETURN_IF_ERROR(OpenGgufWriters(staging.path(), outputs.gguf));
     for (size_t i : rest_) RETURN_IF_ERROR(StreamTensor(i));
     if (calibrate_) RETURN_IF_ERROR(RunBlocksLayerwise(calibration_ids));
     if (events_.Cancelled()) return CancelledStatus();
     RETURN_IF_ERROR(CommitWriters());
 
+    RETURN_IF_ERROR(CommitGgufWriters(staging.path(), &result_gguf_));
     // Indexes mirror the input's sharding; then configs and companions.
     for (OutputTree* tree : trees) {
       if (checkpoint_.sharded()) {
@@ -811,6 +840,7 @@ class JobRunner {
                                result.report.mutable_evaluation()));
     }
     BuildReport(&result.report);
+    for (const v1::GgufFileReport& gguf : result_gguf_) *result.report.add_gguf() = gguf;
     for (const StagePlan& stage : stages_) {
       events_.Metric(stage.label, kMetricStageSeconds, stage.seconds, "s");
       events_.Metric(stage.label, kMetricStageBytesIn, static_cast<double>(stage.bytes_in),
@@ -843,6 +873,10 @@ class JobRunner {
       entries.push_back(tree->dir_name);
       result.artifacts.insert(result.artifacts.end(), tree->artifacts.begin(),
                               tree->artifacts.end());
+    }
+    if (!gguf_writers_.empty()) {
+      entries.push_back(kGgufOutputDir);
+      result.artifacts.insert(result.artifacts.end(), gguf_.artifacts.begin(), gguf_.artifacts.end());
     }
     entries.push_back(kReportFileName);  // last: its presence marks a finished job
     result.artifacts.push_back(ProducedArtifact{kReportFileName, v1::OUTPUT_FORMAT_UNSPECIFIED,
@@ -929,6 +963,68 @@ class JobRunner {
     return absl::OkStatus();
   }
 
+  // One GGUF writer per requested file, every tensor declared in
+  // production order.
+  absl::Status OpenGgufWriters(const std::string& staging, const std::vector<GgufOutputPlan>& plans) {
+    if (plans.empty()) return absl::OkStatus();
+    const fs::path tokenizer = fs::path(checkpoint_.folder()) / "tokenizer.json";
+    std::error_code ec;
+    if (!fs::is_regular_file(tokenizer, ec)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "GGUF output needs the model's tokenizer.json (", tokenizer.string(), " is missing)"));
+    }
+    ASSIGN_OR_RETURN(const GgufVocabulary vocabulary,
+                     ReadGgufVocabulary(tokenizer.string(), config_->vocab_size));
+    std::vector<GgufSourceTensor> sources;
+    for (size_t i : ProductionOrder()) {
+      const SafetensorsTensorInfo& info = checkpoint_.tensors()[i].info;
+      sources.push_back({info.name, info.shape});
+    }
+    gguf_.dir_name = kGgufOutputDir;
+    gguf_.format = v1::GGUF;
+    RETURN_IF_ERROR(MakeDirs((fs::path(staging) / kGgufOutputDir).string()));
+    std::string model_name = FileBaseName(checkpoint_.folder());
+    if (model_name.empty()) model_name = "model";
+    for (const GgufOutputPlan& plan : plans) {
+      const std::string file_name = absl::StrCat(model_name, "-", plan.preset.name,
+                                                 plan.importance ? "-imatrix" : "", ".gguf");
+      GgufExportOptions options;
+      options.preset = plan.preset;
+      options.model_name = model_name;
+      ASSIGN_OR_RETURN(GgufModelWriter writer,
+                       GgufModelWriter::Open((fs::path(staging) / kGgufOutputDir / file_name).string(),
+                                             *config_, vocabulary, sources, options));
+      gguf_writers_.push_back({std::move(writer), plan, file_name});
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status CommitGgufWriters(const std::string& staging,
+                                 std::vector<v1::GgufFileReport>* reports) {
+    for (GgufFile& gguf : gguf_writers_) {
+      RETURN_IF_ERROR(gguf.writer.Commit());
+      const std::string path = (fs::path(staging) / kGgufOutputDir / gguf.file_name).string();
+      ASSIGN_OR_RETURN(const std::string sha256, Sha256OfFile(path));
+      std::error_code ec;
+      const int64_t size = static_cast<int64_t>(fs::file_size(path, ec));
+      const std::string name = absl::StrCat(kGgufOutputDir, "/", gguf.file_name);
+      gguf_.artifacts.push_back(ProducedArtifact{name, v1::GGUF, size, sha256});
+      v1::GgufFileReport& report = reports->emplace_back();
+      report.set_file(name);
+      report.set_preset(gguf.plan.preset.name);
+      report.set_importance(gguf.plan.importance);
+      report.set_size_bytes(size);
+      int64_t elements = 0;
+      for (const GgufTensorInfo& t : gguf.writer.header().tensors) {
+        elements += t.NumElements();
+        (*report.mutable_tensor_types())[GgufTypeOf(t.type).name] += 1;
+      }
+      report.set_bits_per_weight(elements == 0 ? 0.0 : 8.0 * static_cast<double>(size) /
+                                                           static_cast<double>(elements));
+    }
+    return absl::OkStatus();
+  }
+
   absl::Status CommitWriters() {
     for (size_t shard = 0; shard < writers_.size(); ++shard) {
       const std::string file_name = FileBaseName(checkpoint_.shards()[shard]->path());
@@ -996,6 +1092,19 @@ class JobRunner {
         packed_.tensor_bytes += part.nbytes();
       }
     }
+    if (!gguf_writers_.empty()) {
+      // GGUF re-encodes the final values (the stages' result, else as stored).
+      at::Tensor values = result.dequantized;
+      if (!values.defined()) {
+        ASSIGN_OR_RETURN(values, checkpoint_.Load(name, at::kCPU));
+      }
+      auto found = importance_.find(i);
+      const at::Tensor importance = found == importance_.end() ? at::Tensor() : found->second;
+      for (GgufFile& gguf : gguf_writers_) {
+        RETURN_IF_ERROR(gguf.writer.Write(name, values, gguf.plan.importance ? importance : at::Tensor()));
+      }
+      if (found != importance_.end()) importance_.erase(found);
+    }
     checkpoint_.ReleasePages(name);
     return absl::OkStatus();
   }
@@ -1047,6 +1156,9 @@ class JobRunner {
         if (!linear.empty()) layerwise.statistics_for.insert(linear);
       }
     }
+    if (gguf_importance_) {
+      for (const BlockLinear& linear : kBlockLinears) layerwise.statistics_for.insert(linear.name);
+    }
     std::map<size_t, TensorResult> pending;  // the current block's results
     std::set<size_t> prepared;               // changed by AWQ's scaling
     LayerwiseCallbacks callbacks;
@@ -1067,6 +1179,19 @@ class JobRunner {
       }
       const bool first_step = linears.size() == static_cast<size_t>(kNumBlockLinears) ||
                               linears == SequentialLinearSteps().front();
+      if (gguf_importance_) {
+        // GGUF's importance weights: the energy of each input column, as
+        // the inputs reach the linear in this run.
+        for (size_t i : blocks_[block.layer]) {
+          const std::string linear = BlockLinearOf(checkpoint_.tensors()[i].info.name);
+          if (linear.empty() || std::find(linears.begin(), linears.end(), linear) == linears.end()) {
+            continue;
+          }
+          if (const LinearInputStatistics* stats = statistics.Find(linear)) {
+            importance_[i] = stats->sum_square.to(at::kFloat);
+          }
+        }
+      }
       for (size_t i : blocks_[block.layer]) {
         if (tensor_plans_[i].stages.empty()) continue;
         const std::string& name = checkpoint_.tensors()[i].info.name;
@@ -1473,6 +1598,7 @@ class JobRunner {
   std::vector<StagePlan> stages_;
   std::optional<EvaluatePlan> evaluate_;
   bool calibrate_ = false;
+  bool gguf_importance_ = false;  // a GGUF output weights its search by calibration energy
   int awq_stage_ = -1;  // at most one AWQ stage (its scales change the block)
   std::vector<TensorPlan> tensor_plans_;
   nlohmann::ordered_json quantization_config_;  // the packed output's
@@ -1481,6 +1607,17 @@ class JobRunner {
   std::vector<ShardWriters> writers_;            // per input shard
   OutputTree dequantized_;
   OutputTree packed_;
+  OutputTree gguf_;  // its artifacts; the files are written by gguf_writers_
+  struct GgufFile {
+    GgufModelWriter writer;
+    GgufOutputPlan plan;
+    std::string file_name;
+  };
+  std::vector<GgufFile> gguf_writers_;
+  std::vector<v1::GgufFileReport> result_gguf_;
+  // Per block linear (checkpoint index): sum of x^2 per input column on the
+  // calibration samples, kept until the tensor is written (GGUF importance).
+  std::map<size_t, at::Tensor> importance_;
   int64_t total_units_ = 0;
   int64_t done_units_ = 0;
   double tensor_share_ = kWorkFraction;  // of the progress, for the tensors

@@ -14,6 +14,7 @@ namespace compress::engine {
 // What RunJob writes under RunOptions::output_dir (artifact names start so).
 inline constexpr char kDequantizedOutputDir[] = "dequantized";
 inline constexpr char kPackedOutputDir[] = "packed";
+inline constexpr char kGgufOutputDir[] = "gguf";
 inline constexpr char kReportFileName[] = "report.json";
 
 // Metrics reported through RunCallbacks::on_metric, once per stage, when

@@ -1,0 +1,166 @@
+#include "worker/engine/gguf/gguf_export.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <map>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "worker/engine/gguf/gguf_llama.h"
+#include "worker/engine/gguf/gguf_presets.h"
+#include "worker/engine/gguf/gguf_quants.h"
+#include "worker/engine/model/llama_model.h"
+#include "worker/engine/util/torch_status.h"
+
+namespace compress::engine {
+namespace {
+
+constexpr uint32_t kQuantizationVersion = 2;  // ggml's GGML_QNT_VERSION
+
+// The heads a query or key projection's rows hold; 0 for other tensors.
+int64_t RotaryHeads(absl::string_view gguf_name, const LlamaConfig& config) {
+  if (absl::StrContains(gguf_name, ".attn_q.")) return config.num_attention_heads;
+  if (absl::StrContains(gguf_name, ".attn_k.")) return config.num_key_value_heads;
+  return 0;
+}
+
+std::vector<GgufKeyValue> LlamaMetadata(const LlamaConfig& config, const GgufVocabulary& vocabulary,
+                                        const GgufExportOptions& options) {
+  auto u32 = [](int64_t v) { return GgufValue::Uint32(static_cast<uint32_t>(v)); };
+  std::vector<GgufKeyValue> kv = {
+      {"general.architecture", GgufValue::String("llama")},
+      {"general.name", GgufValue::String(options.model_name)},
+      {"general.file_type", GgufValue::Uint32(options.preset.file_type)},
+      {"general.quantization_version", GgufValue::Uint32(kQuantizationVersion)},
+      {"llama.vocab_size", u32(config.vocab_size)},
+      {"llama.context_length", u32(config.max_position_embeddings)},
+      {"llama.embedding_length", u32(config.hidden_size)},
+      {"llama.block_count", u32(config.num_hidden_layers)},
+      {"llama.feed_forward_length", u32(config.intermediate_size)},
+      {"llama.rope.dimension_count", u32(config.head_dim)},
+      {"llama.attention.head_count", u32(config.num_attention_heads)},
+      {"llama.attention.head_count_kv", u32(config.num_key_value_heads)},
+      {"llama.attention.key_length", u32(config.head_dim)},
+      {"llama.attention.value_length", u32(config.head_dim)},
+      {"llama.attention.layer_norm_rms_epsilon",
+       GgufValue::Float32(static_cast<float>(config.rms_norm_eps))},
+      {"llama.rope.freq_base", GgufValue::Float32(static_cast<float>(config.rope_theta))},
+  };
+  if (config.rope_scaling.type == RopeScaling::Type::kLinear) {
+    kv.push_back({"llama.rope.scaling.type", GgufValue::String("linear")});
+    kv.push_back({"llama.rope.scaling.factor",
+                  GgufValue::Float32(static_cast<float>(config.rope_scaling.factor))});
+  }
+  kv.push_back({"tokenizer.ggml.model", GgufValue::String(vocabulary.model)});
+  kv.push_back({"tokenizer.ggml.pre", GgufValue::String(vocabulary.pre)});
+  kv.push_back({"tokenizer.ggml.tokens", GgufValue::Array(vocabulary.tokens)});
+  kv.push_back({"tokenizer.ggml.token_type", GgufValue::Array(vocabulary.token_types)});
+  kv.push_back({"tokenizer.ggml.merges", GgufValue::Array(vocabulary.merges)});
+  if (vocabulary.bos_id) kv.push_back({"tokenizer.ggml.bos_token_id", u32(*vocabulary.bos_id)});
+  if (vocabulary.eos_id) kv.push_back({"tokenizer.ggml.eos_token_id", u32(*vocabulary.eos_id)});
+  if (vocabulary.padding_id) {
+    kv.push_back({"tokenizer.ggml.padding_token_id", u32(*vocabulary.padding_id)});
+  }
+  kv.push_back({"tokenizer.ggml.add_bos_token", GgufValue::Bool(vocabulary.add_bos)});
+  kv.push_back({"tokenizer.ggml.add_eos_token", GgufValue::Bool(false)});
+  return kv;
+}
+
+}  // namespace
+
+absl::StatusOr<GgufModelWriter> GgufModelWriter::Open(const std::string& path,
+                                                      const LlamaConfig& config,
+                                                      const GgufVocabulary& vocabulary,
+                                                      const std::vector<GgufSourceTensor>& tensors,
+                                                      const GgufExportOptions& options) {
+  if (config.family == LlamaFamily::kQwen2) {
+    return absl::InvalidArgumentError(
+        "GGUF export: Qwen2 models need llama.cpp's qwen2 architecture, which this export does "
+        "not write yet (Llama and Mistral checkpoints are supported)");
+  }
+  if (config.rope_scaling.type == RopeScaling::Type::kLlama3) {
+    return absl::InvalidArgumentError(
+        "GGUF export: llama3 rope scaling needs a rope_freqs tensor, which this export does not "
+        "write yet");
+  }
+  std::vector<GgufTensorSpec> specs;
+  for (const GgufSourceTensor& t : tensors) {
+    const std::optional<std::string> gguf_name = GgufTensorName(t.name);
+    if (!gguf_name) {
+      if (absl::StrContains(t.name, "rotary_emb")) continue;  // llama.cpp recomputes these
+      return absl::InvalidArgumentError(absl::StrCat(
+          "GGUF export: tensor '", t.name, "' has no name in llama.cpp's llama architecture"));
+    }
+    GgufTensorRole role;
+    role.name = *gguf_name;
+    role.shape = t.shape;
+    role.layer = GgufLayerOf(*gguf_name);
+    role.num_layers = config.num_hidden_layers;
+    role.gqa = config.num_attention_heads / std::max<int64_t>(config.num_key_value_heads, 1);
+    role.tied_output = config.tie_word_embeddings;
+    specs.push_back({*gguf_name, GgufNeFromTorchShape(t.shape), GgufTypeForTensor(options.preset, role)});
+  }
+  ASSIGN_OR_RETURN(GgufWriter writer,
+                   GgufWriter::Open(path, LlamaMetadata(config, vocabulary, options), specs));
+  return GgufModelWriter(std::move(writer), std::move(specs), config);
+}
+
+bool GgufModelWriter::Includes(const std::string& hf_name) const {
+  return GgufTensorName(hf_name).has_value();
+}
+
+absl::Status GgufModelWriter::Write(const std::string& hf_name, const at::Tensor& values,
+                                    const at::Tensor& importance) {
+  const std::optional<std::string> gguf_name = GgufTensorName(hf_name);
+  if (!gguf_name) return absl::OkStatus();  // not in the file
+  if (next_ >= specs_.size() || specs_[next_].name != *gguf_name) {
+    return absl::InternalError(absl::StrCat("GGUF export: '", hf_name, "' written out of order"));
+  }
+  const GgufTensorSpec& spec = specs_[next_];
+  at::Tensor rows = values;
+  if (const int64_t heads = RotaryHeads(spec.name, config_); heads > 0) {
+    ASSIGN_OR_RETURN(rows, PermuteRotaryRowsForGguf(values, heads, hf_name));
+  }
+  // Importance weights apply to a matrix's columns; vectors have none.
+  const at::Tensor weights = values.dim() == 2 ? importance : at::Tensor();
+  ASSIGN_OR_RETURN(const std::string bytes, QuantizeGgufTensor(rows, spec.type, weights, hf_name));
+  RETURN_IF_ERROR(writer_.WriteTensor(spec.name, bytes));
+  ++next_;
+  return absl::OkStatus();
+}
+
+absl::Status GgufModelWriter::Commit() { return writer_.Commit(); }
+
+absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadGgufAsLlamaTensors(
+    const std::string& path, const LlamaConfig& config) {
+  ASSIGN_OR_RETURN(const GgufMappedFile file, GgufMappedFile::Open(path));
+  // GGUF name -> Hugging Face name, over every name a Llama checkpoint has.
+  std::map<std::string, std::string> hf_names;
+  for (const SafetensorsTensorSpec& spec : LlamaCheckpointSpecs(config, SafetensorsDtype::kF32)) {
+    if (const std::optional<std::string> name = GgufTensorName(spec.name)) hf_names[*name] = spec.name;
+  }
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (const GgufTensorInfo& info : file.header().tensors) {
+    auto found = hf_names.find(info.name);
+    if (found == hf_names.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": tensor '", info.name, "' is not part of a Llama checkpoint"));
+    }
+    ASSIGN_OR_RETURN(at::Tensor values, DequantizeGgufTensor(file.TensorBytes(info), info.type,
+                                                             info.TorchShape(), info.name));
+    if (const int64_t heads = RotaryHeads(info.name, config); heads > 0) {
+      // The inverse permutation: rows h*D + 2i + j back to h*D + j*D/2 + i.
+      ASSIGN_OR_RETURN(values, CatchTorchErrors(info.name, [&]() -> absl::StatusOr<at::Tensor> {
+                         std::vector<int64_t> shape = {heads, values.size(0) / heads / 2, 2};
+                         for (int64_t d = 1; d < values.dim(); ++d) shape.push_back(values.size(d));
+                         return values.reshape(shape).transpose(1, 2).reshape(values.sizes()).contiguous();
+                       }));
+    }
+    tensors.emplace_back(found->second, std::move(values));
+  }
+  return tensors;
+}
+
+}  // namespace compress::engine
