@@ -62,6 +62,8 @@ const std::vector<OptionSpec>& VerbOptionTable() {
        "weights per scale; -1 or 0: one per output channel (default 128); nf4/fp4: block size "
        "(default 64)"},
       {"double-quant", OptionKind::kFlag, "", "nf4/fp4: quantize the block absmax values to 8 bits"},
+      {"gguf", OptionKind::kValue, "PRESETS",
+       "GGUF files to write, e.g. Q4_K_M,Q8_0 (Q6_K+imatrix: weighted by calibration)"},
       {"sym", OptionKind::kFlag, "", "symmetric quantization (default)"},
       {"asym", OptionKind::kFlag, "", "asymmetric quantization, with a zero point"},
       {"output", OptionKind::kValue, "LIST", "comma-separated output formats: dequantized, packed"},
@@ -88,7 +90,8 @@ const std::vector<VerbSpec>& VerbTable() {
        "",
        0,
        {"recipe", "model", "method", "calibration", "bits", "group-size", "sym", "asym",
-        "double-quant", "output", "priority", "label", "name", "request-id", "watch", "json"},
+        "double-quant", "gguf", "output", "priority", "label", "name", "request-id", "watch",
+        "json"},
        "Submit a job from a recipe and/or flags (flags override the recipe); prints the job id.",
        "compressctl submit --model models/llama --recipe w4.yaml --watch\n"
        "compressctl submit --model models/llama --method rtn --bits 4 --group-size 128 "
@@ -97,7 +100,9 @@ const std::vector<VerbSpec>& VerbTable() {
        "compressctl submit --model models/llama --method awq --bits 4 --calibration calib.txt "
        "--output packed\n"
        "compressctl submit --model models/llama --method hqq --bits 3 --group-size 64\n"
-       "compressctl submit --model models/llama --method nf4 --double-quant --output packed"},
+       "compressctl submit --model models/llama --method nf4 --double-quant --output packed\n"
+       "compressctl submit --model models/llama --method awq --calibration calib.txt "
+       "--gguf Q4_K_M,Q8_0"},
       {"get",
        "JOB",
        1,
@@ -129,6 +134,14 @@ const std::vector<VerbSpec>& VerbTable() {
        {"follow"},
        "Print a job's log lines and state changes as 'TIME LEVEL text'.",
        "compressctl logs j-0123abcd --follow"},
+      {"inspect",
+       "FILE",
+       1,
+       {"json"},
+       "Show a local .gguf or .safetensors file (no server): metadata, each tensor's shape "
+       "[out, in], type and bytes, the total and bits per weight.",
+       "compressctl inspect llama-q4_k_m.gguf\n"
+       "compressctl inspect models/llama/model.safetensors --json"},
       {"help", "[VERB]", -1, {}, "Show this help, or a verb's options.", "compressctl help fetch"},
   };
   return *table;

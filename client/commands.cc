@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -16,18 +17,22 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "client/render.h"
 #include "common/files.h"
+#include "common/gguf_file.h"
 #include "common/grpc_status.h"
 #include "common/paths.h"
 #include "common/recipe.h"
+#include "common/safetensors_header.h"
 #include "common/sha256.h"
 #include "common/status_macros.h"
 
@@ -55,6 +60,7 @@ struct OutputFormatName {
 constexpr OutputFormatName kOutputFormats[] = {
     {"dequantized", v1::DEQUANTIZED_SAFETENSORS},
     {"packed", v1::PACKED_SAFETENSORS},
+    {"gguf", v1::GGUF},
 };
 
 // ---------------------------------------------------------------- flag values
@@ -89,7 +95,7 @@ absl::StatusOr<v1::OutputFormat> ParseOutputFormat(const std::string& text) {
     return format;
   }
   return absl::InvalidArgumentError(
-      absl::StrCat("unknown output format \"", text, "\" (dequantized, packed)"));
+      absl::StrCat("unknown output format \"", text, "\" (dequantized, packed, gguf)"));
 }
 
 absl::StatusOr<v1::JobState> ParseJobState(const std::string& text) {
@@ -247,6 +253,16 @@ absl::Status ApplySubmitFlags(const ParsedArgs& args, v1::JobSpec* spec) {
       spec->add_outputs(format);
     }
   }
+  if (args.Has("gguf")) {
+    // Each preset one GGUF file; "+imatrix" weights its search by calibration.
+    spec->clear_gguf();
+    for (absl::string_view item : absl::StrSplit(args.Value("gguf"), ',', absl::SkipEmpty())) {
+      item = absl::StripAsciiWhitespace(item);
+      v1::GgufOutput* gguf = spec->add_gguf();
+      gguf->set_importance(absl::ConsumeSuffix(&item, "+imatrix"));
+      gguf->set_preset(std::string(item));
+    }
+  }
   return ApplyStageFlags(args, spec);
 }
 
@@ -312,6 +328,7 @@ class Session {
       out_ << HelpText(args_.positionals.empty() ? "" : args_.positionals[0]);
       return kExitOk;
     }
+    if (verb == "inspect") return Inspect();  // local: reads a file, calls no server
     if (stub_ == nullptr) return Fail(kExitUsage, "no connection to a server");
     if (verb == "submit") return Submit();
     if (verb == "get") return Get();
@@ -358,6 +375,45 @@ class Session {
     request.set_job_id(job_id);
     auto context = NewContext(CallKind::kUnary);
     return stub_->GetJob(context.get(), request, job);
+  }
+
+  // GGUF by its magic, else safetensors. Every failure is a local one
+  // (missing or invalid file): kExitUsage, like a bad recipe.
+  int Inspect() {
+    const std::string& path = args_.positionals[0];
+    const bool json = args_.Has("json");
+    std::error_code ec;
+    if (fs::exists(path, ec) && !fs::is_regular_file(path, ec)) {
+      return Fail(kExitUsage, absl::StrCat(path, " is not a file"));
+    }
+    std::string magic(4, '\0');
+    {
+      std::ifstream in(path, std::ios::binary);
+      if (!in) {
+        return Fail(kExitUsage, absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
+      }
+      in.read(magic.data(), 4);
+      magic.resize(static_cast<size_t>(in.gcount()));
+    }
+    const bool gguf_extension = absl::EndsWithIgnoreCase(path, ".gguf");
+    if (magic == "GGUF" || gguf_extension) {
+      absl::StatusOr<GgufHeader> header = ReadGgufHeader(path);
+      if (!header.ok()) return Fail(kExitUsage, header.status().message());
+      out_ << (json ? GgufFileToJson(path, *header) + "\n" : FormatGgufFile(path, *header));
+      return kExitOk;
+    }
+    absl::StatusOr<SafetensorsHeader> header = ReadSafetensorsHeader(path);
+    if (!header.ok()) {
+      if (absl::EndsWithIgnoreCase(path, ".safetensors")) {
+        return Fail(kExitUsage, header.status().message());
+      }
+      return Fail(kExitUsage, absl::StrCat(path, " is neither GGUF (no 'GGUF' magic) nor "
+                                                 "safetensors (",
+                                           header.status().message(), ")"));
+    }
+    out_ << (json ? SafetensorsFileToJson(path, *header) + "\n"
+                  : FormatSafetensorsFile(path, *header));
+    return kExitOk;
   }
 
   int Submit() {

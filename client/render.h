@@ -9,7 +9,10 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "common/gguf_file.h"
+#include "common/safetensors_header.h"
 #include "compress/v1/compress.pb.h"
 
 namespace compress::client {
@@ -30,6 +33,19 @@ std::string FormatJobTable(const std::vector<compress::v1::Job>& jobs);
 // `compressctl logs`: "TIME LEVEL text" for log lines and state changes;
 // nullopt for the other kinds of event.
 std::optional<std::string> FormatLogLine(const compress::v1::JobEvent& event);
+
+// `compressctl inspect`: a local model file's format, metadata and tensor
+// table (shapes in PyTorch order, [out, in]) with totals and bits per
+// weight. The text is for people (long strings and arrays summarised as
+// "[N items: first, second, ...]"); the JSON is one complete object.
+std::string FormatGgufFile(absl::string_view path, const GgufHeader& header);
+std::string GgufFileToJson(absl::string_view path, const GgufHeader& header);
+std::string FormatSafetensorsFile(absl::string_view path, const SafetensorsHeader& header);
+std::string SafetensorsFileToJson(absl::string_view path, const SafetensorsHeader& header);
+
+// `text` as a JSON string literal, quotes included; bytes that are not
+// UTF-8 become U+FFFD (GGUF strings from other tools are not checked).
+std::string JsonQuote(absl::string_view text);
 
 // Estimates the time left from the rate of progress between the first and
 // the latest update (event times, so a replayed history gives the same

@@ -52,26 +52,22 @@ const ValueTypeInfo* FindValueType(uint32_t id) {
 
 // The value type id of each C++ type a value or an array element is stored as.
 template <typename T>
-struct ValueTypeOf;
-#define COMPRESS_GGUF_VALUE_TYPE(cpp_type, id) \
-  template <>                                  \
-  struct ValueTypeOf<cpp_type> {               \
-    static constexpr GgufValueType value = id; \
-  }
-COMPRESS_GGUF_VALUE_TYPE(uint8_t, GgufValueType::kUint8);
-COMPRESS_GGUF_VALUE_TYPE(int8_t, GgufValueType::kInt8);
-COMPRESS_GGUF_VALUE_TYPE(uint16_t, GgufValueType::kUint16);
-COMPRESS_GGUF_VALUE_TYPE(int16_t, GgufValueType::kInt16);
-COMPRESS_GGUF_VALUE_TYPE(uint32_t, GgufValueType::kUint32);
-COMPRESS_GGUF_VALUE_TYPE(int32_t, GgufValueType::kInt32);
-COMPRESS_GGUF_VALUE_TYPE(float, GgufValueType::kFloat32);
-COMPRESS_GGUF_VALUE_TYPE(bool, GgufValueType::kBool);
-COMPRESS_GGUF_VALUE_TYPE(std::string, GgufValueType::kString);
-COMPRESS_GGUF_VALUE_TYPE(uint64_t, GgufValueType::kUint64);
-COMPRESS_GGUF_VALUE_TYPE(int64_t, GgufValueType::kInt64);
-COMPRESS_GGUF_VALUE_TYPE(double, GgufValueType::kFloat64);
-COMPRESS_GGUF_VALUE_TYPE(GgufArray, GgufValueType::kArray);
-#undef COMPRESS_GGUF_VALUE_TYPE
+constexpr GgufValueType ValueTypeOf() {
+  if constexpr (std::is_same_v<T, uint8_t>) return GgufValueType::kUint8;
+  else if constexpr (std::is_same_v<T, int8_t>) return GgufValueType::kInt8;
+  else if constexpr (std::is_same_v<T, uint16_t>) return GgufValueType::kUint16;
+  else if constexpr (std::is_same_v<T, int16_t>) return GgufValueType::kInt16;
+  else if constexpr (std::is_same_v<T, uint32_t>) return GgufValueType::kUint32;
+  else if constexpr (std::is_same_v<T, int32_t>) return GgufValueType::kInt32;
+  else if constexpr (std::is_same_v<T, float>) return GgufValueType::kFloat32;
+  else if constexpr (std::is_same_v<T, bool>) return GgufValueType::kBool;
+  else if constexpr (std::is_same_v<T, std::string>) return GgufValueType::kString;
+  else if constexpr (std::is_same_v<T, uint64_t>) return GgufValueType::kUint64;
+  else if constexpr (std::is_same_v<T, int64_t>) return GgufValueType::kInt64;
+  else if constexpr (std::is_same_v<T, double>) return GgufValueType::kFloat64;
+  else if constexpr (std::is_same_v<T, GgufArray>) return GgufValueType::kArray;
+  else static_assert(sizeof(T) == 0, "not a GGUF value type");
+}
 
 template <typename T>
 struct TypeTag {
@@ -179,7 +175,7 @@ void AppendValue(const GgufValue& value, std::string* out) {
       std::visit(
           [out](const auto& elements) {
             using E = typename std::decay_t<decltype(elements)>::value_type;
-            AppendNumber(static_cast<uint32_t>(ValueTypeOf<E>::value), out);
+            AppendNumber(static_cast<uint32_t>(ValueTypeOf<E>()), out);
             AppendNumber<uint64_t>(elements.size(), out);
             for (const auto& e : elements) AppendElement<E>(e, out);
           },
@@ -559,7 +555,7 @@ const char* GgufValueTypeName(GgufValueType type) {
 }
 
 GgufValueType GgufValue::type() const {
-  return std::visit([](const auto& v) { return ValueTypeOf<std::decay_t<decltype(v)>>::value; },
+  return std::visit([](const auto& v) { return ValueTypeOf<std::decay_t<decltype(v)>>(); },
                     value_);
 }
 
@@ -568,7 +564,7 @@ GgufValueType GgufValue::element_type() const {
   if (array == nullptr) return type();
   return std::visit(
       [](const auto& elements) {
-        return ValueTypeOf<typename std::decay_t<decltype(elements)>::value_type>::value;
+        return ValueTypeOf<typename std::decay_t<decltype(elements)>::value_type>();
       },
       *array);
 }

@@ -387,7 +387,10 @@ class SpecChecker {
 
   void Check(const v1::JobSpec& spec) {
     if (spec.model().path().empty()) Fail("model.path", "is required");
-    if (spec.stages().empty()) Fail("stages", "at least one stage is required");
+    // A GGUF conversion alone is a job: the weights as they are, re-encoded.
+    if (spec.stages().empty() && spec.gguf().empty()) {
+      Fail("stages", "at least one stage is required (or a gguf output)");
+    }
     if (spec.stages_size() > kMaxStages) {
       Fail("stages", absl::StrCat(spec.stages_size(), " stages is more than ", kMaxStages));
     }

@@ -1,6 +1,7 @@
 #include "client/commands.h"
 
 #include <gmock/gmock.h>
+#include <google/protobuf/struct.pb.h>
 #include <google/protobuf/util/json_util.h>
 #include <google/protobuf/util/message_differencer.h>
 #include <grpcpp/test/client_context_test_peer.h>
@@ -15,7 +16,11 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
+#include "common/gguf_file.h"
+#include "common/safetensors_header.h"
 #include "common/sha256.h"
 #include "compress/v1/compress_mock.grpc.pb.h"
 #include "tests/testing/temp_dir.h"
@@ -80,6 +85,13 @@ v1::JobEvent StateEvent(int64_t sequence, v1::JobState state, const std::string&
   event.mutable_state()->set_state(state);
   event.mutable_state()->set_reason(reason);
   return event;
+}
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
 }
 
 std::vector<std::string> Lines(const std::string& text) {
@@ -254,7 +266,15 @@ TEST_F(CommandsTest, SubmitNamesEveryMethod) {
   ASSERT_EQ(Run({"submit", "--model", "m", "--method", "fp4", "--group-size", "128"}), kExitOk)
       << err_.str();
   ASSERT_EQ(Run({"submit", "--model", "m", "--method", "int8"}), kExitOk) << err_.str();
-  ASSERT_EQ(sent.size(), 5u);
+  ASSERT_EQ(Run({"submit", "--model", "m", "--calibration", "c.txt", "--gguf", "Q4_K_M, q6_k+imatrix"}),
+            kExitOk)
+      << err_.str();
+  ASSERT_EQ(sent.size(), 6u);
+  ASSERT_EQ(sent[5].spec().gguf_size(), 2);
+  EXPECT_EQ(sent[5].spec().gguf(0).preset(), "Q4_K_M");
+  EXPECT_FALSE(sent[5].spec().gguf(0).importance());
+  EXPECT_EQ(sent[5].spec().gguf(1).preset(), "q6_k");
+  EXPECT_TRUE(sent[5].spec().gguf(1).importance());
   EXPECT_EQ(sent[0].spec().stages(0).awq().bits(), 3);
   EXPECT_EQ(sent[0].spec().stages(0).awq().group_size(), 128);
   EXPECT_EQ(sent[1].spec().stages(0).hqq().group_size(), 64);
@@ -293,8 +313,10 @@ TEST_F(CommandsTest, InvalidJobIsRejectedLocally) {
   EXPECT_THAT(err_.str(), HasSubstr("stages[0].awq: needs calibration data"));
   EXPECT_EQ(Run({"submit", "--model", "m", "--method", "gptq"}), kExitUsage);
   EXPECT_THAT(err_.str(), HasSubstr("stages[0].gptq: needs calibration data"));
-  EXPECT_EQ(Run({"submit", "--model", "m", "--output", "gguf"}), kExitUsage);
-  EXPECT_THAT(err_.str(), HasSubstr("unknown output format \"gguf\""));
+  EXPECT_EQ(Run({"submit", "--model", "m", "--output", "onnx"}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("unknown output format \"onnx\" (dequantized, packed, gguf)"));
+  EXPECT_EQ(Run({"submit", "--model", "m", "--gguf", "Q4_K_XL"}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("gguf[0].preset: \"Q4_K_XL\" is not a preset"));
   EXPECT_EQ(Run({"submit", "--model", "m", "--label", "=x"}), kExitUsage);
   EXPECT_EQ(Run({"submit", "--recipe", (dir_ / "missing.yaml").string()}), kExitUsage);
   EXPECT_THAT(err_.str(), HasSubstr("missing.yaml"));
@@ -849,6 +871,233 @@ TEST_F(CommandsTest, HelpNeedsNoServer) {
   ASSERT_TRUE(parsed.ok());
   EXPECT_EQ(RunCommand(nullptr, *parsed, out_, err_, false), kExitOk);
   EXPECT_THAT(out_.str(), HasSubstr("compressctl fetch"));
+}
+
+// ---------------------------------------------------------------- inspect
+
+class InspectTest : public CommandsTest {
+ protected:
+  // Runs a local verb with no server connection at all.
+  int RunLocal(const std::vector<std::string>& args) {
+    out_.str("");
+    err_.str("");
+    absl::StatusOr<ParsedArgs> parsed = ParseArgs(args);
+    EXPECT_TRUE(parsed.ok()) << parsed.status();
+    if (!parsed.ok()) return -1;
+    return RunCommand(nullptr, *parsed, out_, err_, /*is_terminal=*/false);
+  }
+
+  // A small llama-like GGUF: a Q8_0 embedding of torch shape [4, 64] and an
+  // F32 norm, with a tokenizer of 7 tokens.
+  std::string WriteGguf() {
+    const std::string path = (dir_ / "tiny.gguf").string();
+    absl::StatusOr<GgufWriter> writer = GgufWriter::Open(
+        path,
+        {{"general.architecture", GgufValue::String("llama")},
+         {"llama.context_length", GgufValue::Uint32(2048)},
+         {"llama.rope.freq_base", GgufValue::Float32(10000.0f)},
+         {"tokenizer.ggml.add_bos_token", GgufValue::Bool(true)},
+         {"tokenizer.ggml.tokens",
+          GgufValue::Array(std::vector<std::string>{"<unk>", "<s>", "\"q\"\n", "▁the", "日本",
+                                                    "🦙", "\x01"})},
+         {"tokenizer.ggml.token_type", GgufValue::Array(std::vector<int32_t>{2, 3})},
+         {"general.empty", GgufValue::Array(std::vector<uint64_t>{})}},
+        {{"token_embd.weight", GgufNeFromTorchShape({4, 64}), GgufType::kQ8_0},
+         {"output_norm.weight", {64}, GgufType::kF32}});
+    EXPECT_TRUE(writer.ok()) << writer.status();
+    EXPECT_TRUE(writer->WriteTensor("token_embd.weight", std::string(8 * 34, '\x11')).ok());
+    EXPECT_TRUE(writer->WriteTensor("output_norm.weight", std::string(256, '\0')).ok());
+    EXPECT_TRUE(writer->Commit().ok());
+    return path;
+  }
+
+  std::string WriteSafetensors() {
+    const std::string path = (dir_ / "model.safetensors").string();
+    absl::StatusOr<SafetensorsHeader> header =
+        LayoutSafetensors({{"model.embed_tokens.weight", SafetensorsDtype::kBF16, {4, 64}},
+                           {"model.norm.weight", SafetensorsDtype::kF32, {64}}},
+                          {{"format", "pt"}});
+    EXPECT_TRUE(header.ok()) << header.status();
+    absl::StatusOr<std::string> prefix = SerializeSafetensorsHeader(&*header);
+    EXPECT_TRUE(prefix.ok()) << prefix.status();
+    std::ofstream(path, std::ios::binary) << *prefix << std::string(512 + 256, '\0');
+    return path;
+  }
+};
+
+// The output with the test folder's path replaced by "DIR".
+std::string WithoutDir(std::string text, const fs::path& dir) {
+  return absl::StrReplaceAll(text, {{dir.string(), "DIR"}});
+}
+
+// The JSON output parsed as a google.protobuf.Struct: proves it is valid JSON.
+google::protobuf::Struct ParseJsonObject(const std::string& text) {
+  google::protobuf::Struct object;
+  const auto status = google::protobuf::util::JsonStringToMessage(text, &object);
+  EXPECT_TRUE(status.ok()) << status.ToString() << "\n" << text;
+  return object;
+}
+
+TEST_F(InspectTest, GgufTextShowsMetadataTensorsAndTotals) {
+  const std::string path = WriteGguf();
+  ASSERT_EQ(RunLocal({"inspect", path}), kExitOk) << err_.str();
+  EXPECT_EQ(err_.str(), "");
+  EXPECT_EQ(
+      WithoutDir(out_.str(), dir_),
+      "File:      DIR/tiny.gguf (1.1 KiB)\n"
+      "Format:    GGUF version 3, alignment 32, data at byte 544\n"
+      "Metadata:  7 keys\n"
+      "  general.architecture          STRING         \"llama\"\n"
+      "  llama.context_length          UINT32         2048\n"
+      "  llama.rope.freq_base          FLOAT32        10000\n"
+      "  tokenizer.ggml.add_bos_token  BOOL           true\n"
+      "  tokenizer.ggml.tokens         ARRAY[STRING]  [7 items: \"<unk>\", \"<s>\", "
+      "\"\\\"q\\\"\\n\", \"▁the\", \"日本\", ...]\n"
+      "  tokenizer.ggml.token_type     ARRAY[INT32]   [2 items: 2, 3]\n"
+      "  general.empty                 ARRAY[UINT64]  [0 items]\n"
+      "Tensors:   2 tensors\n"
+      "  NAME                SHAPE    TYPE  BYTES\n"
+      "  token_embd.weight   [4, 64]  Q8_0  272\n"
+      "  output_norm.weight  [64]     F32   256\n"
+      "Total:     2 tensors, 320 weights, 528 bytes (528 B), 13.20 bits per weight\n");
+}
+
+TEST_F(InspectTest, GgufTextCutsLongStrings) {
+  const std::string path = (dir_ / "long.gguf").string();
+  // 70 bytes of two-byte characters: the cut may not split one.
+  std::string long_text;
+  for (int i = 0; i < 35; ++i) long_text += "é";
+  absl::StatusOr<GgufWriter> writer =
+      GgufWriter::Open(path, {{"tokenizer.chat_template", GgufValue::String(long_text)}}, {});
+  ASSERT_TRUE(writer.ok()) << writer.status();
+  ASSERT_TRUE(writer->Commit().ok());
+  ASSERT_EQ(RunLocal({"inspect", path}), kExitOk) << err_.str();
+  std::string shown;
+  for (int i = 0; i < 32; ++i) shown += "é";
+  EXPECT_THAT(out_.str(), HasSubstr(absl::StrCat("STRING  \"", shown, "\"... (70 bytes)\n")));
+  EXPECT_THAT(out_.str(), HasSubstr("Total:     0 tensors, 0 weights, 0 bytes (0 B), 0.00 bits"));
+}
+
+TEST_F(InspectTest, GgufJsonIsOneCompleteObject) {
+  const std::string path = WriteGguf();
+  ASSERT_EQ(RunLocal({"inspect", path, "--json"}), kExitOk) << err_.str();
+  ASSERT_EQ(Lines(out_.str()).size(), 1u) << "one object on one line";
+  google::protobuf::Struct json = ParseJsonObject(out_.str());
+  const auto& f = json.fields();
+  EXPECT_EQ(f.at("file").string_value(), path);
+  EXPECT_EQ(f.at("format").string_value(), "gguf");
+  EXPECT_EQ(f.at("version").number_value(), 3);
+  EXPECT_EQ(f.at("alignment").number_value(), 32);
+  EXPECT_EQ(f.at("data_offset").number_value(), 544);
+  EXPECT_EQ(f.at("file_bytes").number_value(), fs::file_size(path));
+  EXPECT_EQ(f.at("tensor_count").number_value(), 2);
+  EXPECT_EQ(f.at("total_elements").number_value(), 320);
+  EXPECT_EQ(f.at("total_bytes").number_value(), 528);
+  EXPECT_DOUBLE_EQ(f.at("bits_per_weight").number_value(), 13.2);
+
+  const auto& metadata = f.at("metadata").struct_value().fields();
+  ASSERT_EQ(metadata.size(), 7u);
+  EXPECT_EQ(metadata.at("llama.context_length").struct_value().fields().at("type").string_value(),
+            "UINT32");
+  EXPECT_EQ(metadata.at("llama.context_length").struct_value().fields().at("value").number_value(),
+            2048);
+  EXPECT_TRUE(
+      metadata.at("tokenizer.ggml.add_bos_token").struct_value().fields().at("value").bool_value());
+  const auto& tokens = metadata.at("tokenizer.ggml.tokens").struct_value().fields();
+  EXPECT_EQ(tokens.at("type").string_value(), "ARRAY");
+  EXPECT_EQ(tokens.at("element_type").string_value(), "STRING");
+  const auto& token_list = tokens.at("value").list_value().values();
+  ASSERT_EQ(token_list.size(), 7) << "JSON arrays are complete, not summarised";
+  EXPECT_EQ(token_list[2].string_value(), "\"q\"\n");
+  EXPECT_EQ(token_list[5].string_value(), "🦙");
+  EXPECT_EQ(token_list[6].string_value(), "\x01");
+  EXPECT_EQ(metadata.at("general.empty").struct_value().fields().at("value").list_value()
+                .values_size(),
+            0);
+
+  const auto& tensors = f.at("tensors").list_value().values();
+  ASSERT_EQ(tensors.size(), 2);
+  const auto& embedding = tensors[0].struct_value().fields();
+  EXPECT_EQ(embedding.at("name").string_value(), "token_embd.weight");
+  EXPECT_EQ(embedding.at("type").string_value(), "Q8_0");
+  EXPECT_EQ(embedding.at("shape").list_value().values(0).number_value(), 4);   // [out, in]
+  EXPECT_EQ(embedding.at("shape").list_value().values(1).number_value(), 64);
+  EXPECT_EQ(embedding.at("ne").list_value().values(0).number_value(), 64);     // ggml order
+  EXPECT_EQ(embedding.at("offset").number_value(), 0);
+  EXPECT_EQ(embedding.at("bytes").number_value(), 272);
+  EXPECT_EQ(tensors[1].struct_value().fields().at("offset").number_value(), 288);  // 272 padded
+}
+
+TEST_F(InspectTest, SafetensorsTextAndJson) {
+  const std::string path = WriteSafetensors();
+  ASSERT_EQ(RunLocal({"inspect", path}), kExitOk) << err_.str();
+  EXPECT_EQ(WithoutDir(out_.str(), dir_),
+            "File:      DIR/model.safetensors (968 B)\n"
+            "Format:    safetensors, 192-byte JSON header\n"
+            "Metadata:  1 key\n"
+            "  format  \"pt\"\n"
+            "Tensors:   2 tensors\n"
+            "  NAME                       SHAPE    DTYPE  BYTES\n"
+            "  model.embed_tokens.weight  [4, 64]  BF16   512\n"
+            "  model.norm.weight          [64]     F32    256\n"
+            "Total:     2 tensors, 320 weights, 768 bytes (768 B), 19.20 bits per weight\n");
+
+  ASSERT_EQ(RunLocal({"inspect", path, "--json"}), kExitOk) << err_.str();
+  google::protobuf::Struct json = ParseJsonObject(out_.str());
+  const auto& f = json.fields();
+  EXPECT_EQ(f.at("format").string_value(), "safetensors");
+  EXPECT_EQ(f.at("file_bytes").number_value(), fs::file_size(path));
+  EXPECT_EQ(f.at("metadata").struct_value().fields().at("format").string_value(), "pt");
+  const auto& tensors = f.at("tensors").list_value().values();
+  ASSERT_EQ(tensors.size(), 2);
+  EXPECT_EQ(tensors[0].struct_value().fields().at("dtype").string_value(), "BF16");
+  EXPECT_EQ(tensors[1].struct_value().fields().at("offset").number_value(), 512);
+  EXPECT_EQ(f.at("total_bytes").number_value(), 768);
+}
+
+TEST_F(InspectTest, BadFilesAreLocalErrorsNamingTheFile) {
+  // Missing.
+  const std::string missing = (dir_ / "missing.gguf").string();
+  EXPECT_EQ(RunLocal({"inspect", missing}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("compressctl: inspect: cannot open " + missing));
+  EXPECT_EQ(out_.str(), "");
+
+  // A folder.
+  EXPECT_EQ(RunLocal({"inspect", dir_.string()}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr(dir_.string() + " is not a file"));
+
+  // A GGUF cut short: the reader's message, one line.
+  const std::string gguf = WriteGguf();
+  const std::string cut = (dir_ / "cut.gguf").string();
+  std::ofstream(cut, std::ios::binary) << ReadAll(gguf).substr(0, 300);
+  EXPECT_EQ(RunLocal({"inspect", cut}), kExitUsage);
+  EXPECT_THAT(err_.str(), AllOf(HasSubstr("compressctl: inspect: " + cut), HasSubstr("truncated")));
+  EXPECT_EQ(Lines(err_.str()).size(), 1u);
+
+  // A .gguf that is something else.
+  const std::string not_gguf = (dir_ / "notes.gguf").string();
+  std::ofstream(not_gguf) << "hello there";
+  EXPECT_EQ(RunLocal({"inspect", not_gguf}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("not a GGUF file"));
+
+  // Neither format, by content or by name.
+  const std::string text = (dir_ / "notes.txt").string();
+  std::ofstream(text) << "hello there, this is text";
+  EXPECT_EQ(RunLocal({"inspect", text}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr(text + " is neither GGUF (no 'GGUF' magic) nor safetensors"));
+
+  // A broken .safetensors: its own message.
+  const std::string st = (dir_ / "broken.safetensors").string();
+  std::ofstream(st, std::ios::binary) << ReadAll(WriteSafetensors()).substr(0, 100);
+  EXPECT_EQ(RunLocal({"inspect", st}), kExitUsage);
+  EXPECT_THAT(err_.str(), AllOf(HasSubstr(st), Not(HasSubstr("neither"))));
+}
+
+TEST_F(InspectTest, IsInTheHelpAndTakesOneFile) {
+  EXPECT_THAT(HelpText(), HasSubstr("inspect"));
+  EXPECT_THAT(HelpText("inspect"), HasSubstr("Usage: compressctl inspect FILE [OPTIONS]"));
+  EXPECT_FALSE(ParseArgs({"inspect"}).ok());
+  EXPECT_FALSE(ParseArgs({"inspect", "a.gguf", "--limit", "3"}).ok());
 }
 
 }  // namespace

@@ -242,7 +242,10 @@ TEST(ValidateJobSpecTest, RequiresAModelPath) {
 TEST(ValidateJobSpecTest, RequiresBetweenOneAnd64Stages) {
   v1::JobSpec spec = ValidSpec();
   spec.clear_stages();
-  EXPECT_EQ(Problem(spec), "stages: at least one stage is required");
+  EXPECT_EQ(Problem(spec), "stages: at least one stage is required (or a gguf output)");
+  spec.add_gguf()->set_preset("Q8_0");
+  EXPECT_TRUE(ValidateJobSpec(spec).ok()) << "a GGUF conversion alone";
+  spec.clear_gguf();
   spec = ValidSpec();
   while (spec.stages_size() < 64) *spec.add_stages() = spec.stages(0);
   EXPECT_TRUE(ValidateJobSpec(spec).ok());
@@ -439,7 +442,7 @@ TEST(ValidateJobSpecTest, ReportsEveryProblemAtOnce) {
   v1::JobSpec spec;
   spec.set_priority(5000);
   EXPECT_EQ(Problem(spec),
-            "model.path: is required; stages: at least one stage is required; "
+            "model.path: is required; stages: at least one stage is required (or a gguf output); "
             "priority: 5000 is outside -1000..1000");
 }
 

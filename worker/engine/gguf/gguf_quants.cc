@@ -1,2 +1,1575 @@
-// Filled in by its own change.
-namespace compress {}
+// GGUF quantization, the fast path, and the quantizer table.
+//
+// The searches of llama.cpp's k-quants (make_qkx2/qkx3/qx/q3_quants) spend
+// nearly all the time, and each is a chain of dependent float sums over one
+// sub-block. Reordering those sums would change the bytes, so instead of
+// vectorizing inside a sub-block this file runs 16 independent groups side by
+// side, one per SIMD lane (GCC vector extensions: 16 floats, two AVX2 or one
+// AVX-512 register): the 16 sub-blocks of a Q2_K/Q3_K/Q6_K super-block, the 8
+// of two Q4_K/Q5_K super-blocks, or 16 blocks of Q4_0..Q5_1 with importance.
+// Every lane performs the reference's float operations in the reference's
+// order; branches become per-lane selects. Each public row function is
+// compiled for AVX-512, AVX2 and baseline x86-64 (target_clones, picked once
+// at load time); none enables FMA, so all three round alike.
+#include "worker/engine/gguf/gguf_quants.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cfloat>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/status_macros.h"
+#include "worker/engine/util/torch_status.h"
+
+// 64-byte vectors change the calling convention without AVX-512; they never
+// cross a call here (every helper taking one is always_inline).
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define GGUF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define GGUF_CLONES
+#endif
+#define GGUF_INLINE inline __attribute__((always_inline))
+
+namespace compress::engine {
+namespace {
+
+constexpr int kQK = 32;
+constexpr int kQK_K = kGgufQK_K;
+constexpr float kGroupMaxEps = 1e-15f;  // GROUP_MAX_EPS
+
+// ---------------------------------------------------------------------------
+// 16-lane vectors.
+// ---------------------------------------------------------------------------
+
+constexpr int kLanes = 16;
+typedef float VF __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t VI __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef uint32_t VU __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+GGUF_INLINE VF Splat(float v) { return VF{} + v; }
+GGUF_INLINE VI SplatI(int32_t v) { return VI{} + v; }
+GGUF_INLINE VF ToFloat(VI v) { return __builtin_convertvector(v, VF); }
+GGUF_INLINE VF Abs(VF v) { return (VF)((VI)v & 0x7fffffff); }
+GGUF_INLINE VI Clamp(VI v, int lo, int hi) {
+  v = v < lo ? SplatI(lo) : v;
+  return v > hi ? SplatI(hi) : v;
+}
+GGUF_INLINE bool Any(VI mask) {
+  int32_t any = 0;
+  for (int k = 0; k < kLanes; ++k) any |= mask[k];
+  return any != 0;
+}
+// llama.cpp's nearest_int, lane by lane (the same bits for every input).
+GGUF_INLINE VI NearestIntV(VF x) {
+  const VF biased = x + 12582912.0f;
+  return ((VI)biased & 0x007fffff) - 0x00400000;
+}
+// Truncation to int32 as x86-64 does it: INT_MIN out of range and for NaN.
+GGUF_INLINE VI TruncateV(VF x) {
+  const VI in_range = (x >= -2147483648.0f) & (x < 2147483648.0f);
+  const VF safe = in_range ? x : VF{};
+  return in_range ? __builtin_convertvector(safe, VI) : SplatI(INT_MIN);
+}
+// C's (int8_t) cast of a float (x86-64): the low byte of the truncation.
+GGUF_INLINE VI TruncToInt8V(VF x) {
+  const VI low = TruncateV(x) & 0xFF;
+  return low >= 128 ? low - 256 : low;
+}
+// roundf (half away from zero), as an int32 (INT_MIN where out of range).
+GGUF_INLINE VI RoundHalfAwayV(VF x) {
+  const VI in_range = (x >= -2147483648.0f) & (x < 2147483648.0f);
+  const VI t = TruncateV(x);
+  // Exact; 0 where x is integral, NaN or out of range (roundf keeps those).
+  const VF frac = in_range ? x - ToFloat(t) : VF{};
+  return t - (frac >= 0.5f) + (frac <= -0.5f);  // masks are -1
+}
+GGUF_INLINE VF LoadF(const float* p) {
+  VF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+int NearestInt(float x) {
+  const float biased = x + 12582912.0f;
+  int32_t bits;
+  std::memcpy(&bits, &biased, sizeof(bits));
+  return (bits & 0x007fffff) - 0x00400000;
+}
+
+GgufHalf ToHalf(float x) { return c10::detail::fp16_ieee_from_fp32_value(x); }
+float FromHalf(GgufHalf h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+
+template <typename Block>
+GGUF_INLINE void Store(const Block& block, uint8_t* out, int64_t index) {
+  std::memcpy(out + index * static_cast<int64_t>(sizeof(Block)), &block, sizeof(Block));
+}
+template <typename Block>
+GGUF_INLINE Block Load(const uint8_t* in, int64_t index) {
+  Block block;
+  std::memcpy(&block, in + index * static_cast<int64_t>(sizeof(Block)), sizeof(Block));
+  return block;
+}
+
+// ---------------------------------------------------------------------------
+// The searches, 16 groups of N values at once: x[i][k] is value i of group k.
+// ---------------------------------------------------------------------------
+
+// make_qkx2_quants (kQkx3 false) / make_qkx3_quants (true); see the reference.
+template <int N, bool kQkx3, bool kUseMad>
+GGUF_INLINE VF MakeQkxLanes(const VF* x, const VF* w, int nmax, float rmin, float rdelta,
+                            int nstep, VI* L, VF* the_min) {
+  const VF zero = {};
+  VF min = x[0];
+  VF max = x[0];
+  VF sum_w = w[0];
+  VF sum_x = sum_w * x[0];
+  for (int i = 1; i < N; ++i) {
+    min = x[i] < min ? x[i] : min;
+    max = x[i] > max ? x[i] : max;
+    sum_w += w[i];
+    sum_x += w[i] * x[i];
+  }
+  min = min > zero ? zero : min;
+  const VI flat = kQkx3 ? (max <= min) : (max == min);
+  const VF flat_min = min;
+  const VF fnmax = Splat(static_cast<float>(nmax));
+  VF iscale = fnmax / (max - min);
+  VF scale = Splat(1.0f) / iscale;
+  VF best = zero;
+  for (int i = 0; i < N; ++i) {
+    L[i] = Clamp(NearestIntV(iscale * (x[i] - min)), 0, nmax);
+    VF diff = scale * ToFloat(L[i]) + min - x[i];
+    diff = kUseMad ? Abs(diff) : diff * diff;
+    best += w[i] * diff;
+  }
+  VI laux[N];
+  for (int is = 0; is <= nstep; ++is) {
+    iscale = Splat(rmin + rdelta * is + nmax) / (max - min);
+    VF sum_l = zero;
+    VF sum_l2 = zero;
+    VF sum_xl = zero;
+    for (int i = 0; i < N; ++i) {
+      VI l;
+      if (kQkx3) {
+        const VF v = iscale * (x[i] - min);
+        l = v > zero ? NearestIntV(v < fnmax ? v : fnmax) : VI{};
+      } else {
+        l = Clamp(NearestIntV(iscale * (x[i] - min)), 0, nmax);
+      }
+      laux[i] = l;
+      const VF lf = ToFloat(l);
+      const VF wl = w[i] * lf;
+      sum_l += wl;
+      sum_l2 += wl * lf;
+      sum_xl += wl * x[i];
+    }
+    const VF D = sum_w * sum_l2 - sum_l * sum_l;
+    const VI ok = D > zero;
+    if (!Any(ok)) continue;
+    VF this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+    VF this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+    const VI positive = this_min > zero;
+    this_min = positive ? zero : this_min;
+    this_scale = positive ? sum_xl / sum_l2 : this_scale;
+    VF error = zero;
+    for (int i = 0; i < N; ++i) {
+      VF diff = this_scale * ToFloat(laux[i]) + this_min - x[i];
+      diff = kUseMad ? Abs(diff) : diff * diff;
+      error += w[i] * diff;
+    }
+    const VI better = ok & (error < best);
+    if (!Any(better)) continue;
+    for (int i = 0; i < N; ++i) L[i] = better ? laux[i] : L[i];
+    best = better ? error : best;
+    scale = better ? this_scale : scale;
+    min = better ? this_min : min;
+  }
+  for (int i = 0; i < N; ++i) L[i] = flat ? VI{} : L[i];
+  *the_min = flat ? -flat_min : -min;
+  return flat ? zero : scale;
+}
+
+// make_qx_quants, rmse_type 1; w null: x^2. L holds l + nmax.
+template <int N>
+GGUF_INLINE VF MakeQxLanes(const VF* x, const VF* w, int nmax, VI* L) {
+  const VF zero = {};
+  VF amax = zero;
+  VF max = zero;
+  for (int i = 0; i < N; ++i) {
+    const VF ax = Abs(x[i]);
+    const VI larger = ax > amax;
+    amax = larger ? ax : amax;
+    max = larger ? x[i] : max;
+  }
+  const VI all_zero = amax < kGroupMaxEps;
+  VF iscale = Splat(static_cast<float>(-nmax)) / max;
+  VF sumlx = zero;
+  VF suml2 = zero;
+  for (int i = 0; i < N; ++i) {
+    const VI l = Clamp(NearestIntV(iscale * x[i]), -nmax, nmax - 1);
+    L[i] = l + nmax;
+    const VF wi = w != nullptr ? w[i] : x[i] * x[i];
+    const VF lf = ToFloat(l);
+    sumlx += wi * x[i] * lf;
+    suml2 += wi * lf * lf;
+  }
+  VF scale = suml2 != zero ? sumlx / suml2 : zero;
+  VF best = scale * sumlx;
+  VI laux[N];
+  for (int is = -9; is <= 9; ++is) {
+    if (is == 0) continue;
+    iscale = Splat(-(nmax + 0.1f * is)) / max;
+    sumlx = zero;
+    suml2 = zero;
+    for (int i = 0; i < N; ++i) {
+      const VI l = Clamp(NearestIntV(iscale * x[i]), -nmax, nmax - 1);
+      laux[i] = l;
+      const VF wi = w != nullptr ? w[i] : x[i] * x[i];
+      const VF lf = ToFloat(l);
+      sumlx += wi * x[i] * lf;
+      suml2 += wi * lf * lf;
+    }
+    const VI better = (suml2 > zero) & (sumlx * sumlx > best * suml2);
+    if (!Any(better)) continue;
+    const VF new_scale = sumlx / suml2;
+    for (int i = 0; i < N; ++i) L[i] = better ? laux[i] + nmax : L[i];
+    scale = better ? new_scale : scale;
+    best = better ? new_scale * sumlx : best;
+  }
+  for (int i = 0; i < N; ++i) L[i] = all_zero ? VI{} : L[i];
+  return all_zero ? zero : scale;
+}
+
+// make_q3_quants with do_rmse. L holds l + nmax.
+template <int N>
+GGUF_INLINE VF MakeQ3Lanes(const VF* x, int nmax, VI* L) {
+  const VF zero = {};
+  VF amax = zero;
+  VF max = zero;
+  for (int i = 0; i < N; ++i) {
+    const VF ax = Abs(x[i]);
+    const VI larger = ax > amax;
+    amax = larger ? ax : amax;
+    max = larger ? x[i] : max;
+  }
+  const VI all_zero = amax < kGroupMaxEps;
+  const VF iscale = Splat(static_cast<float>(-nmax)) / max;
+  VF sumlx = zero;
+  VF suml2 = zero;
+  for (int i = 0; i < N; ++i) {
+    L[i] = Clamp(NearestIntV(iscale * x[i]), -nmax, nmax - 1);
+    const VF w = x[i] * x[i];
+    const VF lf = ToFloat(L[i]);
+    sumlx += w * x[i] * lf;
+    suml2 += w * lf * lf;
+  }
+  VI active = ~VI{};  // lanes still descending (a lane stops after a pass without change)
+  for (int pass = 0; pass < 5; ++pass) {
+    VI changed = {};
+    for (int i = 0; i < N; ++i) {
+      const VF w = x[i] * x[i];
+      const VF lf = ToFloat(L[i]);
+      const VF slx = sumlx - w * x[i] * lf;
+      const VI try_lane = active & (slx > zero);
+      if (!Any(try_lane)) continue;
+      const VF sl2 = suml2 - w * lf * lf;
+      const VI new_l = Clamp(NearestIntV(x[i] * sl2 / slx), -nmax, nmax - 1);
+      const VF new_lf = ToFloat(new_l);
+      const VF new_slx = slx + w * x[i] * new_lf;
+      const VF new_sl2 = sl2 + w * new_lf * new_lf;
+      const VI take = try_lane & (new_l != L[i]) & (new_sl2 > zero) &
+                      (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2);
+      L[i] = take ? new_l : L[i];
+      sumlx = take ? new_slx : sumlx;
+      suml2 = take ? new_sl2 : suml2;
+      changed |= take;
+    }
+    active &= changed;
+    if (!Any(active)) break;
+  }
+  for (int i = 0; i < N; ++i) L[i] = all_zero ? VI{} : L[i] + nmax;
+  return all_zero ? zero : (suml2 > zero ? sumlx / suml2 : zero);
+}
+
+// The two small searches over a super-block's scales, once per super-block:
+// scalar, as make_qx_quants (rmse_type 1, given weights) and make_qp_quants.
+float MakeQxQuantsScalar(int n, int nmax, const float* x, int8_t* L, const float* w) {
+  float amax = 0.0f;
+  float max = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    if (std::fabs(x[i]) > amax) {
+      amax = std::fabs(x[i]);
+      max = x[i];
+    }
+  }
+  if (amax < kGroupMaxEps) {
+    std::fill(L, L + n, 0);
+    return 0.0f;
+  }
+  int8_t trial[kQK_K];
+  float scale = 0.0f;
+  float best = 0.0f;
+  for (int is = 0; is <= 18; ++is) {  // is = 0 first: the plain -nmax / max
+    const int step = is == 0 ? 0 : (is <= 9 ? is - 10 : is - 9);
+    const float iscale = step == 0 ? -nmax / max : -(nmax + 0.1f * step) / max;
+    float sumlx = 0.0f;
+    float suml2 = 0.0f;
+    for (int i = 0; i < n; ++i) {
+      const int l = std::max(-nmax, std::min(nmax - 1, NearestInt(iscale * x[i])));
+      trial[i] = static_cast<int8_t>(l + nmax);
+      sumlx += w[i] * x[i] * l;
+      suml2 += w[i] * l * l;
+    }
+    if (step == 0) {
+      scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f;
+      best = scale * sumlx;
+      std::copy(trial, trial + n, L);
+    } else if (suml2 > 0.0f && sumlx * sumlx > best * suml2) {
+      scale = sumlx / suml2;
+      best = scale * sumlx;
+      std::copy(trial, trial + n, L);
+    }
+  }
+  return scale;
+}
+
+float MakeQpQuantsScalar(int n, int nmax, const float* x, uint8_t* L, const float* w) {
+  float max = 0.0f;
+  for (int i = 0; i < n; ++i) max = std::max(max, x[i]);
+  if (max < kGroupMaxEps) {
+    std::fill(L, L + n, 0);
+    return 0.0f;
+  }
+  float iscale = nmax / max;
+  {
+    const float scale = 1 / iscale;
+    float best_mse = 0.0f;
+    for (int i = 0; i < n; ++i) {
+      const uint8_t l = static_cast<uint8_t>(NearestInt(iscale * x[i]));
+      const float diff = x[i] - scale * l;
+      best_mse += w[i] * diff * diff;
+    }
+    for (int is = -4; is <= 4; ++is) {
+      if (is == 0) continue;
+      const float trial_iscale = (0.1f * is + nmax) / max;
+      const float trial_scale = 1 / trial_iscale;
+      float mse = 0.0f;
+      for (int i = 0; i < n; ++i) {
+        const int l = std::min(nmax, NearestInt(trial_iscale * x[i]));
+        const float diff = x[i] - trial_scale * l;
+        mse += w[i] * diff * diff;
+      }
+      if (mse < best_mse) {
+        best_mse = mse;
+        iscale = trial_iscale;
+      }
+    }
+  }
+  float sumlx = 0.0f;
+  float suml2 = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    const int l = std::min(nmax, NearestInt(iscale * x[i]));
+    L[i] = static_cast<uint8_t>(l);
+    sumlx += w[i] * x[i] * l;
+    suml2 += w[i] * l * l;
+  }
+  for (int pass = 0; pass < 5; ++pass) {
+    bool changed = false;
+    for (int i = 0; i < n; ++i) {
+      float slx = sumlx - w[i] * x[i] * L[i];
+      float sl2 = suml2 - w[i] * L[i] * L[i];
+      if (!(slx > 0.0f && sl2 > 0.0f)) continue;
+      const int new_l = std::min(nmax, NearestInt(x[i] * sl2 / slx));
+      if (new_l == L[i]) continue;
+      slx += w[i] * x[i] * new_l;
+      sl2 += w[i] * new_l * new_l;
+      if (slx * slx * suml2 > sumlx * sumlx * sl2) {
+        L[i] = static_cast<uint8_t>(new_l);
+        sumlx = slx;
+        suml2 = sl2;
+        changed = true;
+      }
+    }
+    if (!changed) break;
+  }
+  return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+// ---------------------------------------------------------------------------
+// Packing shared by the fast k-quants.
+// ---------------------------------------------------------------------------
+
+// Lanes [first, first + groups) of L (N values each) into codes[group * N + i].
+template <int N>
+GGUF_INLINE void Gather(const VI* L, int first, int groups, uint8_t* codes) {
+  for (int g = 0; g < groups; ++g) {
+    for (int i = 0; i < N; ++i) codes[g * N + i] = static_cast<uint8_t>(L[i][first + g]);
+  }
+}
+
+// Value i of group g (groups of N consecutive values from x) into lane
+// first + g.
+template <int N>
+GGUF_INLINE void Scatter(const float* x, int first, int groups, VF* xt) {
+  for (int g = 0; g < groups; ++g) {
+    for (int i = 0; i < N; ++i) xt[i][first + g] = x[g * N + i];
+  }
+}
+
+void Pack2BitFast(const uint8_t* L, uint8_t* qs) {
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* Lh = L + 128 * h;
+    for (int l = 0; l < 32; ++l) {
+      qs[32 * h + l] = static_cast<uint8_t>(Lh[l] | (Lh[l + 32] << 2) | (Lh[l + 64] << 4) |
+                                            (Lh[l + 96] << 6));
+    }
+  }
+}
+
+void ScaleMinK4(int j, const uint8_t* q, int* sc, int* m) {
+  if (j < 4) {
+    *sc = q[j] & 63;
+    *m = q[j + 4] & 63;
+  } else {
+    *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+// Q4_K/Q5_K's 12 bytes from 8 (scale, min) pairs of 6 bits.
+void PackScaleMinK4(const uint8_t* ls, const uint8_t* lm, uint8_t* q) {
+  for (int j = 0; j < 4; ++j) {
+    q[j] = static_cast<uint8_t>(ls[j] | ((ls[j + 4] >> 4) << 6));
+    q[j + 4] = static_cast<uint8_t>(lm[j] | ((lm[j + 4] >> 4) << 6));
+    q[j + 8] = static_cast<uint8_t>((ls[j + 4] & 0xF) | ((lm[j + 4] & 0xF) << 4));
+  }
+}
+
+int Q3KScaleFast(const uint8_t* scales, int j) {
+  const int low = (scales[j % 8] >> (4 * (j / 8))) & 0xF;
+  return low | (((scales[8 + j % 4] >> (2 * (j / 4))) & 3) << 4);
+}
+
+// ---------------------------------------------------------------------------
+// F32, F16, BF16.
+// ---------------------------------------------------------------------------
+
+// float -> float16 bits, round to nearest even (the FP16 library's
+// branch-free algorithm, which llama.cpp and c10 both use), 16 at a time.
+GGUF_INLINE VU HalfBitsV(VF f) {
+  const VU w = (VU)f;
+  const VU shl1_w = w + w;
+  const VU sign = w & 0x80000000u;
+  VU bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? (VU{} + 0x71000000u) : bias;
+  VF base = (Abs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  base = (VF)((bias >> 1) + 0x07800000u) + base;
+  const VU bits = (VU)base;
+  const VU nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return (sign >> 16) | (shl1_w > 0xFF000000u ? (VU{} + 0x7E00u) : nonsign);
+}
+
+GGUF_INLINE void QuantizeF16Body(const float* x, int64_t n, const float*, uint8_t* out) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const VU h = HalfBitsV(LoadF(x + j));
+    for (int k = 0; k < kLanes; ++k) {
+      out[2 * (j + k)] = static_cast<uint8_t>(h[k]);
+      out[2 * (j + k) + 1] = static_cast<uint8_t>(h[k] >> 8);
+    }
+  }
+  for (; j < n; ++j) {
+    const GgufHalf h = ToHalf(x[j]);
+    out[2 * j] = static_cast<uint8_t>(h);
+    out[2 * j + 1] = static_cast<uint8_t>(h >> 8);
+  }
+}
+
+GGUF_INLINE void DequantizeF16Body(const uint8_t* in, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    // float16 -> float32 is exact: rebias a normal's exponent; a subnormal
+    // is its mantissa times 2^-24 (one exact product).
+    const uint32_t h = static_cast<uint32_t>(in[2 * j] | (in[2 * j + 1] << 8));
+    const uint32_t sign = (h & 0x8000u) << 16;
+    const uint32_t exponent = (h >> 10) & 0x1F;
+    const uint32_t mantissa = h & 0x3FF;
+    uint32_t bits;
+    if (exponent == 0) {
+      const float value = static_cast<float>(mantissa) * 0x1.0p-24f;
+      std::memcpy(&bits, &value, sizeof(bits));
+      bits |= sign;
+    } else if (exponent == 0x1F) {  // Inf, or NaN made quiet (as the FP16 library's)
+      bits = sign | 0x7F800000u | (mantissa << 13) | (mantissa != 0 ? 0x00400000u : 0u);
+    } else {
+      bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    }
+    std::memcpy(&out[j], &bits, sizeof(bits));
+  }
+}
+
+GGUF_INLINE void QuantizeBF16Body(const float* x, int64_t n, const float*, uint8_t* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t u;
+    std::memcpy(&u, &x[j], sizeof(u));
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    const uint32_t b = nan ? ((u >> 16) | 64u) : ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    out[2 * j] = static_cast<uint8_t>(b);
+    out[2 * j + 1] = static_cast<uint8_t>(b >> 8);
+  }
+}
+
+GGUF_INLINE void DequantizeBF16Body(const uint8_t* in, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t u = static_cast<uint32_t>(in[2 * j] | (in[2 * j + 1] << 8)) << 16;
+    std::memcpy(&out[j], &u, sizeof(u));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 without importance: one block at a time, the
+// 32 values as two 16-lane vectors.
+// ---------------------------------------------------------------------------
+
+GGUF_INLINE float HorizontalMax(VF v) {
+  float m = v[0];
+  for (int k = 1; k < kLanes; ++k) m = v[k] > m ? v[k] : m;
+  return m;
+}
+GGUF_INLINE float HorizontalMin(VF v) {
+  float m = v[0];
+  for (int k = 1; k < kLanes; ++k) m = v[k] < m ? v[k] : m;
+  return m;
+}
+
+// The first zero of a block that holds one (+0 or -0, as stored).
+GGUF_INLINE float FirstZero(const float* xb) {
+  for (int j = 0; j < kQK; ++j) {
+    if (xb[j] == 0.0f) return xb[j];
+  }
+  return 0.0f;
+}
+
+// The signed value of largest magnitude, the first of equals.
+GGUF_INLINE float SignedAbsMaxV(const float* xb, VF lo, VF hi) {
+  const VF a = Abs(lo);
+  const VF b = Abs(hi);
+  const float amax = HorizontalMax(a > b ? a : b);
+  if (amax == 0.0f) return 0.0f;  // +0 even when x[0] is -0, as the reference
+  for (int j = 0; j < kQK; ++j) {
+    if (std::fabs(xb[j]) == amax) return xb[j];
+  }
+  return 0.0f;
+}
+
+GGUF_INLINE void QuantizeQ8_0Body(const float* x, int64_t n, const float*, uint8_t* out) {
+  for (int64_t b = 0; b < n / kQK; ++b) {
+    const VF lo = LoadF(x + b * kQK);
+    const VF hi = LoadF(x + b * kQK + kLanes);
+    const VF a = Abs(lo);
+    const VF c = Abs(hi);
+    const float amax = HorizontalMax(a > c ? a : c);
+    const float d = amax / ((1 << 7) - 1);
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    BlockQ8_0 y;
+    y.d = ToHalf(d);
+    const VI q0 = RoundHalfAwayV(lo * id);
+    const VI q1 = RoundHalfAwayV(hi * id);
+    for (int k = 0; k < kLanes; ++k) {
+      y.qs[k] = static_cast<int8_t>(q0[k]);
+      y.qs[k + kLanes] = static_cast<int8_t>(q1[k]);
+    }
+    Store(y, out, b);
+  }
+}
+
+// Q4_0/Q5_0: codes min(2^bits - 1, (int8)(x / d + 2^(bits-1) + 0.5)).
+template <int kBits>
+GGUF_INLINE void SymmetricCodes(const float* xb, uint8_t* q, GgufHalf* d_out) {
+  constexpr int kHalfRange = 1 << (kBits - 1);
+  const VF lo = LoadF(xb);
+  const VF hi = LoadF(xb + kLanes);
+  const float d = SignedAbsMaxV(xb, lo, hi) / -kHalfRange;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  *d_out = ToHalf(d);
+  const float offset = kHalfRange + 0.5f;
+  const VI q0 = TruncToInt8V(lo * id + offset);
+  const VI q1 = TruncToInt8V(hi * id + offset);
+  const int top = 2 * kHalfRange - 1;
+  for (int k = 0; k < kLanes; ++k) {
+    q[k] = static_cast<uint8_t>(std::min(top, q0[k]));
+    q[k + kLanes] = static_cast<uint8_t>(std::min(top, q1[k]));
+  }
+}
+
+// Q4_1/Q5_1: m = min, codes (x - min) / d + 0.5 truncated (Q4_1 clamps).
+template <int kBits>
+GGUF_INLINE void AffineCodes(const float* xb, uint8_t* q, GgufHalf* d_out, GgufHalf* m_out) {
+  const VF lo = LoadF(xb);
+  const VF hi = LoadF(xb + kLanes);
+  float min = HorizontalMin(lo < hi ? lo : hi);
+  float max = HorizontalMax(lo > hi ? lo : hi);
+  // The reference keeps the first of equal values; only zeros differ (+0 / -0).
+  if (min == 0.0f) min = FirstZero(xb);
+  if (max == 0.0f) max = FirstZero(xb);
+  const float d = (max - min) / ((1 << kBits) - 1);
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  *d_out = ToHalf(d);
+  *m_out = ToHalf(min);
+  const VI q0 = TruncateV((lo - min) * id + 0.5f) & 0xFF;
+  const VI q1 = TruncateV((hi - min) * id + 0.5f) & 0xFF;
+  for (int k = 0; k < kLanes; ++k) {
+    if (kBits == 4) {  // MIN(15, (int8_t)...)
+      q[k] = static_cast<uint8_t>(std::min(15, q0[k] >= 128 ? q0[k] - 256 : q0[k]));
+      q[k + kLanes] = static_cast<uint8_t>(std::min(15, q1[k] >= 128 ? q1[k] - 256 : q1[k]));
+    } else {  // (uint8_t)..., no clamp
+      q[k] = static_cast<uint8_t>(q0[k]);
+      q[k + kLanes] = static_cast<uint8_t>(q1[k]);
+    }
+  }
+}
+
+template <typename Block>
+GGUF_INLINE void PackNibbles(const uint8_t* q, Block& y) {
+  for (int j = 0; j < 16; ++j) y.qs[j] = static_cast<uint8_t>(q[j] | (q[j + 16] << 4));
+}
+
+template <typename Block>
+GGUF_INLINE void PackFiveBits(const uint8_t* q, Block& y) {
+  uint32_t qh = 0;
+  for (int j = 0; j < 16; ++j) {
+    y.qs[j] = static_cast<uint8_t>((q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4));
+    qh |= static_cast<uint32_t>((q[j] >> 4) & 1) << j;
+    qh |= static_cast<uint32_t>((q[j + 16] >> 4) & 1) << (j + 16);
+  }
+  for (int k = 0; k < 4; ++k) y.qh[k] = static_cast<uint8_t>(qh >> (8 * k));
+}
+
+// ---------------------------------------------------------------------------
+// Q4_0, Q4_1, Q5_0, Q5_1 with importance: 16 blocks in the lanes.
+// ---------------------------------------------------------------------------
+
+float RowMeanSquare(const float* x, int64_t n) {
+  float sum = 0.0f;
+  for (int64_t j = 0; j < n; ++j) sum += x[j] * x[j];
+  return sum / n;
+}
+
+// Loads blocks [b, b + count) of x (count <= 16; missing lanes are zeros) and
+// their weights importance * sqrt(sigma2 + x^2).
+GGUF_INLINE void LoadLegacyLanes(const float* x, const float* importance, float sigma2, int64_t b,
+                                 int count, VF* xt, VF* wt) {
+  for (int i = 0; i < kQK; ++i) {
+    xt[i] = VF{};
+    wt[i] = VF{};
+  }
+  Scatter<kQK>(x + b * kQK, 0, count, xt);
+  for (int g = 0; g < count; ++g) {
+    const float* xb = x + (b + g) * kQK;
+    const float* qw = importance + (b + g) * kQK;
+    for (int i = 0; i < kQK; ++i) wt[i][g] = qw[i] * std::sqrt(sigma2 + xb[i] * xb[i]);
+  }
+}
+
+// kBits 4/5, kAffine false: Q4_0/Q5_0 (make_qx_quants); true: Q4_1/Q5_1
+// (make_qkx3_quants).
+template <int kBits, bool kAffine, typename Block>
+GGUF_INLINE void QuantizeLegacyWeighted(const float* x, int64_t n, const float* importance,
+                                        uint8_t* out) {
+  const float sigma2 = RowMeanSquare(x, n);
+  const int64_t blocks = n / kQK;
+  for (int64_t b = 0; b < blocks; b += kLanes) {
+    const int count = static_cast<int>(std::min<int64_t>(kLanes, blocks - b));
+    VF xt[kQK];
+    VF wt[kQK];
+    VI L[kQK];
+    LoadLegacyLanes(x, importance, sigma2, b, count, xt, wt);
+    VF scale;
+    VF the_min = {};
+    if (kAffine) {
+      scale = MakeQkxLanes<kQK, true, false>(xt, wt, (1 << kBits) - 1, -0.9f, 0.05f, 36, L,
+                                             &the_min);
+    } else {
+      scale = MakeQxLanes<kQK>(xt, wt, 1 << (kBits - 1), L);
+    }
+    uint8_t codes[kLanes * kQK];
+    Gather<kQK>(L, 0, count, codes);
+    for (int g = 0; g < count; ++g) {
+      Block y;
+      y.d = ToHalf(scale[g]);
+      if constexpr (kAffine) y.m = ToHalf(-the_min[g]);
+      if constexpr (kBits == 4) {
+        PackNibbles(codes + g * kQK, y);
+      } else {
+        PackFiveBits(codes + g * kQK, y);
+      }
+      Store(y, out, b + g);
+    }
+  }
+}
+
+GGUF_INLINE void QuantizeQ4_0Body(const float* x, int64_t n, const float* importance,
+                                  uint8_t* out) {
+  if (importance != nullptr) {
+    QuantizeLegacyWeighted<4, false, BlockQ4_0>(x, n, importance, out);
+    return;
+  }
+  for (int64_t b = 0; b < n / kQK; ++b) {
+    BlockQ4_0 y;
+    uint8_t q[kQK];
+    SymmetricCodes<4>(x + b * kQK, q, &y.d);
+    PackNibbles(q, y);
+    Store(y, out, b);
+  }
+}
+
+GGUF_INLINE void QuantizeQ5_0Body(const float* x, int64_t n, const float* importance,
+                                  uint8_t* out) {
+  if (importance != nullptr) {
+    QuantizeLegacyWeighted<5, false, BlockQ5_0>(x, n, importance, out);
+    return;
+  }
+  for (int64_t b = 0; b < n / kQK; ++b) {
+    BlockQ5_0 y;
+    uint8_t q[kQK];
+    SymmetricCodes<5>(x + b * kQK, q, &y.d);
+    PackFiveBits(q, y);
+    Store(y, out, b);
+  }
+}
+
+GGUF_INLINE void QuantizeQ4_1Body(const float* x, int64_t n, const float* importance,
+                                  uint8_t* out) {
+  if (importance != nullptr) {
+    QuantizeLegacyWeighted<4, true, BlockQ4_1>(x, n, importance, out);
+    return;
+  }
+  for (int64_t b = 0; b < n / kQK; ++b) {
+    BlockQ4_1 y;
+    uint8_t q[kQK];
+    AffineCodes<4>(x + b * kQK, q, &y.d, &y.m);
+    PackNibbles(q, y);
+    Store(y, out, b);
+  }
+}
+
+GGUF_INLINE void QuantizeQ5_1Body(const float* x, int64_t n, const float* importance,
+                                  uint8_t* out) {
+  if (importance != nullptr) {
+    QuantizeLegacyWeighted<5, true, BlockQ5_1>(x, n, importance, out);
+    return;
+  }
+  for (int64_t b = 0; b < n / kQK; ++b) {
+    BlockQ5_1 y;
+    uint8_t q[kQK];
+    AffineCodes<5>(x + b * kQK, q, &y.d, &y.m);
+    PackFiveBits(q, y);
+    Store(y, out, b);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Q2_K, Q3_K, Q6_K: one super-block, its 16 sub-blocks of 16 in the lanes.
+// ---------------------------------------------------------------------------
+
+// Importance weights of a super-block's sub-blocks of 16 (Q2_K, Q3_K):
+// qw * sqrt(sigma2 + x^2), and per sub-block their sum.
+GGUF_INLINE void SuperBlockWeights16(const float* xb, const float* qw, float sigma2, VF* wt,
+                                     VF* sw) {
+  for (int s = 0; s < 16; ++s) {
+    for (int i = 0; i < 16; ++i) {
+      const float v = xb[16 * s + i];
+      wt[i][s] = qw[16 * s + i] * std::sqrt(sigma2 + v * v);
+    }
+  }
+  *sw = VF{};
+  for (int i = 0; i < 16; ++i) *sw += wt[i];
+}
+
+GGUF_INLINE float SumOfSquares(const float* x, int n) {
+  float sum = 0.0f;
+  for (int j = 0; j < n; ++j) sum += x[j] * x[j];
+  return sum;
+}
+
+GGUF_INLINE void QuantizeQ2_KBody(const float* x, int64_t n, const float* importance,
+                                  uint8_t* out) {
+  for (int64_t b = 0; b < n / kQK_K; ++b) {
+    const float* xb = x + b * kQK_K;
+    VF xt[16];
+    VF wt[16];
+    VI L[16];
+    VF mins;
+    VF scales;
+    Scatter<16>(xb, 0, 16, xt);
+    BlockQ2_K y;
+    if (importance == nullptr) {
+      for (int i = 0; i < 16; ++i) wt[i] = Abs(xt[i]);
+      scales = MakeQkxLanes<16, false, true>(xt, wt, 3, -0.5f, 0.1f, 15, L, &mins);
+      float max_scale = 0.0f;
+      float max_min = 0.0f;
+      for (int s = 0; s < 16; ++s) {
+        if (scales[s] > max_scale) max_scale = scales[s];
+        if (mins[s] > max_min) max_min = mins[s];
+      }
+      int sc[16] = {};
+      if (max_scale > 0.0f) {
+        const float iscale = 15.0f / max_scale;
+        for (int s = 0; s < 16; ++s) sc[s] = NearestInt(iscale * scales[s]) & 0xFF;
+      }
+      if (max_min > 0.0f) {
+        const float iscale = 15.0f / max_min;
+        for (int s = 0; s < 16; ++s) sc[s] |= NearestInt(iscale * mins[s]) << 4;
+      }
+      for (int s = 0; s < 16; ++s) y.scales[s] = static_cast<uint8_t>(sc[s]);
+      y.d = ToHalf(max_scale > 0.0f ? max_scale / 15.0f : 0.0f);
+      y.dmin = ToHalf(max_min > 0.0f ? max_min / 15.0f : 0.0f);
+    } else {
+      const float sigma2 = SumOfSquares(xb, kQK_K) / kQK_K;
+      VF sw;
+      SuperBlockWeights16(xb, importance + b * kQK_K, sigma2, wt, &sw);
+      scales = MakeQkxLanes<16, true, false>(xt, wt, 3, -0.9f, 0.05f, 36, L, &mins);
+      float s_arr[16];
+      float m_arr[16];
+      float w_arr[16];
+      for (int s = 0; s < 16; ++s) {
+        s_arr[s] = scales[s];
+        m_arr[s] = mins[s];
+        w_arr[s] = sw[s];
+      }
+      uint8_t Ls[16];
+      uint8_t Lm[16];
+      y.d = ToHalf(MakeQpQuantsScalar(16, 15, s_arr, Ls, w_arr));
+      y.dmin = ToHalf(MakeQpQuantsScalar(16, 15, m_arr, Lm, w_arr));
+      for (int s = 0; s < 16; ++s) y.scales[s] = static_cast<uint8_t>(Ls[s] | (Lm[s] << 4));
+    }
+    const float d = FromHalf(y.d);
+    const float dmin = FromHalf(y.dmin);
+    VF dl;
+    VF ml;
+    for (int s = 0; s < 16; ++s) {
+      dl[s] = d * (y.scales[s] & 0xF);
+      ml[s] = dmin * (y.scales[s] >> 4);
+    }
+    const VI requantize = dl != 0.0f;
+    for (int i = 0; i < 16; ++i) {
+      const VI l = Clamp(NearestIntV((xt[i] + ml) / dl), 0, 3);
+      L[i] = requantize ? l : L[i];
+    }
+    uint8_t codes[kQK_K];
+    Gather<16>(L, 0, 16, codes);
+    Pack2BitFast(codes, y.qs);
+    Store(y, out, b);
+  }
+}
+
+GGUF_INLINE void QuantizeQ3_KBody(const float* x, int64_t n, const float* importance,
+                                  uint8_t* out) {
+  for (int64_t b = 0; b < n / kQK_K; ++b) {
+    const float* xb = x + b * kQK_K;
+    VF xt[16];
+    VI L[16];
+    Scatter<16>(xb, 0, 16, xt);
+    BlockQ3_K y;
+    std::memset(y.scales, 0, sizeof(y.scales));
+    int packed[16];  // the 6-bit scales, 32 meaning zero
+    if (importance == nullptr) {
+      const VF scales = MakeQ3Lanes<16>(xt, 4, L);
+      float amax = 0.0f;
+      float max_scale = 0.0f;
+      for (int s = 0; s < 16; ++s) {
+        if (std::fabs(scales[s]) > amax) {
+          amax = std::fabs(scales[s]);
+          max_scale = scales[s];
+        }
+      }
+      if (max_scale != 0.0f) {
+        const float iscale = -32.0f / max_scale;
+        for (int s = 0; s < 16; ++s) {
+          const int l = static_cast<int8_t>(NearestInt(iscale * scales[s]));
+          packed[s] = std::max(-32, std::min(31, l)) + 32;
+        }
+        y.d = ToHalf(1 / iscale);
+      } else {
+        std::fill(packed, packed + 16, 0);
+        y.d = ToHalf(0.0f);
+      }
+    } else {
+      const float sigma2 = 2 * SumOfSquares(xb, kQK_K) / kQK_K;
+      VF wt[16];
+      VF sw;
+      SuperBlockWeights16(xb, importance + b * kQK_K, sigma2, wt, &sw);
+      const VF scales = MakeQxLanes<16>(xt, wt, 4, L);
+      float s_arr[16];
+      float w_arr[16];
+      for (int s = 0; s < 16; ++s) {
+        s_arr[s] = scales[s];
+        w_arr[s] = sw[s];
+      }
+      int8_t Ls[16];
+      y.d = ToHalf(MakeQxQuantsScalar(16, 32, s_arr, Ls, w_arr));
+      for (int s = 0; s < 16; ++s) packed[s] = Ls[s];
+    }
+    for (int s = 0; s < 16; ++s) {
+      y.scales[s % 8] |= static_cast<uint8_t>((packed[s] & 0xF) << (4 * (s / 8)));
+      y.scales[8 + s % 4] |= static_cast<uint8_t>(((packed[s] >> 4) & 3) << (2 * (s / 4)));
+    }
+    const float d = FromHalf(y.d);
+    VF dl;
+    for (int s = 0; s < 16; ++s) dl[s] = d * (Q3KScaleFast(y.scales, s) - 32);
+    const VI requantize = dl != 0.0f;
+    for (int i = 0; i < 16; ++i) {
+      const VI l = Clamp(NearestIntV(xt[i] / dl), -4, 3) + 4;
+      L[i] = requantize ? l : L[i];
+    }
+    uint8_t codes[kQK_K];
+    Gather<16>(L, 0, 16, codes);
+    std::memset(y.hmask, 0, sizeof(y.hmask));
+    for (int j = 0; j < kQK_K; ++j) {
+      if (codes[j] > 3) {
+        y.hmask[j % 32] |= static_cast<uint8_t>(1 << (j / 32));
+        codes[j] -= 4;
+      }
+    }
+    Pack2BitFast(codes, y.qs);
+    Store(y, out, b);
+  }
+}
+
+GGUF_INLINE void QuantizeQ6_KBody(const float* x, int64_t n, const float* importance,
+                                  uint8_t* out) {
+  for (int64_t b = 0; b < n / kQK_K; ++b) {
+    const float* xb = x + b * kQK_K;
+    VF xt[16];
+    VF wt[16];
+    VI L[16];
+    Scatter<16>(xb, 0, 16, xt);
+    if (importance != nullptr) Scatter<16>(importance + b * kQK_K, 0, 16, wt);
+    const VF scales = MakeQxLanes<16>(xt, importance != nullptr ? wt : nullptr, 32, L);
+    float max_scale = 0.0f;
+    float max_abs_scale = 0.0f;
+    for (int s = 0; s < 16; ++s) {
+      if (std::fabs(scales[s]) > max_abs_scale) {
+        max_abs_scale = std::fabs(scales[s]);
+        max_scale = scales[s];
+      }
+    }
+    BlockQ6_K y;
+    if (max_abs_scale < kGroupMaxEps) {
+      std::memset(&y, 0, sizeof(y));
+      Store(y, out, b);
+      continue;
+    }
+    const float iscale = -128.0f / max_scale;
+    y.d = ToHalf(1 / iscale);
+    const float d = FromHalf(y.d);
+    VF dl;
+    for (int s = 0; s < 16; ++s) {
+      y.scales[s] = static_cast<int8_t>(std::min(127, NearestInt(iscale * scales[s])));
+      dl[s] = d * y.scales[s];
+    }
+    const VI requantize = dl != 0.0f;
+    for (int i = 0; i < 16; ++i) {
+      const VI l = Clamp(NearestIntV(xt[i] / dl), -32, 31) + 32;
+      L[i] = requantize ? l : L[i];
+    }
+    uint8_t codes[kQK_K];
+    Gather<16>(L, 0, 16, codes);
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* c = codes + 128 * h;
+      for (int l = 0; l < 32; ++l) {
+        y.ql[64 * h + l] = static_cast<uint8_t>((c[l] & 0xF) | ((c[l + 64] & 0xF) << 4));
+        y.ql[64 * h + 32 + l] = static_cast<uint8_t>((c[l + 32] & 0xF) | ((c[l + 96] & 0xF) << 4));
+        y.qh[32 * h + l] = static_cast<uint8_t>((c[l] >> 4) | ((c[l + 32] >> 4) << 2) |
+                                                ((c[l + 64] >> 4) << 4) | ((c[l + 96] >> 4) << 6));
+      }
+    }
+    Store(y, out, b);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Q4_K, Q5_K: two super-blocks at once, their 8 sub-blocks of 32 each in
+// lanes 0-7 and 8-15 (an odd last super-block leaves lanes 8-15 zero).
+// ---------------------------------------------------------------------------
+
+template <int kNmax, typename Block>
+GGUF_INLINE void QuantizeK4Body(const float* x, int64_t n, const float* importance, uint8_t* out) {
+  const int64_t blocks = n / kQK_K;
+  for (int64_t b = 0; b < blocks; b += 2) {
+    const int count = blocks - b >= 2 ? 2 : 1;
+    VF xt[32];
+    VF wt[32];
+    VI L[32];
+    VF mins;
+    VF scales;
+    for (int i = 0; i < 32; ++i) xt[i] = VF{};
+    Scatter<32>(x + b * kQK_K, 0, 8 * count, xt);
+    if (importance == nullptr) {
+      VF sum_x2 = {};
+      for (int i = 0; i < 32; ++i) sum_x2 += xt[i] * xt[i];
+      VF av_x;
+      for (int k = 0; k < kLanes; ++k) av_x[k] = std::sqrt(sum_x2[k] / 32);
+      for (int i = 0; i < 32; ++i) wt[i] = av_x + Abs(xt[i]);
+      constexpr float kRmin = kNmax == 15 ? -1.0f : -0.5f;
+      constexpr int kSteps = kNmax == 15 ? 20 : 15;
+      scales = MakeQkxLanes<32, false, false>(xt, wt, kNmax, kRmin, 0.1f, kSteps, L, &mins);
+    } else {
+      for (int i = 0; i < 32; ++i) wt[i] = VF{};
+      for (int t = 0; t < count; ++t) {
+        const float* xb = x + (b + t) * kQK_K;
+        const float* qw = importance + (b + t) * kQK_K;
+        const float sigma2 = 2 * SumOfSquares(xb, kQK_K) / kQK_K;
+        for (int j = 0; j < 8; ++j) {
+          for (int i = 0; i < 32; ++i) {
+            const float v = xb[32 * j + i];
+            wt[i][8 * t + j] = qw[32 * j + i] * std::sqrt(sigma2 + v * v);
+          }
+        }
+      }
+      scales = MakeQkxLanes<32, true, false>(xt, wt, kNmax, -0.9f, 0.05f, 36, L, &mins);
+    }
+    VF sw = {};
+    if (importance != nullptr) {
+      for (int i = 0; i < 32; ++i) sw += wt[i];
+    }
+    VF dl = {};
+    VF ml = {};
+    Block y[2];
+    for (int t = 0; t < count; ++t) {
+      uint8_t ls[8];
+      uint8_t lm[8];
+      if (importance == nullptr) {
+        float max_scale = 0.0f;
+        float max_min = 0.0f;
+        for (int j = 0; j < 8; ++j) {
+          if (scales[8 * t + j] > max_scale) max_scale = scales[8 * t + j];
+          if (mins[8 * t + j] > max_min) max_min = mins[8 * t + j];
+        }
+        const float inv_scale = max_scale > 0.0f ? 63.0f / max_scale : 0.0f;
+        const float inv_min = max_min > 0.0f ? 63.0f / max_min : 0.0f;
+        for (int j = 0; j < 8; ++j) {
+          ls[j] = std::min<uint8_t>(63, static_cast<uint8_t>(NearestInt(inv_scale * scales[8 * t + j])));
+          lm[j] = std::min<uint8_t>(63, static_cast<uint8_t>(NearestInt(inv_min * mins[8 * t + j])));
+        }
+        y[t].d = ToHalf(max_scale / 63.0f);
+        y[t].dmin = ToHalf(max_min / 63.0f);
+      } else {
+        float s_arr[8];
+        float m_arr[8];
+        float w_arr[8];
+        for (int j = 0; j < 8; ++j) {
+          s_arr[j] = scales[8 * t + j];
+          m_arr[j] = mins[8 * t + j];
+          w_arr[j] = sw[8 * t + j];
+        }
+        y[t].d = ToHalf(MakeQpQuantsScalar(8, 63, s_arr, ls, w_arr));
+        y[t].dmin = ToHalf(MakeQpQuantsScalar(8, 63, m_arr, lm, w_arr));
+        if (kNmax == 31) {  // quantize_row_q5_K_impl clamps; q4_K_impl does not
+          for (int j = 0; j < 8; ++j) {
+            ls[j] = std::min<uint8_t>(63, ls[j]);
+            lm[j] = std::min<uint8_t>(63, lm[j]);
+          }
+        }
+      }
+      PackScaleMinK4(ls, lm, y[t].scales);
+      const float d = FromHalf(y[t].d);
+      const float dmin = FromHalf(y[t].dmin);
+      for (int j = 0; j < 8; ++j) {
+        int sc;
+        int m;
+        ScaleMinK4(j, y[t].scales, &sc, &m);
+        dl[8 * t + j] = d * sc;
+        ml[8 * t + j] = dmin * m;
+      }
+    }
+    const VI requantize = dl != 0.0f;
+    for (int i = 0; i < 32; ++i) {
+      const VI l = Clamp(NearestIntV((xt[i] + ml) / dl), 0, kNmax);
+      L[i] = requantize ? l : L[i];
+    }
+    uint8_t codes[2 * kQK_K];
+    Gather<32>(L, 0, 8 * count, codes);
+    for (int t = 0; t < count; ++t) {
+      const uint8_t* c = codes + t * kQK_K;
+      if constexpr (kNmax == 31) {
+        std::memset(y[t].qh, 0, sizeof(y[t].qh));
+        for (int q = 0; q < 4; ++q) {
+          for (int l = 0; l < 32; ++l) {
+            const int l1 = c[64 * q + l];
+            const int l2 = c[64 * q + 32 + l];
+            y[t].qh[l] |= static_cast<uint8_t>(((l1 >> 4) << (2 * q)) | ((l2 >> 4) << (2 * q + 1)));
+            y[t].qs[32 * q + l] = static_cast<uint8_t>((l1 & 0xF) | ((l2 & 0xF) << 4));
+          }
+        }
+      } else {
+        for (int q = 0; q < 4; ++q) {
+          for (int l = 0; l < 32; ++l) {
+            y[t].qs[32 * q + l] = static_cast<uint8_t>(c[64 * q + l] | (c[64 * q + 32 + l] << 4));
+          }
+        }
+      }
+      Store(y[t], out, b + t);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Dequantizers: the reference formulas, written to vectorize.
+// ---------------------------------------------------------------------------
+
+GGUF_INLINE void DequantizeQ8_0Body(const uint8_t* in, int64_t n, float* out) {
+  for (int64_t b = 0; b < n / kQK; ++b) {
+    const BlockQ8_0 y = Load<BlockQ8_0>(in, b);
+    const float d = FromHalf(y.d);
+    float* o = out + b * kQK;
+    for (int j = 0; j < kQK; ++j) o[j] = y.qs[j] * d;
+  }
+}
+
+GGUF_INLINE void DequantizeQ4_0Body(const uint8_t* in, int64_t n, float* out) {
+  for (int64_t b = 0; b < n / kQK; ++b) {
+    const BlockQ4_0 y = Load<BlockQ4_0>(in, b);
+    const float d = FromHalf(y.d);
+    float* o = out + b * kQK;
+    for (int j = 0; j < 16; ++j) {
+      o[j] = ((y.qs[j] & 0xF) - 8) * d;
+      o[j + 16] = ((y.qs[j] >> 4) - 8) * d;
+    }
+  }
+}
+
+GGUF_INLINE void DequantizeQ4_1Body(const uint8_t* in, int64_t n, float* out) {
+  for (int64_t b = 0; b < n / kQK; ++b) {
+    const BlockQ4_1 y = Load<BlockQ4_1>(in, b);
+    const float d = FromHalf(y.d);
+    const float m = FromHalf(y.m);
+    float* o = out + b * kQK;
+    for (int j = 0; j < 16; ++j) {
+      o[j] = (y.qs[j] & 0xF) * d + m;
+      o[j + 16] = (y.qs[j] >> 4) * d + m;
+    }
+  }
+}
+
+template <typename Block>
+GGUF_INLINE void FiveBitCodes(const Block& y, int* q) {
+  const uint32_t qh = static_cast<uint32_t>(y.qh[0]) | (static_cast<uint32_t>(y.qh[1]) << 8) |
+                      (static_cast<uint32_t>(y.qh[2]) << 16) |
+                      (static_cast<uint32_t>(y.qh[3]) << 24);
+  for (int j = 0; j < 16; ++j) {
+    q[j] = (y.qs[j] & 0xF) | static_cast<int>(((qh >> j) & 1) << 4);
+    q[j + 16] = (y.qs[j] >> 4) | static_cast<int>(((qh >> (j + 16)) & 1) << 4);
+  }
+}
+
+GGUF_INLINE void DequantizeQ5_0Body(const uint8_t* in, int64_t n, float* out) {
+  for (int64_t b = 0; b < n / kQK; ++b) {
+    const BlockQ5_0 y = Load<BlockQ5_0>(in, b);
+    const float d = FromHalf(y.d);
+    int q[kQK];
+    FiveBitCodes(y, q);
+    float* o = out + b * kQK;
+    for (int j = 0; j < kQK; ++j) o[j] = (q[j] - 16) * d;
+  }
+}
+
+GGUF_INLINE void DequantizeQ5_1Body(const uint8_t* in, int64_t n, float* out) {
+  for (int64_t b = 0; b < n / kQK; ++b) {
+    const BlockQ5_1 y = Load<BlockQ5_1>(in, b);
+    const float d = FromHalf(y.d);
+    const float m = FromHalf(y.m);
+    int q[kQK];
+    FiveBitCodes(y, q);
+    float* o = out + b * kQK;
+    for (int j = 0; j < kQK; ++j) o[j] = q[j] * d + m;
+  }
+}
+
+GGUF_INLINE void DequantizeQ2_KBody(const uint8_t* in, int64_t n, float* out) {
+  for (int64_t b = 0; b < n / kQK_K; ++b) {
+    const BlockQ2_K y = Load<BlockQ2_K>(in, b);
+    const float d = FromHalf(y.d);
+    const float dmin = FromHalf(y.dmin);
+    float* o = out + b * kQK_K;
+    for (int j = 0; j < kQK_K; j += 16) {  // sub-block j / 16
+      const int h = j / 128;
+      const int s = (j / 32) % 4;
+      const int l0 = j % 32;
+      const float dl = d * (y.scales[j / 16] & 0xF);
+      const float ml = dmin * (y.scales[j / 16] >> 4);
+      for (int l = 0; l < 16; ++l) {
+        o[j + l] = dl * ((y.qs[32 * h + l0 + l] >> (2 * s)) & 3) - ml;
+      }
+    }
+  }
+}
+
+GGUF_INLINE void DequantizeQ3_KBody(const uint8_t* in, int64_t n, float* out) {
+  for (int64_t b = 0; b < n / kQK_K; ++b) {
+    const BlockQ3_K y = Load<BlockQ3_K>(in, b);
+    const float d = FromHalf(y.d);
+    float* o = out + b * kQK_K;
+    for (int j = 0; j < kQK_K; j += 16) {
+      const int h = j / 128;
+      const int s = (j / 32) % 4;
+      const int l0 = j % 32;
+      const float dl = d * (Q3KScaleFast(y.scales, j / 16) - 32);
+      const int bit = j / 32;
+      for (int l = 0; l < 16; ++l) {
+        const int low = (y.qs[32 * h + l0 + l] >> (2 * s)) & 3;
+        const int high = (y.hmask[l0 + l] >> bit) & 1;
+        o[j + l] = dl * (low - 4 + 4 * high);
+      }
+    }
+  }
+}
+
+template <typename Block, bool kHighBit>
+GGUF_INLINE void DequantizeK4Body(const uint8_t* in, int64_t n, float* out) {
+  for (int64_t b = 0; b < n / kQK_K; ++b) {
+    const Block y = Load<Block>(in, b);
+    const float d = FromHalf(y.d);
+    const float dmin = FromHalf(y.dmin);
+    float* o = out + b * kQK_K;
+    for (int j = 0; j < 8; ++j) {  // sub-block j: nibble j % 2 of qs[32 (j / 2) + l]
+      int sc;
+      int m;
+      ScaleMinK4(j, y.scales, &sc, &m);
+      const float dl = d * sc;
+      const float ml = dmin * m;
+      const uint8_t* qs = y.qs + 32 * (j / 2);
+      const int shift = 4 * (j % 2);
+      for (int l = 0; l < 32; ++l) {
+        int q = (qs[l] >> shift) & 0xF;
+        if constexpr (kHighBit) q |= ((y.qh[l] >> j) & 1) << 4;
+        o[32 * j + l] = dl * q - ml;
+      }
+    }
+  }
+}
+
+GGUF_INLINE void DequantizeQ6_KBody(const uint8_t* in, int64_t n, float* out) {
+  for (int64_t b = 0; b < n / kQK_K; ++b) {
+    const BlockQ6_K y = Load<BlockQ6_K>(in, b);
+    const float d = FromHalf(y.d);
+    float* o = out + b * kQK_K;
+    for (int j = 0; j < kQK_K; j += 32) {  // 32 elements: two sub-blocks of 16
+      const int h = j / 128;
+      const int s = (j / 32) % 4;
+      const uint8_t* ql = y.ql + 64 * h + 32 * (s % 2);
+      const uint8_t* qh = y.qh + 32 * h;
+      const int low_shift = 4 * (s / 2);
+      const float d0 = d * y.scales[j / 16];
+      const float d1 = d * y.scales[j / 16 + 1];
+      for (int l = 0; l < 32; ++l) {
+        const int q = (((ql[l] >> low_shift) & 0xF) | (((qh[l] >> (2 * s)) & 3) << 4)) - 32;
+        o[j + l] = (l < 16 ? d0 : d1) * q;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The row functions (one clone per instruction set).
+// ---------------------------------------------------------------------------
+
+#define GGUF_QUANTIZE_ROW(Name, ...)                                                \
+  GGUF_CLONES void Name(const float* x, int64_t n, const float* importance, uint8_t* out) { \
+    __VA_ARGS__(x, n, importance, out);                                             \
+  }
+#define GGUF_DEQUANTIZE_ROW(Name, ...) \
+  GGUF_CLONES void Name(const uint8_t* in, int64_t n, float* out) { __VA_ARGS__(in, n, out); }
+
+void QuantizeRowF32(const float* x, int64_t n, const float*, uint8_t* out) {
+  std::memcpy(out, x, n * sizeof(float));
+}
+void DequantizeRowF32(const uint8_t* in, int64_t n, float* out) {
+  std::memcpy(out, in, n * sizeof(float));
+}
+GGUF_QUANTIZE_ROW(QuantizeRowF16, QuantizeF16Body)
+GGUF_DEQUANTIZE_ROW(DequantizeRowF16, DequantizeF16Body)
+GGUF_QUANTIZE_ROW(QuantizeRowBF16, QuantizeBF16Body)
+GGUF_DEQUANTIZE_ROW(DequantizeRowBF16, DequantizeBF16Body)
+GGUF_QUANTIZE_ROW(QuantizeRowQ8_0, QuantizeQ8_0Body)
+GGUF_DEQUANTIZE_ROW(DequantizeRowQ8_0, DequantizeQ8_0Body)
+GGUF_QUANTIZE_ROW(QuantizeRowQ4_0, QuantizeQ4_0Body)
+GGUF_DEQUANTIZE_ROW(DequantizeRowQ4_0, DequantizeQ4_0Body)
+GGUF_QUANTIZE_ROW(QuantizeRowQ4_1, QuantizeQ4_1Body)
+GGUF_DEQUANTIZE_ROW(DequantizeRowQ4_1, DequantizeQ4_1Body)
+GGUF_QUANTIZE_ROW(QuantizeRowQ5_0, QuantizeQ5_0Body)
+GGUF_DEQUANTIZE_ROW(DequantizeRowQ5_0, DequantizeQ5_0Body)
+GGUF_QUANTIZE_ROW(QuantizeRowQ5_1, QuantizeQ5_1Body)
+GGUF_DEQUANTIZE_ROW(DequantizeRowQ5_1, DequantizeQ5_1Body)
+GGUF_QUANTIZE_ROW(QuantizeRowQ2_K, QuantizeQ2_KBody)
+GGUF_DEQUANTIZE_ROW(DequantizeRowQ2_K, DequantizeQ2_KBody)
+GGUF_QUANTIZE_ROW(QuantizeRowQ3_K, QuantizeQ3_KBody)
+GGUF_DEQUANTIZE_ROW(DequantizeRowQ3_K, DequantizeQ3_KBody)
+GGUF_QUANTIZE_ROW(QuantizeRowQ4_K, QuantizeK4Body<15, BlockQ4_K>)
+GGUF_DEQUANTIZE_ROW(DequantizeRowQ4_K, DequantizeK4Body<BlockQ4_K, false>)
+GGUF_QUANTIZE_ROW(QuantizeRowQ5_K, QuantizeK4Body<31, BlockQ5_K>)
+GGUF_DEQUANTIZE_ROW(DequantizeRowQ5_K, DequantizeK4Body<BlockQ5_K, true>)
+GGUF_QUANTIZE_ROW(QuantizeRowQ6_K, QuantizeQ6_KBody)
+GGUF_DEQUANTIZE_ROW(DequantizeRowQ6_K, DequantizeQ6_KBody)
+#undef GGUF_QUANTIZE_ROW
+#undef GGUF_DEQUANTIZE_ROW
+
+template <typename Block>
+constexpr GgufQuantizer Row(GgufType type, bool uses_importance, GgufQuantizeRowFn quantize,
+                            GgufDequantizeRowFn dequantize, GgufQuantizeRowFn quantize_reference,
+                            GgufDequantizeRowFn dequantize_reference) {
+  return GgufQuantizer{type,     Block::kElements, sizeof(Block),      uses_importance,
+                       quantize, dequantize,       quantize_reference, dequantize_reference};
+}
+
+// The unquantized types' "blocks": one value.
+struct F32Value {
+  static constexpr int kElements = 1;
+  float value;
+};
+struct HalfValue {
+  static constexpr int kElements = 1;
+  GgufHalf value;
+};
+
+// The table. A new format is a block struct in the header, its two pairs of
+// row functions, and a row here.
+const GgufQuantizer kQuantizers[] = {
+    Row<F32Value>(GgufType::kF32, false, QuantizeRowF32, DequantizeRowF32,
+                  QuantizeRowF32Reference, DequantizeRowF32Reference),
+    Row<HalfValue>(GgufType::kF16, false, QuantizeRowF16, DequantizeRowF16,
+                   QuantizeRowF16Reference, DequantizeRowF16Reference),
+    Row<HalfValue>(GgufType::kBF16, false, QuantizeRowBF16, DequantizeRowBF16,
+                   QuantizeRowBF16Reference, DequantizeRowBF16Reference),
+    Row<BlockQ8_0>(GgufType::kQ8_0, false, QuantizeRowQ8_0, DequantizeRowQ8_0,
+                   QuantizeRowQ8_0Reference, DequantizeRowQ8_0Reference),
+    Row<BlockQ4_0>(GgufType::kQ4_0, true, QuantizeRowQ4_0, DequantizeRowQ4_0,
+                   QuantizeRowQ4_0Reference, DequantizeRowQ4_0Reference),
+    Row<BlockQ4_1>(GgufType::kQ4_1, true, QuantizeRowQ4_1, DequantizeRowQ4_1,
+                   QuantizeRowQ4_1Reference, DequantizeRowQ4_1Reference),
+    Row<BlockQ5_0>(GgufType::kQ5_0, true, QuantizeRowQ5_0, DequantizeRowQ5_0,
+                   QuantizeRowQ5_0Reference, DequantizeRowQ5_0Reference),
+    Row<BlockQ5_1>(GgufType::kQ5_1, true, QuantizeRowQ5_1, DequantizeRowQ5_1,
+                   QuantizeRowQ5_1Reference, DequantizeRowQ5_1Reference),
+    Row<BlockQ2_K>(GgufType::kQ2_K, true, QuantizeRowQ2_K, DequantizeRowQ2_K,
+                   QuantizeRowQ2_KReference, DequantizeRowQ2_KReference),
+    Row<BlockQ3_K>(GgufType::kQ3_K, true, QuantizeRowQ3_K, DequantizeRowQ3_K,
+                   QuantizeRowQ3_KReference, DequantizeRowQ3_KReference),
+    Row<BlockQ4_K>(GgufType::kQ4_K, true, QuantizeRowQ4_K, DequantizeRowQ4_K,
+                   QuantizeRowQ4_KReference, DequantizeRowQ4_KReference),
+    Row<BlockQ5_K>(GgufType::kQ5_K, true, QuantizeRowQ5_K, DequantizeRowQ5_K,
+                   QuantizeRowQ5_KReference, DequantizeRowQ5_KReference),
+    Row<BlockQ6_K>(GgufType::kQ6_K, true, QuantizeRowQ6_K, DequantizeRowQ6_K,
+                   QuantizeRowQ6_KReference, DequantizeRowQ6_KReference),
+};
+
+// ---------------------------------------------------------------------------
+// Tensors.
+// ---------------------------------------------------------------------------
+
+std::string TypeName(GgufType type) {
+  const std::optional<GgufTypeInfo> info = FindGgufType(static_cast<uint32_t>(type));
+  return info ? std::string(info->name) : absl::StrCat("type id ", static_cast<uint32_t>(type));
+}
+
+std::string Describe(absl::string_view name, absl::Span<const int64_t> shape, GgufType type) {
+  return absl::StrCat("tensor '", name, "' [", absl::StrJoin(shape, ", "), "] as ",
+                      TypeName(type));
+}
+
+// True when all n values are finite (no NaN, no Inf).
+bool AllFinite(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, &x[j], sizeof(bits));
+    bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
+}
+
+void AtomicMin(std::atomic<int64_t>& target, int64_t value) {
+  int64_t current = target.load();
+  while (value < current && !target.compare_exchange_weak(current, value)) {
+  }
+}
+
+// Elements per parallel work item: rows are independent, but tiny ones are
+// not worth a task each.
+constexpr int64_t kGrainElements = int64_t{1} << 16;
+
+}  // namespace
+
+absl::Span<const GgufQuantizer> GgufQuantizers() { return kQuantizers; }
+
+const GgufQuantizer* FindGgufQuantizer(GgufType type) {
+  for (const GgufQuantizer& quantizer : kQuantizers) {
+    if (quantizer.type == type) return &quantizer;
+  }
+  return nullptr;
+}
+
+absl::StatusOr<GgufTensorLayout> GgufLayoutOf(GgufType type, const std::vector<int64_t>& shape,
+                                              absl::string_view name) {
+  const GgufQuantizer* quantizer = FindGgufQuantizer(type);
+  if (quantizer == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(Describe(name, shape, type), ": no GGUF quantizer for this type"));
+  }
+  if (shape.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(Describe(name, shape, type), ": needs at least one dimension"));
+  }
+  int64_t rows = 1;
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (shape[i] <= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(Describe(name, shape, type), ": dimension ", i, " is ", shape[i],
+                       " (GGUF tensors are not empty)"));
+    }
+    if (i + 1 < shape.size() && __builtin_mul_overflow(rows, shape[i], &rows)) {
+      return absl::InvalidArgumentError(absl::StrCat(Describe(name, shape, type), ": too large"));
+    }
+  }
+  GgufTensorLayout layout;
+  layout.rows = rows;
+  layout.row_elements = shape.back();
+  if (layout.row_elements % quantizer->block_elements != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        Describe(name, shape, type), ": row length ", layout.row_elements,
+        " is not a multiple of the block size ", quantizer->block_elements));
+  }
+  layout.row_bytes = layout.row_elements / quantizer->block_elements * quantizer->block_bytes;
+  if (__builtin_mul_overflow(layout.rows, layout.row_bytes, &layout.bytes) ||
+      layout.bytes > (int64_t{1} << 62)) {
+    return absl::InvalidArgumentError(absl::StrCat(Describe(name, shape, type), ": too large"));
+  }
+  return layout;
+}
+
+absl::StatusOr<std::string> QuantizeGgufTensor(const at::Tensor& weight, GgufType type,
+                                               const at::Tensor& importance,
+                                               absl::string_view name) {
+  if (!weight.defined()) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "': undefined weight"));
+  }
+  const std::vector<int64_t> shape = weight.sizes().vec();
+  ASSIGN_OR_RETURN(const GgufTensorLayout layout, GgufLayoutOf(type, shape, name));
+  const GgufQuantizer* quantizer = FindGgufQuantizer(type);
+  const std::string what = Describe(name, shape, type);
+  return CatchTorchErrors(what, [&]() -> absl::StatusOr<std::string> {
+    const at::ScalarType dtype = weight.scalar_type();
+    if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, ": needs an F32, F16 or BF16 weight, not ", c10::toString(dtype)));
+    }
+    const int64_t n = layout.row_elements;
+    std::vector<float> weights;
+    if (importance.defined()) {
+      if (importance.dim() != 1 || importance.size(0) != n ||
+          !at::isFloatingType(importance.scalar_type())) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(what, ": importance must be a floating-point [", n,
+                         "] vector (one weight per column), not ",
+                         c10::toString(importance.scalar_type()), " [",
+                         absl::StrJoin(importance.sizes(), ", "), "]"));
+      }
+      const at::Tensor qw = importance.to(at::kCPU, at::kFloat).contiguous();
+      weights.assign(qw.data_ptr<float>(), qw.data_ptr<float>() + n);
+      for (int64_t j = 0; j < n; ++j) {
+        if (!std::isfinite(weights[j]) || weights[j] < 0.0f) {
+          return absl::InvalidArgumentError(absl::StrCat(what, ": importance[", j, "] = ",
+                                                         weights[j],
+                                                         " is not a finite non-negative weight"));
+        }
+      }
+    }
+    const float* qw = weights.empty() ? nullptr : weights.data();
+    const at::Tensor w = weight.to(at::kCPU).contiguous();
+    const char* data = static_cast<const char*>(w.data_ptr());
+    const int64_t element_size = static_cast<int64_t>(w.element_size());
+
+    std::string bytes(static_cast<size_t>(layout.bytes), '\0');
+    uint8_t* out = reinterpret_cast<uint8_t*>(bytes.data());
+    std::atomic<int64_t> bad_input{std::numeric_limits<int64_t>::max()};
+    std::atomic<int64_t> bad_output{std::numeric_limits<int64_t>::max()};
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / n);
+    at::parallel_for(0, layout.rows, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(dtype == at::kFloat ? 0 : n);
+      std::vector<float> check(n);
+      for (int64_t r = begin; r < end; ++r) {
+        const char* src = data + r * n * element_size;
+        const float* x;
+        if (dtype == at::kFloat) {
+          x = reinterpret_cast<const float*>(src);
+        } else if (dtype == at::kHalf) {
+          const auto* h = reinterpret_cast<const c10::Half*>(src);
+          for (int64_t j = 0; j < n; ++j) row[j] = static_cast<float>(h[j]);
+          x = row.data();
+        } else {
+          const auto* h = reinterpret_cast<const c10::BFloat16*>(src);
+          for (int64_t j = 0; j < n; ++j) row[j] = static_cast<float>(h[j]);
+          x = row.data();
+        }
+        if (!AllFinite(x, n)) {
+          AtomicMin(bad_input, r);
+          continue;
+        }
+        uint8_t* row_out = out + r * layout.row_bytes;
+        quantizer->quantize_row(x, n, qw, row_out);
+        quantizer->dequantize_row(row_out, n, check.data());
+        if (!AllFinite(check.data(), n)) AtomicMin(bad_output, r);
+      }
+    });
+    if (bad_input.load() != std::numeric_limits<int64_t>::max()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": row ", bad_input.load(), " contains NaN or Inf"));
+    }
+    if (bad_output.load() != std::numeric_limits<int64_t>::max()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": row ", bad_output.load(),
+                       " does not fit: its quantized values overflow float16"));
+    }
+    if (static_cast<int64_t>(bytes.size()) != layout.bytes) {
+      return absl::InternalError(absl::StrCat(what, ": produced ", bytes.size(),
+                                              " bytes, expected ", layout.bytes));
+    }
+    return bytes;
+  });
+}
+
+absl::StatusOr<at::Tensor> DequantizeGgufTensor(absl::string_view bytes, GgufType type,
+                                                const std::vector<int64_t>& shape,
+                                                absl::string_view name) {
+  ASSIGN_OR_RETURN(const GgufTensorLayout layout, GgufLayoutOf(type, shape, name));
+  const std::string what = Describe(name, shape, type);
+  if (static_cast<int64_t>(bytes.size()) != layout.bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": ", bytes.size(), " bytes, expected ", layout.bytes));
+  }
+  const GgufQuantizer* quantizer = FindGgufQuantizer(type);
+  return CatchTorchErrors(what, [&]() -> absl::StatusOr<at::Tensor> {
+    at::Tensor result = at::empty(shape, at::kFloat);
+    float* out = result.data_ptr<float>();
+    const uint8_t* in = reinterpret_cast<const uint8_t*>(bytes.data());
+    const int64_t n = layout.row_elements;
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / n);
+    at::parallel_for(0, layout.rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        quantizer->dequantize_row(in + r * layout.row_bytes, n, out + r * n);
+      }
+    });
+    return result;
+  });
+}
+
+}  // namespace compress::engine

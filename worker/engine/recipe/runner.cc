@@ -185,7 +185,9 @@ void SetGptqSettings(double dampening, int block_size, bool act_order, const Rtn
 absl::StatusOr<std::vector<StagePlan>> PlanStages(const v1::JobSpec& spec,
                                                   const SafetensorsCheckpoint& checkpoint,
                                                   std::optional<EvaluatePlan>* evaluate) {
-  if (spec.stages_size() == 0) return absl::InvalidArgumentError("the recipe has no stages");
+  if (spec.stages_size() == 0 && spec.gguf_size() == 0) {
+    return absl::InvalidArgumentError("the recipe has no stages (and no gguf output)");
+  }
   evaluate->reset();
   std::vector<SafetensorsTensorInfo> infos;
   for (const CheckpointTensor& t : checkpoint.tensors()) infos.push_back(t.info);
