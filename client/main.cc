@@ -20,7 +20,8 @@ int main(int argc, char** argv) {
     return compress::client::kExitUsage;
   }
   std::unique_ptr<compress::v1::JobService::Stub> stub;
-  if (args->verb != "help") {
+  // Local verbs (help, inspect) never dial the server.
+  if (args->verb != "help" && args->verb != "inspect") {
     std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
     if (!args->global.tls_ca_file.empty()) {
       absl::StatusOr<std::string> ca = compress::ReadFile(args->global.tls_ca_file, 1 << 20);
