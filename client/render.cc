@@ -88,6 +88,15 @@ std::string FormatReport(const v1::JobReport& report) {
     }
     absl::StrAppend(&text, "\n");
   }
+  for (const v1::GgufFileReport& gguf : report.gguf()) {
+    std::vector<std::string> types;
+    for (const auto& [type, count] : gguf.tensor_types()) types.push_back(absl::StrCat(type, " ", count));
+    std::sort(types.begin(), types.end());
+    absl::StrAppend(&text, absl::StrFormat("  GGUF %s%s: %s, %s, %.2f bits per weight (%s)\n",
+                                           gguf.preset(), gguf.importance() ? " (imatrix)" : "",
+                                           gguf.file(), FormatBytes(gguf.size_bytes()),
+                                           gguf.bits_per_weight(), absl::StrJoin(types, ", ")));
+  }
   if (report.has_evaluation()) {
     const v1::EvaluationReport& e = report.evaluation();
     absl::StrAppend(&text, absl::StrFormat("Evaluation on %s (%d tokens, windows of %d, stride %d):\n",

@@ -42,4 +42,6 @@ RTN_JOB=$(grep -o 'job-[0-9a-f]*' "$DEMO/rtn.out" | head -1)
 echo "== fetch the artifacts (sha256 verified)"
 "$BIN/client/compressctl" fetch "$JOB" --out "$DEMO/out"
 find "$DEMO/out" -type f | sort | xargs ls -l
+echo "== the GGUF file llama.cpp loads: metadata and tensors"
+"$BIN/client/compressctl" inspect "$DEMO/out/gguf/kjv-llama-Q4_K_M.gguf" | sed -n '1,12p;/^Tensors/,/blk.0.ffn_up/p;/^Total/p'
 echo "== server metrics on port $(grep -o "metrics_port=[0-9]*" "$DEMO/server.log" | head -1 | cut -d= -f2) (/metrics)"

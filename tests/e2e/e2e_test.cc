@@ -8,6 +8,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <set>
 #include <thread>
 
@@ -471,6 +472,18 @@ TEST_F(EndToEndTest, TheTrainedModelIsQuantizedWithGptqAndEvaluatedByTheServiceA
   EXPECT_NE(service.before().sample().find(" the "), std::string::npos) << service.before().sample();
   EXPECT_FALSE(service.after().sample().empty());
   EXPECT_EQ(gptq.report().stages(0).method(), "gptq");
+  // The GPTQ result as llama.cpp's file, uploaded like the other artifacts.
+  bool gguf = false;
+  for (const v1::Artifact& a : gptq.artifacts()) {
+    if (a.name() == "gguf/kjv-llama-Q4_K_M.gguf" && a.format() == v1::GGUF && a.size_bytes() > 0) gguf = true;
+  }
+  EXPECT_TRUE(gguf);
+  ASSERT_EQ(gptq.report().gguf_size(), 1);
+  // Q4_K_M on 6 blocks: 13 norms F32; the output and attn_v/ffn_down of
+  // blocks 2 and 5 (use_more_bits) Q6_K; the other 39 matrices Q4_K.
+  std::map<std::string, int> types(gptq.report().gguf(0).tensor_types().begin(),
+                                   gptq.report().gguf(0).tensor_types().end());
+  EXPECT_EQ(types, (std::map<std::string, int>{{"F32", 13}, {"Q4_K", 39}, {"Q6_K", 5}}));
 
   // Locally: the RTN example on the same files, with the worker's local mode.
   std::string output;
