@@ -559,6 +559,15 @@ class EvaluateStageTest : public RunJobTest {
     return windows;
   }
 
+  // The samples a job calibrated with 8 x 32 tokens of the text saw.
+  at::Tensor CalibrationSamples() const {
+    CalibrationSampleOptions options;
+    options.num_samples = 8;
+    options.sequence_length = 32;
+    options.vocab_size = tokenizer_->vocab_size();
+    return *LoadCalibrationSamples(text_path_, &*tokenizer_, options);
+  }
+
   std::string Sample(const LlamaModel& model) const {
     GenerateOptions greedy;
     greedy.max_new_tokens = 5;
@@ -704,11 +713,7 @@ TEST_F(EvaluateStageTest, GptqJobsBeatRtnOnTheLayersOutputErrorAndPackTheSameWay
   // Layer 0's q_proj sees the original model's inputs: the test can compute
   // its Hessian on the same calibration samples.
   const std::string name = "model.layers.0.self_attn.q_proj.weight";
-  CalibrationSampleOptions sample_options;
-  sample_options.num_samples = 8;
-  sample_options.sequence_length = 32;
-  sample_options.vocab_size = tokenizer_->vocab_size();
-  const at::Tensor samples = *LoadCalibrationSamples(text_path_, &*tokenizer_, sample_options);
+  const at::Tensor samples = CalibrationSamples();
   const LlamaModel original = *LlamaModel::Load(model_dir_);
   InputRecorder recorder(0, "self_attn.q_proj");
   ASSERT_TRUE(original.Forward(samples, nullptr, &recorder).ok());
@@ -791,11 +796,7 @@ TEST_F(EvaluateStageTest, AwqAndHqqJobsLoseLessThanRtn) {
   // so the test can run block 0 itself. The written model computes
   // x * (g / s) through W * s: the effective weights are the written ones
   // divided by s = g / g_written.
-  CalibrationSampleOptions sample_options;
-  sample_options.num_samples = 8;
-  sample_options.sequence_length = 32;
-  sample_options.vocab_size = tokenizer_->vocab_size();
-  const at::Tensor samples = *LoadCalibrationSamples(text_path_, &*tokenizer_, sample_options);
+  const at::Tensor samples = CalibrationSamples();
   const LlamaModel original = *LlamaModel::Load(model_dir_);
   const SafetensorsCheckpoint awq = *SafetensorsCheckpoint::Open(dir_ / "awq/dequantized");
   const SafetensorsCheckpoint rtn = *SafetensorsCheckpoint::Open(dir_ / "rtn/dequantized");

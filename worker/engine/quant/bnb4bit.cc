@@ -23,6 +23,7 @@
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
 #include "worker/engine/model/tensor_dtype.h"
+#include "worker/engine/quant/quantized_tensor.h"
 #include "worker/engine/util/torch_status.h"
 
 namespace compress::engine {
@@ -327,19 +328,6 @@ absl::Status CheckWeight(const at::Tensor& weight, const Bnb4BitOptions& options
                      c10::toString(weight.scalar_type())));
   }
   return CheckedNumel(weight.sizes().vec(), name).status();
-}
-
-absl::Status CheckTensor(const at::Tensor& t, at::ScalarType dtype,
-                         const std::vector<int64_t>& shape, absl::string_view what,
-                         absl::string_view name) {
-  if (!t.defined() || t.scalar_type() != dtype || t.sizes() != at::IntArrayRef(shape)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "tensor '", name, "': ", what, " is ",
-        t.defined() ? absl::StrCat(c10::toString(t.scalar_type()), " ", ShapeString(t.sizes()))
-                    : std::string("missing"),
-        ", expected ", c10::toString(dtype), " ", ShapeString(shape)));
-  }
-  return absl::OkStatus();
 }
 
 absl::Status CheckScales(const at::Tensor& scales, absl::string_view what, absl::string_view name) {

@@ -26,19 +26,6 @@ at::Tensor WordsToInt32(const at::Tensor& words) {
   return at::where(words >= (int64_t{1} << 31), words - (int64_t{1} << 32), words).to(at::kInt);
 }
 
-absl::Status CheckTensor(const at::Tensor& t, at::ScalarType dtype,
-                         const std::vector<int64_t>& shape, absl::string_view what,
-                         absl::string_view name) {
-  if (!t.defined() || t.scalar_type() != dtype || t.sizes() != at::IntArrayRef(shape)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "tensor '", name, "': ", what, " is ",
-        t.defined() ? absl::StrCat(c10::toString(t.scalar_type()), " ", ShapeString(t.sizes()))
-                    : std::string("missing"),
-        ", expected ", c10::toString(dtype), " ", ShapeString(shape)));
-  }
-  return absl::OkStatus();
-}
-
 at::Tensor GroupIndex(int64_t in_features, int64_t group_size) {
   return at::arange(in_features, at::kLong).div_(group_size, "floor").to(at::kInt);
 }

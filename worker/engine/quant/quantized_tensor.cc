@@ -91,4 +91,17 @@ double RelativeError(const at::Tensor& reference, const at::Tensor& approximatio
   return std::sqrt(difference_squares / reference_squares);
 }
 
+absl::Status CheckTensor(const at::Tensor& t, at::ScalarType dtype,
+                         const std::vector<int64_t>& shape, absl::string_view what,
+                         absl::string_view name) {
+  if (!t.defined() || t.scalar_type() != dtype || t.sizes() != at::IntArrayRef(shape)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tensor '", name, "': ", what, " is ",
+        t.defined() ? absl::StrCat(c10::toString(t.scalar_type()), " ", ShapeString(t.sizes()))
+                    : std::string("missing"),
+        ", expected ", c10::toString(dtype), " ", ShapeString(shape)));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace compress::engine

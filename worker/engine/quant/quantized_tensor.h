@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
@@ -47,6 +48,13 @@ at::Tensor DequantizeReference(const QuantizedTensor& q, at::ScalarType dtype);
 // the weight's range is too wide for this format) or INTERNAL for a broken
 // invariant.
 absl::Status ValidateQuantized(const QuantizedTensor& q, absl::string_view name);
+
+// INVALID_ARGUMENT naming the tensor `name` and its part `what` ("qweight")
+// unless `t` is defined with exactly `dtype` and `shape`: for packers that
+// check what they produce and unpackers that check what they read.
+absl::Status CheckTensor(const at::Tensor& t, at::ScalarType dtype,
+                         const std::vector<int64_t>& shape, absl::string_view what,
+                         absl::string_view name);
 
 // ||a - b||_F / ||a||_F accumulated in float64 (0 when both are zero, +Inf
 // when only `reference` is). Both tensors have the same shape (at least 1-D).
