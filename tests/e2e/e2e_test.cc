@@ -472,6 +472,12 @@ TEST_F(EndToEndTest, TheTrainedModelIsQuantizedWithGptqAndEvaluatedByTheServiceA
   EXPECT_NE(service.before().sample().find(" the "), std::string::npos) << service.before().sample();
   EXPECT_FALSE(service.after().sample().empty());
   EXPECT_EQ(gptq.report().stages(0).method(), "gptq");
+  // Every layer's output error on the calibration inputs is below RTN's.
+  ASSERT_EQ(gptq.report().stages(0).tensors_size(), 6 * 7);
+  for (const v1::TensorReport& t : gptq.report().stages(0).tensors()) {
+    EXPECT_GT(t.output_error(), 0.0) << t.name();
+    EXPECT_LT(t.output_error(), t.rtn_output_error()) << t.name();
+  }
   // The GPTQ result as llama.cpp's file, uploaded like the other artifacts.
   bool gguf = false;
   for (const v1::Artifact& a : gptq.artifacts()) {

@@ -730,7 +730,13 @@ TEST_F(EvaluateStageTest, GptqJobsBeatRtnOnTheLayersOutputErrorAndPackTheSameWay
   ASSERT_EQ(stage.tensors_size(), 2 * kTargetsPerLayer);
   for (const v1::TensorReport& t : stage.tensors()) {
     EXPECT_GT(t.output_error(), 0.0) << t.name();
-    if (t.name() == name) EXPECT_NEAR(t.output_error(), gptq_error, 1e-3 * gptq_error);
+    EXPECT_LT(t.output_error(), t.rtn_output_error()) << t.name();
+    if (t.name() == name) {
+      EXPECT_NEAR(t.output_error(), gptq_error, 1e-3 * gptq_error);
+      // The baseline is RTN's figure on the same inputs.
+      const double rtn_error = RelativeOutputError(w, w_rtn, h);
+      EXPECT_NEAR(t.rtn_output_error(), rtn_error, 1e-3 * rtn_error);
+    }
   }
   double output_error_sum = 0;
   for (const v1::TensorReport& t : stage.tensors()) output_error_sum += t.output_error();

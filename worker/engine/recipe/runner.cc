@@ -1411,6 +1411,15 @@ class JobRunner {
                                                         statistics->hessian);
                            }));
           report.set_output_error(output_error);
+          if (stage.method == Method::kGptq) {
+            ASSIGN_OR_RETURN(const QuantizedTensor rtn, QuantizeRtn(current, stage.rtn, name));
+            ASSIGN_OR_RETURN(const double rtn_error,
+                             CatchTorchErrors(name, [&]() -> absl::StatusOr<double> {
+                               return RelativeOutputError(current, Dequantize(rtn, dtype),
+                                                          statistics->hessian);
+                             }));
+            report.set_rtn_output_error(rtn_error);
+          }
         }
         report.set_bytes_before(bytes_in);
         report.set_bytes_after(bytes_out);
