@@ -1,16 +1,20 @@
 // GGUF quantization, the fast path, and the quantizer table.
 //
-// The searches of llama.cpp's k-quants (make_qkx2/qkx3/qx/q3_quants) spend
+// The searches of llama.cpp's k-quants (make_qkx2/qkx3/qx/q3_quants) take
 // nearly all the time, and each is a chain of dependent float sums over one
-// sub-block. Reordering those sums would change the bytes, so instead of
-// vectorizing inside a sub-block this file runs 16 independent groups side by
-// side, one per SIMD lane (GCC vector extensions: 16 floats, two AVX2 or one
-// AVX-512 register): the 16 sub-blocks of a Q2_K/Q3_K/Q6_K super-block, the 8
-// of two Q4_K/Q5_K super-blocks, or 16 blocks of Q4_0..Q5_1 with importance.
-// Every lane performs the reference's float operations in the reference's
-// order; branches become per-lane selects. Each public row function is
-// compiled for AVX-512, AVX2 and baseline x86-64 (target_clones, picked once
-// at load time); none enables FMA, so all three round alike.
+// group (a sub-block, or a block of the legacy types). Reordering those sums
+// would change the bytes, so instead of vectorizing inside a group this file
+// runs W independent groups side by side, one per SIMD lane (GCC vector
+// extensions): every lane performs the reference's float operations in the
+// reference's order, and branches become per-lane selects. The glue between
+// searches (scale quantization, packing) is scalar; requantization and the
+// plain block types vectorize along the elements.
+//
+// Each row function exists for AVX2 (W = 8) and for baseline x86-64 (SSE2,
+// W = 4), picked once at first use. W is the native register width on
+// purpose: GCC 12 lowers comparisons of wider vectors lane by lane, and under
+// target("avx512f") even 16-lane ones. Neither variant may fuse multiply-adds
+// (see the pragma below), so both produce the reference's bytes.
 #include "worker/engine/gguf/gguf_quants.h"
 
 #include <ATen/ATen.h>
@@ -29,15 +33,20 @@
 #include "common/status_macros.h"
 #include "worker/engine/util/torch_status.h"
 
-// 64-byte vectors change the calling convention without AVX-512; they never
+// Vectors wider than SSE registers change the calling convention; they never
 // cross a call here (every helper taking one is always_inline).
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define GGUF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define GGUF_CLONES
+// Bit-exactness needs every product rounded before it is added: no fused
+// multiply-add, whatever the build flags (GCC contracts by default wherever
+// the target has FMA). sqrtf without errno lets the weight loops vectorize;
+// it is correctly rounded either way and never sees a negative argument.
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off", "no-math-errno")
 #endif
+
 #define GGUF_INLINE inline __attribute__((always_inline))
 
 namespace compress::engine {
@@ -48,56 +57,128 @@ constexpr int kQK_K = kGgufQK_K;
 constexpr float kGroupMaxEps = 1e-15f;  // GROUP_MAX_EPS
 
 // ---------------------------------------------------------------------------
-// 16-lane vectors.
+// W-lane vectors.
 // ---------------------------------------------------------------------------
 
-constexpr int kLanes = 16;
-typedef float VF __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t VI __attribute__((vector_size(kLanes * sizeof(int32_t))));
-typedef uint32_t VU __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+// The vector types of each width, and the conversions between them:
+// __builtin_convertvector needs non-dependent types (and GCC drops vector
+// attributes from template arguments), hence one specialization per width.
+template <int W>
+struct VectorTypes;
 
-GGUF_INLINE VF Splat(float v) { return VF{} + v; }
-GGUF_INLINE VI SplatI(int32_t v) { return VI{} + v; }
-GGUF_INLINE VF ToFloat(VI v) { return __builtin_convertvector(v, VF); }
-GGUF_INLINE VF Abs(VF v) { return (VF)((VI)v & 0x7fffffff); }
-GGUF_INLINE VI Clamp(VI v, int lo, int hi) {
-  v = v < lo ? SplatI(lo) : v;
-  return v > hi ? SplatI(hi) : v;
-}
-GGUF_INLINE bool Any(VI mask) {
-  int32_t any = 0;
-  for (int k = 0; k < kLanes; ++k) any |= mask[k];
-  return any != 0;
-}
-// llama.cpp's nearest_int, lane by lane (the same bits for every input).
-GGUF_INLINE VI NearestIntV(VF x) {
-  const VF biased = x + 12582912.0f;
-  return ((VI)biased & 0x007fffff) - 0x00400000;
-}
-// Truncation to int32 as x86-64 does it: INT_MIN out of range and for NaN.
-GGUF_INLINE VI TruncateV(VF x) {
-  const VI in_range = (x >= -2147483648.0f) & (x < 2147483648.0f);
-  const VF safe = in_range ? x : VF{};
-  return in_range ? __builtin_convertvector(safe, VI) : SplatI(INT_MIN);
-}
-// C's (int8_t) cast of a float (x86-64): the low byte of the truncation.
-GGUF_INLINE VI TruncToInt8V(VF x) {
-  const VI low = TruncateV(x) & 0xFF;
-  return low >= 128 ? low - 256 : low;
-}
-// roundf (half away from zero), as an int32 (INT_MIN where out of range).
-GGUF_INLINE VI RoundHalfAwayV(VF x) {
-  const VI in_range = (x >= -2147483648.0f) & (x < 2147483648.0f);
-  const VI t = TruncateV(x);
-  // Exact; 0 where x is integral, NaN or out of range (roundf keeps those).
-  const VF frac = in_range ? x - ToFloat(t) : VF{};
-  return t - (frac >= 0.5f) + (frac <= -0.5f);  // masks are -1
-}
-GGUF_INLINE VF LoadF(const float* p) {
-  VF v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+#define GGUF_VECTOR_TYPES(W_)                                                             \
+  template <>                                                                             \
+  struct VectorTypes<W_> {                                                                \
+    typedef float F __attribute__((vector_size(W_ * sizeof(float))));                     \
+    typedef int32_t I __attribute__((vector_size(W_ * sizeof(int32_t))));                 \
+    typedef uint32_t U __attribute__((vector_size(W_ * sizeof(uint32_t))));               \
+    typedef uint8_t B __attribute__((vector_size(W_)));                                   \
+    static GGUF_INLINE F ToFloat(const I& v) { return __builtin_convertvector(v, F); }    \
+    static GGUF_INLINE I ToInt(const F& v) { return __builtin_convertvector(v, I); }      \
+    static GGUF_INLINE B LowBytes(const U& v) { return __builtin_convertvector(v & 0xFFu, B); } \
+  };
+GGUF_VECTOR_TYPES(4)
+GGUF_VECTOR_TYPES(8)
+#undef GGUF_VECTOR_TYPES
+
+template <int W>
+struct Lanes : VectorTypes<W> {
+  using typename VectorTypes<W>::F;
+  using typename VectorTypes<W>::I;
+  using typename VectorTypes<W>::U;
+  using typename VectorTypes<W>::B;
+  using VectorTypes<W>::ToFloat;
+
+  static GGUF_INLINE F Splat(float v) { return F{} + v; }
+  static GGUF_INLINE I SplatI(int32_t v) { return I{} + v; }
+  static GGUF_INLINE F Abs(const F& v) { return (F)((I)v & 0x7fffffff); }
+  static GGUF_INLINE F Max(const F& a, const F& b) { return a > b ? a : b; }
+  static GGUF_INLINE F Min(const F& a, const F& b) { return a < b ? a : b; }
+  static GGUF_INLINE I Clamp(const I& v, int lo, int hi) {
+    const I low = v < lo ? SplatI(lo) : v;
+    return low > hi ? SplatI(hi) : low;
+  }
+  static GGUF_INLINE bool Any(const I& mask) {
+    uint64_t words[sizeof(I) / 8];
+    std::memcpy(words, &mask, sizeof(words));
+    uint64_t any = 0;
+    for (uint64_t word : words) any |= word;
+    return any != 0;
+  }
+  static GGUF_INLINE F Load(const float* p) {
+    F v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static GGUF_INLINE void Store(const F& v, float* p) { std::memcpy(p, &v, sizeof(v)); }
+  // The low byte of each lane.
+  static GGUF_INLINE void StoreBytes(const I& v, uint8_t* p) {
+    const B bytes = VectorTypes<W>::LowBytes((U)v);
+    std::memcpy(p, &bytes, sizeof(bytes));
+  }
+  // llama.cpp's nearest_int, lane by lane (the same bits for every input).
+  static GGUF_INLINE I NearestInt(const F& x) {
+    const F biased = x + 12582912.0f;
+    return ((I)biased & 0x007fffff) - 0x00400000;
+  }
+  // Truncation to int32 as x86-64 does it: INT_MIN out of range and for NaN.
+  static GGUF_INLINE I Truncate(const F& x) {
+    const I in_range = (x >= -2147483648.0f) & (x < 2147483648.0f);
+    const F safe = in_range ? x : F{};
+    return in_range ? VectorTypes<W>::ToInt(safe) : SplatI(INT_MIN);
+  }
+  // C's (int8_t) cast of a float (x86-64): the low byte of the truncation.
+  static GGUF_INLINE I TruncToInt8(const F& x) {
+    const I low = Truncate(x) & 0xFF;
+    return low >= 128 ? low - 256 : low;
+  }
+  // roundf (half away from zero), as an int32 (INT_MIN where out of range).
+  static GGUF_INLINE I RoundHalfAway(const F& x) {
+    const I in_range = (x >= -2147483648.0f) & (x < 2147483648.0f);
+    const I t = Truncate(x);
+    // Exact; 0 where x is integral, NaN or out of range (roundf keeps those).
+    const F frac = in_range ? x - ToFloat(t) : F{};
+    return t - (frac >= 0.5f) + (frac <= -0.5f);  // masks are -1
+  }
+  static GGUF_INLINE float HorizontalMax(const F& v) {
+    float a[W];
+    std::memcpy(a, &v, sizeof(a));
+    float m = a[0];
+    for (int k = 1; k < W; ++k) m = a[k] > m ? a[k] : m;
+    return m;
+  }
+  static GGUF_INLINE float HorizontalMin(const F& v) {
+    float a[W];
+    std::memcpy(a, &v, sizeof(a));
+    float m = a[0];
+    for (int k = 1; k < W; ++k) m = a[k] < m ? a[k] : m;
+    return m;
+  }
+  // Group g of N consecutive values of x into lane g (value i in t[i]);
+  // lanes from `groups` on are zero. Through a plain array: element-wise
+  // access to a vector register compiles to insert/extract chains.
+  template <int N>
+  static GGUF_INLINE void Scatter(const float* x, int groups, F* t) {
+    float lanes[N][W] = {};
+    for (int g = 0; g < groups; ++g) {
+      for (int i = 0; i < N; ++i) lanes[i][g] = x[g * N + i];
+    }
+    std::memcpy(t, lanes, sizeof(lanes));
+  }
+  template <int N>
+  static GGUF_INLINE void Gather(const I* t, int groups, uint8_t* codes) {
+    int32_t lanes[N][W];
+    std::memcpy(lanes, t, sizeof(lanes));
+    for (int g = 0; g < groups; ++g) {
+      for (int i = 0; i < N; ++i) codes[g * N + i] = static_cast<uint8_t>(lanes[i][g]);
+    }
+  }
+  static GGUF_INLINE void StoreLanes(const F& v, int groups, float* out) {
+    float a[W];
+    std::memcpy(a, &v, sizeof(a));
+    for (int g = 0; g < groups; ++g) out[g] = a[g];
+  }
+};
 
 int NearestInt(float x) {
   const float biased = x + 12582912.0f;
@@ -121,18 +202,24 @@ GGUF_INLINE Block Load(const uint8_t* in, int64_t index) {
 }
 
 // ---------------------------------------------------------------------------
-// The searches, 16 groups of N values at once: x[i][k] is value i of group k.
+// The searches, W groups of N values at once: x[i] holds value i of every
+// group. See the reference for the scalar forms.
 // ---------------------------------------------------------------------------
 
-// make_qkx2_quants (kQkx3 false) / make_qkx3_quants (true); see the reference.
-template <int N, bool kQkx3, bool kUseMad>
-GGUF_INLINE VF MakeQkxLanes(const VF* x, const VF* w, int nmax, float rmin, float rdelta,
-                            int nstep, VI* L, VF* the_min) {
-  const VF zero = {};
-  VF min = x[0];
-  VF max = x[0];
-  VF sum_w = w[0];
-  VF sum_x = sum_w * x[0];
+// make_qkx2_quants (kQkx3 false) / make_qkx3_quants (true).
+template <int W, int N, bool kQkx3, bool kUseMad>
+GGUF_INLINE typename Lanes<W>::F MakeQkxLanes(const typename Lanes<W>::F* x,
+                                              const typename Lanes<W>::F* w, int nmax, float rmin,
+                                              float rdelta, int nstep, typename Lanes<W>::I* L,
+                                              typename Lanes<W>::F* the_min) {
+  using S = Lanes<W>;
+  using F = typename S::F;
+  using I = typename S::I;
+  const F zero = {};
+  F min = x[0];
+  F max = x[0];
+  F sum_w = w[0];
+  F sum_x = sum_w * x[0];
   for (int i = 1; i < N; ++i) {
     min = x[i] < min ? x[i] : min;
     max = x[i] > max ? x[i] : max;
@@ -140,165 +227,228 @@ GGUF_INLINE VF MakeQkxLanes(const VF* x, const VF* w, int nmax, float rmin, floa
     sum_x += w[i] * x[i];
   }
   min = min > zero ? zero : min;
-  const VI flat = kQkx3 ? (max <= min) : (max == min);
-  const VF flat_min = min;
-  const VF fnmax = Splat(static_cast<float>(nmax));
-  VF iscale = fnmax / (max - min);
-  VF scale = Splat(1.0f) / iscale;
-  VF best = zero;
+  const I flat = kQkx3 ? (max <= min) : (max == min);
+  const F flat_min = min;
+  const F fnmax = S::Splat(static_cast<float>(nmax));
+  F iscale = fnmax / (max - min);
+  F scale = S::Splat(1.0f) / iscale;
+  F best = zero;
   for (int i = 0; i < N; ++i) {
-    L[i] = Clamp(NearestIntV(iscale * (x[i] - min)), 0, nmax);
-    VF diff = scale * ToFloat(L[i]) + min - x[i];
-    diff = kUseMad ? Abs(diff) : diff * diff;
+    L[i] = S::Clamp(S::NearestInt(iscale * (x[i] - min)), 0, nmax);
+    F diff = scale * S::ToFloat(L[i]) + min - x[i];
+    diff = kUseMad ? S::Abs(diff) : diff * diff;
     best += w[i] * diff;
   }
-  VI laux[N];
+  I laux[N];
   for (int is = 0; is <= nstep; ++is) {
-    iscale = Splat(rmin + rdelta * is + nmax) / (max - min);
-    VF sum_l = zero;
-    VF sum_l2 = zero;
-    VF sum_xl = zero;
+    iscale = S::Splat(rmin + rdelta * is + nmax) / (max - min);
+    F sum_l = zero;
+    F sum_l2 = zero;
+    F sum_xl = zero;
     for (int i = 0; i < N; ++i) {
-      VI l;
+      I l;
       if (kQkx3) {
-        const VF v = iscale * (x[i] - min);
-        l = v > zero ? NearestIntV(v < fnmax ? v : fnmax) : VI{};
+        const F v = iscale * (x[i] - min);
+        l = v > zero ? S::NearestInt(v < fnmax ? v : fnmax) : I{};
       } else {
-        l = Clamp(NearestIntV(iscale * (x[i] - min)), 0, nmax);
+        l = S::Clamp(S::NearestInt(iscale * (x[i] - min)), 0, nmax);
       }
       laux[i] = l;
-      const VF lf = ToFloat(l);
-      const VF wl = w[i] * lf;
+      const F lf = S::ToFloat(l);
+      const F wl = w[i] * lf;
       sum_l += wl;
       sum_l2 += wl * lf;
       sum_xl += wl * x[i];
     }
-    const VF D = sum_w * sum_l2 - sum_l * sum_l;
-    const VI ok = D > zero;
-    if (!Any(ok)) continue;
-    VF this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
-    VF this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-    const VI positive = this_min > zero;
+    const F D = sum_w * sum_l2 - sum_l * sum_l;
+    const I ok = D > zero;
+    if (!S::Any(ok)) continue;
+    F this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+    F this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+    const I positive = this_min > zero;
     this_min = positive ? zero : this_min;
     this_scale = positive ? sum_xl / sum_l2 : this_scale;
-    VF error = zero;
+    F error = zero;
     for (int i = 0; i < N; ++i) {
-      VF diff = this_scale * ToFloat(laux[i]) + this_min - x[i];
-      diff = kUseMad ? Abs(diff) : diff * diff;
+      F diff = this_scale * S::ToFloat(laux[i]) + this_min - x[i];
+      diff = kUseMad ? S::Abs(diff) : diff * diff;
       error += w[i] * diff;
     }
-    const VI better = ok & (error < best);
-    if (!Any(better)) continue;
+    const I better = ok & (error < best);
+    if (!S::Any(better)) continue;
     for (int i = 0; i < N; ++i) L[i] = better ? laux[i] : L[i];
     best = better ? error : best;
     scale = better ? this_scale : scale;
     min = better ? this_min : min;
   }
-  for (int i = 0; i < N; ++i) L[i] = flat ? VI{} : L[i];
+  for (int i = 0; i < N; ++i) L[i] = flat ? I{} : L[i];
   *the_min = flat ? -flat_min : -min;
   return flat ? zero : scale;
 }
 
 // make_qx_quants, rmse_type 1; w null: x^2. L holds l + nmax.
-template <int N>
-GGUF_INLINE VF MakeQxLanes(const VF* x, const VF* w, int nmax, VI* L) {
-  const VF zero = {};
-  VF amax = zero;
-  VF max = zero;
+template <int W, int N>
+GGUF_INLINE typename Lanes<W>::F MakeQxLanes(const typename Lanes<W>::F* x,
+                                             const typename Lanes<W>::F* w, int nmax,
+                                             typename Lanes<W>::I* L) {
+  using S = Lanes<W>;
+  using F = typename S::F;
+  using I = typename S::I;
+  const F zero = {};
+  F amax = zero;
+  F max = zero;
   for (int i = 0; i < N; ++i) {
-    const VF ax = Abs(x[i]);
-    const VI larger = ax > amax;
+    const F ax = S::Abs(x[i]);
+    const I larger = ax > amax;
     amax = larger ? ax : amax;
     max = larger ? x[i] : max;
   }
-  const VI all_zero = amax < kGroupMaxEps;
-  VF iscale = Splat(static_cast<float>(-nmax)) / max;
-  VF sumlx = zero;
-  VF suml2 = zero;
+  const I all_zero = amax < kGroupMaxEps;
+  F iscale = S::Splat(static_cast<float>(-nmax)) / max;
+  F sumlx = zero;
+  F suml2 = zero;
   for (int i = 0; i < N; ++i) {
-    const VI l = Clamp(NearestIntV(iscale * x[i]), -nmax, nmax - 1);
+    const I l = S::Clamp(S::NearestInt(iscale * x[i]), -nmax, nmax - 1);
     L[i] = l + nmax;
-    const VF wi = w != nullptr ? w[i] : x[i] * x[i];
-    const VF lf = ToFloat(l);
+    const F wi = w != nullptr ? w[i] : x[i] * x[i];
+    const F lf = S::ToFloat(l);
     sumlx += wi * x[i] * lf;
     suml2 += wi * lf * lf;
   }
-  VF scale = suml2 != zero ? sumlx / suml2 : zero;
-  VF best = scale * sumlx;
-  VI laux[N];
+  F scale = suml2 != zero ? sumlx / suml2 : zero;
+  F best = scale * sumlx;
+  I laux[N];
   for (int is = -9; is <= 9; ++is) {
     if (is == 0) continue;
-    iscale = Splat(-(nmax + 0.1f * is)) / max;
+    iscale = S::Splat(-(nmax + 0.1f * is)) / max;
     sumlx = zero;
     suml2 = zero;
     for (int i = 0; i < N; ++i) {
-      const VI l = Clamp(NearestIntV(iscale * x[i]), -nmax, nmax - 1);
+      const I l = S::Clamp(S::NearestInt(iscale * x[i]), -nmax, nmax - 1);
       laux[i] = l;
-      const VF wi = w != nullptr ? w[i] : x[i] * x[i];
-      const VF lf = ToFloat(l);
+      const F wi = w != nullptr ? w[i] : x[i] * x[i];
+      const F lf = S::ToFloat(l);
       sumlx += wi * x[i] * lf;
       suml2 += wi * lf * lf;
     }
-    const VI better = (suml2 > zero) & (sumlx * sumlx > best * suml2);
-    if (!Any(better)) continue;
-    const VF new_scale = sumlx / suml2;
+    const I better = (suml2 > zero) & (sumlx * sumlx > best * suml2);
+    if (!S::Any(better)) continue;
+    const F new_scale = sumlx / suml2;
     for (int i = 0; i < N; ++i) L[i] = better ? laux[i] + nmax : L[i];
     scale = better ? new_scale : scale;
     best = better ? new_scale * sumlx : best;
   }
-  for (int i = 0; i < N; ++i) L[i] = all_zero ? VI{} : L[i];
+  for (int i = 0; i < N; ++i) L[i] = all_zero ? I{} : L[i];
   return all_zero ? zero : scale;
 }
 
 // make_q3_quants with do_rmse. L holds l + nmax.
-template <int N>
-GGUF_INLINE VF MakeQ3Lanes(const VF* x, int nmax, VI* L) {
-  const VF zero = {};
-  VF amax = zero;
-  VF max = zero;
+template <int W, int N>
+GGUF_INLINE typename Lanes<W>::F MakeQ3Lanes(const typename Lanes<W>::F* x, int nmax,
+                                             typename Lanes<W>::I* L) {
+  using S = Lanes<W>;
+  using F = typename S::F;
+  using I = typename S::I;
+  const F zero = {};
+  F amax = zero;
+  F max = zero;
   for (int i = 0; i < N; ++i) {
-    const VF ax = Abs(x[i]);
-    const VI larger = ax > amax;
+    const F ax = S::Abs(x[i]);
+    const I larger = ax > amax;
     amax = larger ? ax : amax;
     max = larger ? x[i] : max;
   }
-  const VI all_zero = amax < kGroupMaxEps;
-  const VF iscale = Splat(static_cast<float>(-nmax)) / max;
-  VF sumlx = zero;
-  VF suml2 = zero;
+  const I all_zero = amax < kGroupMaxEps;
+  const F iscale = S::Splat(static_cast<float>(-nmax)) / max;
+  F sumlx = zero;
+  F suml2 = zero;
   for (int i = 0; i < N; ++i) {
-    L[i] = Clamp(NearestIntV(iscale * x[i]), -nmax, nmax - 1);
-    const VF w = x[i] * x[i];
-    const VF lf = ToFloat(L[i]);
+    L[i] = S::Clamp(S::NearestInt(iscale * x[i]), -nmax, nmax - 1);
+    const F w = x[i] * x[i];
+    const F lf = S::ToFloat(L[i]);
     sumlx += w * x[i] * lf;
     suml2 += w * lf * lf;
   }
-  VI active = ~VI{};  // lanes still descending (a lane stops after a pass without change)
+  I active = ~I{};  // lanes still descending (a lane stops after a pass without change)
   for (int pass = 0; pass < 5; ++pass) {
-    VI changed = {};
+    I changed = {};
     for (int i = 0; i < N; ++i) {
-      const VF w = x[i] * x[i];
-      const VF lf = ToFloat(L[i]);
-      const VF slx = sumlx - w * x[i] * lf;
-      const VI try_lane = active & (slx > zero);
-      if (!Any(try_lane)) continue;
-      const VF sl2 = suml2 - w * lf * lf;
-      const VI new_l = Clamp(NearestIntV(x[i] * sl2 / slx), -nmax, nmax - 1);
-      const VF new_lf = ToFloat(new_l);
-      const VF new_slx = slx + w * x[i] * new_lf;
-      const VF new_sl2 = sl2 + w * new_lf * new_lf;
-      const VI take = try_lane & (new_l != L[i]) & (new_sl2 > zero) &
-                      (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2);
+      const F w = x[i] * x[i];
+      const F lf = S::ToFloat(L[i]);
+      const F slx = sumlx - w * x[i] * lf;
+      const I try_lane = active & (slx > zero);
+      if (!S::Any(try_lane)) continue;
+      const F sl2 = suml2 - w * lf * lf;
+      const I new_l = S::Clamp(S::NearestInt(x[i] * sl2 / slx), -nmax, nmax - 1);
+      const F new_lf = S::ToFloat(new_l);
+      const F new_slx = slx + w * x[i] * new_lf;
+      const F new_sl2 = sl2 + w * new_lf * new_lf;
+      const I take = try_lane & (new_l != L[i]) & (new_sl2 > zero) &
+                     (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2);
       L[i] = take ? new_l : L[i];
       sumlx = take ? new_slx : sumlx;
       suml2 = take ? new_sl2 : suml2;
       changed |= take;
     }
     active &= changed;
-    if (!Any(active)) break;
+    if (!S::Any(active)) break;
   }
-  for (int i = 0; i < N; ++i) L[i] = all_zero ? VI{} : L[i] + nmax;
+  for (int i = 0; i < N; ++i) L[i] = all_zero ? I{} : L[i] + nmax;
   return all_zero ? zero : (suml2 > zero ? sumlx / suml2 : zero);
+}
+
+// The searches over `groups` groups of N consecutive values (x[g * N + i],
+// weights alike), W groups at a time: codes into L[g * N + i], scales (and
+// mins) into scale[g] (the_min[g]).
+template <int W, int N, bool kQkx3, bool kUseMad>
+GGUF_INLINE void SearchQkx(const float* x, const float* weights, int groups, int nmax, float rmin,
+                           float rdelta, int nstep, uint8_t* L, float* scale, float* the_min) {
+  using S = Lanes<W>;
+  for (int g = 0; g < groups; g += W) {
+    const int count = std::min(W, groups - g);
+    typename S::F xt[N];
+    typename S::F wt[N];
+    typename S::I Lt[N];
+    typename S::F mins;
+    S::template Scatter<N>(x + g * N, count, xt);
+    S::template Scatter<N>(weights + g * N, count, wt);
+    const typename S::F scales =
+        MakeQkxLanes<W, N, kQkx3, kUseMad>(xt, wt, nmax, rmin, rdelta, nstep, Lt, &mins);
+    S::template Gather<N>(Lt, count, L + g * N);
+    S::StoreLanes(scales, count, scale + g);
+    S::StoreLanes(mins, count, the_min + g);
+  }
+}
+
+template <int W, int N>
+GGUF_INLINE void SearchQx(const float* x, const float* weights, int groups, int nmax, uint8_t* L,
+                          float* scale) {
+  using S = Lanes<W>;
+  for (int g = 0; g < groups; g += W) {
+    const int count = std::min(W, groups - g);
+    typename S::F xt[N];
+    typename S::F wt[N];
+    typename S::I Lt[N];
+    S::template Scatter<N>(x + g * N, count, xt);
+    if (weights != nullptr) S::template Scatter<N>(weights + g * N, count, wt);
+    const typename S::F scales = MakeQxLanes<W, N>(xt, weights != nullptr ? wt : nullptr, nmax, Lt);
+    S::template Gather<N>(Lt, count, L + g * N);
+    S::StoreLanes(scales, count, scale + g);
+  }
+}
+
+template <int W, int N>
+GGUF_INLINE void SearchQ3(const float* x, int groups, int nmax, uint8_t* L, float* scale) {
+  using S = Lanes<W>;
+  for (int g = 0; g < groups; g += W) {
+    const int count = std::min(W, groups - g);
+    typename S::F xt[N];
+    typename S::I Lt[N];
+    S::template Scatter<N>(x + g * N, count, xt);
+    const typename S::F scales = MakeQ3Lanes<W, N>(xt, nmax, Lt);
+    S::template Gather<N>(Lt, count, L + g * N);
+    S::StoreLanes(scales, count, scale + g);
+  }
 }
 
 // The two small searches over a super-block's scales, once per super-block:
@@ -406,27 +556,35 @@ float MakeQpQuantsScalar(int n, int nmax, const float* x, uint8_t* L, const floa
 }
 
 // ---------------------------------------------------------------------------
-// Packing shared by the fast k-quants.
+// Helpers of the k-quants.
 // ---------------------------------------------------------------------------
 
-// Lanes [first, first + groups) of L (N values each) into codes[group * N + i].
-template <int N>
-GGUF_INLINE void Gather(const VI* L, int first, int groups, uint8_t* codes) {
-  for (int g = 0; g < groups; ++g) {
-    for (int i = 0; i < N; ++i) codes[g * N + i] = static_cast<uint8_t>(L[i][first + g]);
+// Codes clamp(nearest_int((x + ml) / dl), lo, hi) + offset (kAddMin false:
+// x / dl) for the n values of one sub-block (n a multiple of W).
+template <int W, bool kAddMin>
+GGUF_INLINE void Requantize(const float* x, int n, float dl, float ml, int lo, int hi, int offset,
+                            uint8_t* L) {
+  using S = Lanes<W>;
+  for (int i = 0; i < n; i += W) {
+    typename S::F v = S::Load(x + i);
+    if (kAddMin) v = v + ml;
+    S::StoreBytes(S::Clamp(S::NearestInt(v / dl), lo, hi) + offset, L + i);
   }
 }
 
-// Value i of group g (groups of N consecutive values from x) into lane
-// first + g.
-template <int N>
-GGUF_INLINE void Scatter(const float* x, int first, int groups, VF* xt) {
-  for (int g = 0; g < groups; ++g) {
-    for (int i = 0; i < N; ++i) xt[i][first + g] = x[g * N + i];
-  }
+float SumOfSquares(const float* x, int n) {
+  float sum = 0.0f;
+  for (int j = 0; j < n; ++j) sum += x[j] * x[j];
+  return sum;
 }
 
-void Pack2BitFast(const uint8_t* L, uint8_t* qs) {
+// The importance weights of the searches: qw * sqrt(sigma2 + x^2).
+GGUF_INLINE void ImportanceWeights(const float* x, const float* qw, float sigma2, int n,
+                                   float* weights) {
+  for (int j = 0; j < n; ++j) weights[j] = qw[j] * std::sqrt(sigma2 + x[j] * x[j]);
+}
+
+void Pack2Bit(const uint8_t* L, uint8_t* qs) {
   for (int h = 0; h < 2; ++h) {
     const uint8_t* Lh = L + 128 * h;
     for (int l = 0; l < 32; ++l) {
@@ -461,32 +619,37 @@ int Q3KScaleFast(const uint8_t* scales, int j) {
 }
 
 // ---------------------------------------------------------------------------
-// F32, F16, BF16.
+// F16, BF16.
 // ---------------------------------------------------------------------------
 
 // float -> float16 bits, round to nearest even (the FP16 library's
-// branch-free algorithm, which llama.cpp and c10 both use), 16 at a time.
-GGUF_INLINE VU HalfBitsV(VF f) {
-  const VU w = (VU)f;
-  const VU shl1_w = w + w;
-  const VU sign = w & 0x80000000u;
-  VU bias = shl1_w & 0xFF000000u;
-  bias = bias < 0x71000000u ? (VU{} + 0x71000000u) : bias;
-  VF base = (Abs(f) * 0x1.0p+112f) * 0x1.0p-110f;
-  base = (VF)((bias >> 1) + 0x07800000u) + base;
-  const VU bits = (VU)base;
-  const VU nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-  return (sign >> 16) | (shl1_w > 0xFF000000u ? (VU{} + 0x7E00u) : nonsign);
+// branch-free algorithm, which llama.cpp and c10 both use), W at a time.
+template <int W>
+GGUF_INLINE typename Lanes<W>::U HalfBits(const typename Lanes<W>::F& f) {
+  using S = Lanes<W>;
+  using F = typename S::F;
+  using U = typename S::U;
+  const U w = (U)f;
+  const U shl1_w = w + w;
+  const U sign = w & 0x80000000u;
+  U bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? (U{} + 0x71000000u) : bias;
+  F base = (S::Abs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  base = (F)((bias >> 1) + 0x07800000u) + base;
+  const U bits = (U)base;
+  const U nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return (sign >> 16) | (shl1_w > 0xFF000000u ? (U{} + 0x7E00u) : nonsign);
 }
 
+template <int W>
 GGUF_INLINE void QuantizeF16Body(const float* x, int64_t n, const float*, uint8_t* out) {
+  using S = Lanes<W>;
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    const VU h = HalfBitsV(LoadF(x + j));
-    for (int k = 0; k < kLanes; ++k) {
-      out[2 * (j + k)] = static_cast<uint8_t>(h[k]);
-      out[2 * (j + k) + 1] = static_cast<uint8_t>(h[k] >> 8);
-    }
+  for (; j + W <= n; j += W) {
+    const typename S::U h = HalfBits<W>(S::Load(x + j));
+    uint16_t halves[W];
+    for (int k = 0; k < W; ++k) halves[k] = static_cast<uint16_t>(h[k]);
+    std::memcpy(out + 2 * j, halves, sizeof(halves));  // little-endian host
   }
   for (; j < n; ++j) {
     const GgufHalf h = ToHalf(x[j]);
@@ -517,14 +680,15 @@ GGUF_INLINE void DequantizeF16Body(const uint8_t* in, int64_t n, float* out) {
   }
 }
 
+template <int W>
 GGUF_INLINE void QuantizeBF16Body(const float* x, int64_t n, const float*, uint8_t* out) {
   for (int64_t j = 0; j < n; ++j) {
     uint32_t u;
     std::memcpy(&u, &x[j], sizeof(u));
     const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-    const uint32_t b = nan ? ((u >> 16) | 64u) : ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    out[2 * j] = static_cast<uint8_t>(b);
-    out[2 * j + 1] = static_cast<uint8_t>(b >> 8);
+    const uint16_t b = static_cast<uint16_t>(nan ? ((u >> 16) | 64u)
+                                                 : ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16));
+    std::memcpy(out + 2 * j, &b, sizeof(b));  // little-endian host
   }
 }
 
@@ -536,20 +700,9 @@ GGUF_INLINE void DequantizeBF16Body(const uint8_t* in, int64_t n, float* out) {
 }
 
 // ---------------------------------------------------------------------------
-// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 without importance: one block at a time, the
-// 32 values as two 16-lane vectors.
+// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 without importance: one block at a time, its
+// 32 values as 32 / W vectors.
 // ---------------------------------------------------------------------------
-
-GGUF_INLINE float HorizontalMax(VF v) {
-  float m = v[0];
-  for (int k = 1; k < kLanes; ++k) m = v[k] > m ? v[k] : m;
-  return m;
-}
-GGUF_INLINE float HorizontalMin(VF v) {
-  float m = v[0];
-  for (int k = 1; k < kLanes; ++k) m = v[k] < m ? v[k] : m;
-  return m;
-}
 
 // The first zero of a block that holds one (+0 or -0, as stored).
 GGUF_INLINE float FirstZero(const float* xb) {
@@ -559,65 +712,74 @@ GGUF_INLINE float FirstZero(const float* xb) {
   return 0.0f;
 }
 
-// The signed value of largest magnitude, the first of equals.
-GGUF_INLINE float SignedAbsMaxV(const float* xb, VF lo, VF hi) {
-  const VF a = Abs(lo);
-  const VF b = Abs(hi);
-  const float amax = HorizontalMax(a > b ? a : b);
-  if (amax == 0.0f) return 0.0f;  // +0 even when x[0] is -0, as the reference
-  for (int j = 0; j < kQK; ++j) {
-    if (std::fabs(xb[j]) == amax) return xb[j];
-  }
-  return 0.0f;
+template <int W>
+GGUF_INLINE float AbsMax(const typename Lanes<W>::F* v) {
+  using S = Lanes<W>;
+  typename S::F m = S::Abs(v[0]);
+  for (int k = 1; k < kQK / W; ++k) m = S::Max(m, S::Abs(v[k]));
+  return S::HorizontalMax(m);
 }
 
+template <int W>
 GGUF_INLINE void QuantizeQ8_0Body(const float* x, int64_t n, const float*, uint8_t* out) {
+  using S = Lanes<W>;
   for (int64_t b = 0; b < n / kQK; ++b) {
-    const VF lo = LoadF(x + b * kQK);
-    const VF hi = LoadF(x + b * kQK + kLanes);
-    const VF a = Abs(lo);
-    const VF c = Abs(hi);
-    const float amax = HorizontalMax(a > c ? a : c);
-    const float d = amax / ((1 << 7) - 1);
+    typename S::F v[kQK / W];
+    for (int k = 0; k < kQK / W; ++k) v[k] = S::Load(x + b * kQK + k * W);
+    const float d = AbsMax<W>(v) / ((1 << 7) - 1);
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     BlockQ8_0 y;
     y.d = ToHalf(d);
-    const VI q0 = RoundHalfAwayV(lo * id);
-    const VI q1 = RoundHalfAwayV(hi * id);
-    for (int k = 0; k < kLanes; ++k) {
-      y.qs[k] = static_cast<int8_t>(q0[k]);
-      y.qs[k + kLanes] = static_cast<int8_t>(q1[k]);
-    }
+    uint8_t q[kQK];
+    for (int k = 0; k < kQK / W; ++k) S::StoreBytes(S::RoundHalfAway(v[k] * id), q + k * W);
+    std::memcpy(y.qs, q, sizeof(q));
     Store(y, out, b);
   }
 }
 
-// Q4_0/Q5_0: codes min(2^bits - 1, (int8)(x / d + 2^(bits-1) + 0.5)).
-template <int kBits>
+// Q4_0/Q5_0: d = the signed value of largest magnitude (the first of equals)
+// / -2^(bits-1); codes min(2^bits - 1, (int8)(x / d + 2^(bits-1) + 0.5)).
+template <int W, int kBits>
 GGUF_INLINE void SymmetricCodes(const float* xb, uint8_t* q, GgufHalf* d_out) {
+  using S = Lanes<W>;
   constexpr int kHalfRange = 1 << (kBits - 1);
-  const VF lo = LoadF(xb);
-  const VF hi = LoadF(xb + kLanes);
-  const float d = SignedAbsMaxV(xb, lo, hi) / -kHalfRange;
+  typename S::F v[kQK / W];
+  for (int k = 0; k < kQK / W; ++k) v[k] = S::Load(xb + k * W);
+  const float amax = AbsMax<W>(v);
+  float max = 0.0f;  // +0 for a zero block, even when x[0] is -0, as the reference
+  if (amax != 0.0f) {
+    for (int j = 0; j < kQK; ++j) {
+      if (std::fabs(xb[j]) == amax) {
+        max = xb[j];
+        break;
+      }
+    }
+  }
+  const float d = max / -kHalfRange;
   const float id = d != 0.0f ? 1.0f / d : 0.0f;
   *d_out = ToHalf(d);
   const float offset = kHalfRange + 0.5f;
-  const VI q0 = TruncToInt8V(lo * id + offset);
-  const VI q1 = TruncToInt8V(hi * id + offset);
-  const int top = 2 * kHalfRange - 1;
-  for (int k = 0; k < kLanes; ++k) {
-    q[k] = static_cast<uint8_t>(std::min(top, q0[k]));
-    q[k + kLanes] = static_cast<uint8_t>(std::min(top, q1[k]));
+  for (int k = 0; k < kQK / W; ++k) {
+    const typename S::I c = S::TruncToInt8(v[k] * id + offset);
+    S::StoreBytes(c > 2 * kHalfRange - 1 ? S::SplatI(2 * kHalfRange - 1) : c, q + k * W);
   }
 }
 
-// Q4_1/Q5_1: m = min, codes (x - min) / d + 0.5 truncated (Q4_1 clamps).
-template <int kBits>
+// Q4_1/Q5_1: m = min, codes (x - min) / d + 0.5 truncated; Q4_1 as
+// MIN(15, (int8_t)...), Q5_1 as (uint8_t)... without a clamp.
+template <int W, int kBits>
 GGUF_INLINE void AffineCodes(const float* xb, uint8_t* q, GgufHalf* d_out, GgufHalf* m_out) {
-  const VF lo = LoadF(xb);
-  const VF hi = LoadF(xb + kLanes);
-  float min = HorizontalMin(lo < hi ? lo : hi);
-  float max = HorizontalMax(lo > hi ? lo : hi);
+  using S = Lanes<W>;
+  typename S::F v[kQK / W];
+  for (int k = 0; k < kQK / W; ++k) v[k] = S::Load(xb + k * W);
+  typename S::F lo = v[0];
+  typename S::F hi = v[0];
+  for (int k = 1; k < kQK / W; ++k) {
+    lo = S::Min(lo, v[k]);
+    hi = S::Max(hi, v[k]);
+  }
+  float min = S::HorizontalMin(lo);
+  float max = S::HorizontalMax(hi);
   // The reference keeps the first of equal values; only zeros differ (+0 / -0).
   if (min == 0.0f) min = FirstZero(xb);
   if (max == 0.0f) max = FirstZero(xb);
@@ -625,15 +787,13 @@ GGUF_INLINE void AffineCodes(const float* xb, uint8_t* q, GgufHalf* d_out, GgufH
   const float id = d != 0.0f ? 1.0f / d : 0.0f;
   *d_out = ToHalf(d);
   *m_out = ToHalf(min);
-  const VI q0 = TruncateV((lo - min) * id + 0.5f) & 0xFF;
-  const VI q1 = TruncateV((hi - min) * id + 0.5f) & 0xFF;
-  for (int k = 0; k < kLanes; ++k) {
-    if (kBits == 4) {  // MIN(15, (int8_t)...)
-      q[k] = static_cast<uint8_t>(std::min(15, q0[k] >= 128 ? q0[k] - 256 : q0[k]));
-      q[k + kLanes] = static_cast<uint8_t>(std::min(15, q1[k] >= 128 ? q1[k] - 256 : q1[k]));
-    } else {  // (uint8_t)..., no clamp
-      q[k] = static_cast<uint8_t>(q0[k]);
-      q[k + kLanes] = static_cast<uint8_t>(q1[k]);
+  for (int k = 0; k < kQK / W; ++k) {
+    const typename S::F t = (v[k] - min) * id + 0.5f;
+    if (kBits == 4) {
+      const typename S::I c = S::TruncToInt8(t);
+      S::StoreBytes(c > 15 ? S::SplatI(15) : c, q + k * W);
+    } else {
+      S::StoreBytes(S::Truncate(t), q + k * W);
     }
   }
 }
@@ -655,166 +815,126 @@ GGUF_INLINE void PackFiveBits(const uint8_t* q, Block& y) {
 }
 
 // ---------------------------------------------------------------------------
-// Q4_0, Q4_1, Q5_0, Q5_1 with importance: 16 blocks in the lanes.
+// Q4_0, Q4_1, Q5_0, Q5_1 with importance: the blocks of a row in the lanes.
 // ---------------------------------------------------------------------------
 
-float RowMeanSquare(const float* x, int64_t n) {
-  float sum = 0.0f;
-  for (int64_t j = 0; j < n; ++j) sum += x[j] * x[j];
-  return sum / n;
-}
-
-// Loads blocks [b, b + count) of x (count <= 16; missing lanes are zeros) and
-// their weights importance * sqrt(sigma2 + x^2).
-GGUF_INLINE void LoadLegacyLanes(const float* x, const float* importance, float sigma2, int64_t b,
-                                 int count, VF* xt, VF* wt) {
-  for (int i = 0; i < kQK; ++i) {
-    xt[i] = VF{};
-    wt[i] = VF{};
-  }
-  Scatter<kQK>(x + b * kQK, 0, count, xt);
-  for (int g = 0; g < count; ++g) {
-    const float* xb = x + (b + g) * kQK;
-    const float* qw = importance + (b + g) * kQK;
-    for (int i = 0; i < kQK; ++i) wt[i][g] = qw[i] * std::sqrt(sigma2 + xb[i] * xb[i]);
-  }
-}
-
-// kBits 4/5, kAffine false: Q4_0/Q5_0 (make_qx_quants); true: Q4_1/Q5_1
-// (make_qkx3_quants).
-template <int kBits, bool kAffine, typename Block>
+// kAffine false: Q4_0/Q5_0 (make_qx_quants); true: Q4_1/Q5_1
+// (make_qkx3_quants). sigma2 is the row's mean square.
+template <int W, int kBits, bool kAffine, typename Block>
 GGUF_INLINE void QuantizeLegacyWeighted(const float* x, int64_t n, const float* importance,
                                         uint8_t* out) {
-  const float sigma2 = RowMeanSquare(x, n);
+  constexpr int kBatch = 64;  // blocks per batch
+  const float sigma2 = SumOfSquares(x, static_cast<int>(n)) / n;
   const int64_t blocks = n / kQK;
-  for (int64_t b = 0; b < blocks; b += kLanes) {
-    const int count = static_cast<int>(std::min<int64_t>(kLanes, blocks - b));
-    VF xt[kQK];
-    VF wt[kQK];
-    VI L[kQK];
-    LoadLegacyLanes(x, importance, sigma2, b, count, xt, wt);
-    VF scale;
-    VF the_min = {};
+  for (int64_t b = 0; b < blocks; b += kBatch) {
+    const int count = static_cast<int>(std::min<int64_t>(kBatch, blocks - b));
+    const float* xb = x + b * kQK;
+    float weights[kBatch * kQK];
+    ImportanceWeights(xb, importance + b * kQK, sigma2, count * kQK, weights);
+    uint8_t L[kBatch * kQK];
+    float scale[kBatch];
+    float the_min[kBatch];
     if (kAffine) {
-      scale = MakeQkxLanes<kQK, true, false>(xt, wt, (1 << kBits) - 1, -0.9f, 0.05f, 36, L,
-                                             &the_min);
+      SearchQkx<W, kQK, true, false>(xb, weights, count, (1 << kBits) - 1, -0.9f, 0.05f, 36, L,
+                                     scale, the_min);
     } else {
-      scale = MakeQxLanes<kQK>(xt, wt, 1 << (kBits - 1), L);
+      SearchQx<W, kQK>(xb, weights, count, 1 << (kBits - 1), L, scale);
     }
-    uint8_t codes[kLanes * kQK];
-    Gather<kQK>(L, 0, count, codes);
     for (int g = 0; g < count; ++g) {
       Block y;
       y.d = ToHalf(scale[g]);
       if constexpr (kAffine) y.m = ToHalf(-the_min[g]);
       if constexpr (kBits == 4) {
-        PackNibbles(codes + g * kQK, y);
+        PackNibbles(L + g * kQK, y);
       } else {
-        PackFiveBits(codes + g * kQK, y);
+        PackFiveBits(L + g * kQK, y);
       }
       Store(y, out, b + g);
     }
   }
 }
 
+template <int W>
 GGUF_INLINE void QuantizeQ4_0Body(const float* x, int64_t n, const float* importance,
                                   uint8_t* out) {
   if (importance != nullptr) {
-    QuantizeLegacyWeighted<4, false, BlockQ4_0>(x, n, importance, out);
+    QuantizeLegacyWeighted<W, 4, false, BlockQ4_0>(x, n, importance, out);
     return;
   }
   for (int64_t b = 0; b < n / kQK; ++b) {
     BlockQ4_0 y;
     uint8_t q[kQK];
-    SymmetricCodes<4>(x + b * kQK, q, &y.d);
+    SymmetricCodes<W, 4>(x + b * kQK, q, &y.d);
     PackNibbles(q, y);
     Store(y, out, b);
   }
 }
 
+template <int W>
 GGUF_INLINE void QuantizeQ5_0Body(const float* x, int64_t n, const float* importance,
                                   uint8_t* out) {
   if (importance != nullptr) {
-    QuantizeLegacyWeighted<5, false, BlockQ5_0>(x, n, importance, out);
+    QuantizeLegacyWeighted<W, 5, false, BlockQ5_0>(x, n, importance, out);
     return;
   }
   for (int64_t b = 0; b < n / kQK; ++b) {
     BlockQ5_0 y;
     uint8_t q[kQK];
-    SymmetricCodes<5>(x + b * kQK, q, &y.d);
+    SymmetricCodes<W, 5>(x + b * kQK, q, &y.d);
     PackFiveBits(q, y);
     Store(y, out, b);
   }
 }
 
+template <int W>
 GGUF_INLINE void QuantizeQ4_1Body(const float* x, int64_t n, const float* importance,
                                   uint8_t* out) {
   if (importance != nullptr) {
-    QuantizeLegacyWeighted<4, true, BlockQ4_1>(x, n, importance, out);
+    QuantizeLegacyWeighted<W, 4, true, BlockQ4_1>(x, n, importance, out);
     return;
   }
   for (int64_t b = 0; b < n / kQK; ++b) {
     BlockQ4_1 y;
     uint8_t q[kQK];
-    AffineCodes<4>(x + b * kQK, q, &y.d, &y.m);
+    AffineCodes<W, 4>(x + b * kQK, q, &y.d, &y.m);
     PackNibbles(q, y);
     Store(y, out, b);
   }
 }
 
+template <int W>
 GGUF_INLINE void QuantizeQ5_1Body(const float* x, int64_t n, const float* importance,
                                   uint8_t* out) {
   if (importance != nullptr) {
-    QuantizeLegacyWeighted<5, true, BlockQ5_1>(x, n, importance, out);
+    QuantizeLegacyWeighted<W, 5, true, BlockQ5_1>(x, n, importance, out);
     return;
   }
   for (int64_t b = 0; b < n / kQK; ++b) {
     BlockQ5_1 y;
     uint8_t q[kQK];
-    AffineCodes<5>(x + b * kQK, q, &y.d, &y.m);
+    AffineCodes<W, 5>(x + b * kQK, q, &y.d, &y.m);
     PackFiveBits(q, y);
     Store(y, out, b);
   }
 }
 
 // ---------------------------------------------------------------------------
-// Q2_K, Q3_K, Q6_K: one super-block, its 16 sub-blocks of 16 in the lanes.
+// Q2_K, Q3_K, Q6_K: 16 sub-blocks of 16 per super-block.
 // ---------------------------------------------------------------------------
 
-// Importance weights of a super-block's sub-blocks of 16 (Q2_K, Q3_K):
-// qw * sqrt(sigma2 + x^2), and per sub-block their sum.
-GGUF_INLINE void SuperBlockWeights16(const float* xb, const float* qw, float sigma2, VF* wt,
-                                     VF* sw) {
-  for (int s = 0; s < 16; ++s) {
-    for (int i = 0; i < 16; ++i) {
-      const float v = xb[16 * s + i];
-      wt[i][s] = qw[16 * s + i] * std::sqrt(sigma2 + v * v);
-    }
-  }
-  *sw = VF{};
-  for (int i = 0; i < 16; ++i) *sw += wt[i];
-}
-
-GGUF_INLINE float SumOfSquares(const float* x, int n) {
-  float sum = 0.0f;
-  for (int j = 0; j < n; ++j) sum += x[j] * x[j];
-  return sum;
-}
-
+template <int W>
 GGUF_INLINE void QuantizeQ2_KBody(const float* x, int64_t n, const float* importance,
                                   uint8_t* out) {
   for (int64_t b = 0; b < n / kQK_K; ++b) {
     const float* xb = x + b * kQK_K;
-    VF xt[16];
-    VF wt[16];
-    VI L[16];
-    VF mins;
-    VF scales;
-    Scatter<16>(xb, 0, 16, xt);
+    float weights[kQK_K];
+    uint8_t L[kQK_K];
+    float scales[16];
+    float mins[16];
     BlockQ2_K y;
     if (importance == nullptr) {
-      for (int i = 0; i < 16; ++i) wt[i] = Abs(xt[i]);
-      scales = MakeQkxLanes<16, false, true>(xt, wt, 3, -0.5f, 0.1f, 15, L, &mins);
+      for (int j = 0; j < kQK_K; ++j) weights[j] = std::fabs(xb[j]);
+      SearchQkx<W, 16, false, true>(xb, weights, 16, 3, -0.5f, 0.1f, 15, L, scales, mins);
       float max_scale = 0.0f;
       float max_min = 0.0f;
       for (int s = 0; s < 16; ++s) {
@@ -835,55 +955,42 @@ GGUF_INLINE void QuantizeQ2_KBody(const float* x, int64_t n, const float* import
       y.dmin = ToHalf(max_min > 0.0f ? max_min / 15.0f : 0.0f);
     } else {
       const float sigma2 = SumOfSquares(xb, kQK_K) / kQK_K;
-      VF sw;
-      SuperBlockWeights16(xb, importance + b * kQK_K, sigma2, wt, &sw);
-      scales = MakeQkxLanes<16, true, false>(xt, wt, 3, -0.9f, 0.05f, 36, L, &mins);
-      float s_arr[16];
-      float m_arr[16];
-      float w_arr[16];
+      ImportanceWeights(xb, importance + b * kQK_K, sigma2, kQK_K, weights);
+      float sw[16];
       for (int s = 0; s < 16; ++s) {
-        s_arr[s] = scales[s];
-        m_arr[s] = mins[s];
-        w_arr[s] = sw[s];
+        sw[s] = 0.0f;
+        for (int l = 0; l < 16; ++l) sw[s] += weights[16 * s + l];
       }
+      SearchQkx<W, 16, true, false>(xb, weights, 16, 3, -0.9f, 0.05f, 36, L, scales, mins);
       uint8_t Ls[16];
       uint8_t Lm[16];
-      y.d = ToHalf(MakeQpQuantsScalar(16, 15, s_arr, Ls, w_arr));
-      y.dmin = ToHalf(MakeQpQuantsScalar(16, 15, m_arr, Lm, w_arr));
+      y.d = ToHalf(MakeQpQuantsScalar(16, 15, scales, Ls, sw));
+      y.dmin = ToHalf(MakeQpQuantsScalar(16, 15, mins, Lm, sw));
       for (int s = 0; s < 16; ++s) y.scales[s] = static_cast<uint8_t>(Ls[s] | (Lm[s] << 4));
     }
     const float d = FromHalf(y.d);
     const float dmin = FromHalf(y.dmin);
-    VF dl;
-    VF ml;
     for (int s = 0; s < 16; ++s) {
-      dl[s] = d * (y.scales[s] & 0xF);
-      ml[s] = dmin * (y.scales[s] >> 4);
+      const float dl = d * (y.scales[s] & 0xF);
+      if (dl == 0.0f) continue;  // keeps the search's codes
+      Requantize<W, true>(xb + 16 * s, 16, dl, dmin * (y.scales[s] >> 4), 0, 3, 0, L + 16 * s);
     }
-    const VI requantize = dl != 0.0f;
-    for (int i = 0; i < 16; ++i) {
-      const VI l = Clamp(NearestIntV((xt[i] + ml) / dl), 0, 3);
-      L[i] = requantize ? l : L[i];
-    }
-    uint8_t codes[kQK_K];
-    Gather<16>(L, 0, 16, codes);
-    Pack2BitFast(codes, y.qs);
+    Pack2Bit(L, y.qs);
     Store(y, out, b);
   }
 }
 
+template <int W>
 GGUF_INLINE void QuantizeQ3_KBody(const float* x, int64_t n, const float* importance,
                                   uint8_t* out) {
   for (int64_t b = 0; b < n / kQK_K; ++b) {
     const float* xb = x + b * kQK_K;
-    VF xt[16];
-    VI L[16];
-    Scatter<16>(xb, 0, 16, xt);
+    uint8_t L[kQK_K];
+    float scales[16];
     BlockQ3_K y;
-    std::memset(y.scales, 0, sizeof(y.scales));
-    int packed[16];  // the 6-bit scales, 32 meaning zero
+    int packed[16] = {};  // the 6-bit scales, 32 meaning zero
     if (importance == nullptr) {
-      const VF scales = MakeQ3Lanes<16>(xt, 4, L);
+      SearchQ3<W, 16>(xb, 16, 4, L, scales);
       float amax = 0.0f;
       float max_scale = 0.0f;
       for (int s = 0; s < 16; ++s) {
@@ -900,61 +1007,54 @@ GGUF_INLINE void QuantizeQ3_KBody(const float* x, int64_t n, const float* import
         }
         y.d = ToHalf(1 / iscale);
       } else {
-        std::fill(packed, packed + 16, 0);
         y.d = ToHalf(0.0f);
       }
     } else {
       const float sigma2 = 2 * SumOfSquares(xb, kQK_K) / kQK_K;
-      VF wt[16];
-      VF sw;
-      SuperBlockWeights16(xb, importance + b * kQK_K, sigma2, wt, &sw);
-      const VF scales = MakeQxLanes<16>(xt, wt, 4, L);
-      float s_arr[16];
-      float w_arr[16];
+      float weights[kQK_K];
+      ImportanceWeights(xb, importance + b * kQK_K, sigma2, kQK_K, weights);
+      float sw[16];
       for (int s = 0; s < 16; ++s) {
-        s_arr[s] = scales[s];
-        w_arr[s] = sw[s];
+        sw[s] = 0.0f;
+        for (int l = 0; l < 16; ++l) sw[s] += weights[16 * s + l];
       }
+      SearchQx<W, 16>(xb, weights, 16, 4, L, scales);
       int8_t Ls[16];
-      y.d = ToHalf(MakeQxQuantsScalar(16, 32, s_arr, Ls, w_arr));
+      y.d = ToHalf(MakeQxQuantsScalar(16, 32, scales, Ls, sw));
       for (int s = 0; s < 16; ++s) packed[s] = Ls[s];
     }
+    std::memset(y.scales, 0, sizeof(y.scales));
     for (int s = 0; s < 16; ++s) {
       y.scales[s % 8] |= static_cast<uint8_t>((packed[s] & 0xF) << (4 * (s / 8)));
       y.scales[8 + s % 4] |= static_cast<uint8_t>(((packed[s] >> 4) & 3) << (2 * (s / 4)));
     }
     const float d = FromHalf(y.d);
-    VF dl;
-    for (int s = 0; s < 16; ++s) dl[s] = d * (Q3KScaleFast(y.scales, s) - 32);
-    const VI requantize = dl != 0.0f;
-    for (int i = 0; i < 16; ++i) {
-      const VI l = Clamp(NearestIntV(xt[i] / dl), -4, 3) + 4;
-      L[i] = requantize ? l : L[i];
+    for (int s = 0; s < 16; ++s) {
+      const float dl = d * (Q3KScaleFast(y.scales, s) - 32);
+      if (dl == 0.0f) continue;
+      Requantize<W, false>(xb + 16 * s, 16, dl, 0.0f, -4, 3, 4, L + 16 * s);
     }
-    uint8_t codes[kQK_K];
-    Gather<16>(L, 0, 16, codes);
     std::memset(y.hmask, 0, sizeof(y.hmask));
     for (int j = 0; j < kQK_K; ++j) {
-      if (codes[j] > 3) {
+      if (L[j] > 3) {
         y.hmask[j % 32] |= static_cast<uint8_t>(1 << (j / 32));
-        codes[j] -= 4;
+        L[j] -= 4;
       }
     }
-    Pack2BitFast(codes, y.qs);
+    Pack2Bit(L, y.qs);
     Store(y, out, b);
   }
 }
 
+template <int W>
 GGUF_INLINE void QuantizeQ6_KBody(const float* x, int64_t n, const float* importance,
                                   uint8_t* out) {
   for (int64_t b = 0; b < n / kQK_K; ++b) {
     const float* xb = x + b * kQK_K;
-    VF xt[16];
-    VF wt[16];
-    VI L[16];
-    Scatter<16>(xb, 0, 16, xt);
-    if (importance != nullptr) Scatter<16>(importance + b * kQK_K, 0, 16, wt);
-    const VF scales = MakeQxLanes<16>(xt, importance != nullptr ? wt : nullptr, 32, L);
+    uint8_t L[kQK_K];
+    float scales[16];
+    SearchQx<W, 16>(xb, importance != nullptr ? importance + b * kQK_K : nullptr, 16, 32, L,
+                    scales);
     float max_scale = 0.0f;
     float max_abs_scale = 0.0f;
     for (int s = 0; s < 16; ++s) {
@@ -972,20 +1072,14 @@ GGUF_INLINE void QuantizeQ6_KBody(const float* x, int64_t n, const float* import
     const float iscale = -128.0f / max_scale;
     y.d = ToHalf(1 / iscale);
     const float d = FromHalf(y.d);
-    VF dl;
     for (int s = 0; s < 16; ++s) {
       y.scales[s] = static_cast<int8_t>(std::min(127, NearestInt(iscale * scales[s])));
-      dl[s] = d * y.scales[s];
+      const float dl = d * y.scales[s];
+      if (dl == 0.0f) continue;
+      Requantize<W, false>(xb + 16 * s, 16, dl, 0.0f, -32, 31, 32, L + 16 * s);
     }
-    const VI requantize = dl != 0.0f;
-    for (int i = 0; i < 16; ++i) {
-      const VI l = Clamp(NearestIntV(xt[i] / dl), -32, 31) + 32;
-      L[i] = requantize ? l : L[i];
-    }
-    uint8_t codes[kQK_K];
-    Gather<16>(L, 0, 16, codes);
     for (int h = 0; h < 2; ++h) {
-      const uint8_t* c = codes + 128 * h;
+      const uint8_t* c = L + 128 * h;
       for (int l = 0; l < 32; ++l) {
         y.ql[64 * h + l] = static_cast<uint8_t>((c[l] & 0xF) | ((c[l + 64] & 0xF) << 4));
         y.ql[64 * h + 32 + l] = static_cast<uint8_t>((c[l + 32] & 0xF) | ((c[l + 96] & 0xF) << 4));
@@ -998,129 +1092,102 @@ GGUF_INLINE void QuantizeQ6_KBody(const float* x, int64_t n, const float* import
 }
 
 // ---------------------------------------------------------------------------
-// Q4_K, Q5_K: two super-blocks at once, their 8 sub-blocks of 32 each in
-// lanes 0-7 and 8-15 (an odd last super-block leaves lanes 8-15 zero).
+// Q4_K, Q5_K: 8 sub-blocks of 32 per super-block.
 // ---------------------------------------------------------------------------
 
-template <int kNmax, typename Block>
+template <int W, int kNmax, typename Block>
 GGUF_INLINE void QuantizeK4Body(const float* x, int64_t n, const float* importance, uint8_t* out) {
-  const int64_t blocks = n / kQK_K;
-  for (int64_t b = 0; b < blocks; b += 2) {
-    const int count = blocks - b >= 2 ? 2 : 1;
-    VF xt[32];
-    VF wt[32];
-    VI L[32];
-    VF mins;
-    VF scales;
-    for (int i = 0; i < 32; ++i) xt[i] = VF{};
-    Scatter<32>(x + b * kQK_K, 0, 8 * count, xt);
+  for (int64_t b = 0; b < n / kQK_K; ++b) {
+    const float* xb = x + b * kQK_K;
+    float weights[kQK_K];
+    uint8_t L[kQK_K];
+    float scales[8];
+    float mins[8];
+    uint8_t ls[8];
+    uint8_t lm[8];
+    Block y;
     if (importance == nullptr) {
-      VF sum_x2 = {};
-      for (int i = 0; i < 32; ++i) sum_x2 += xt[i] * xt[i];
-      VF av_x;
-      for (int k = 0; k < kLanes; ++k) av_x[k] = std::sqrt(sum_x2[k] / 32);
-      for (int i = 0; i < 32; ++i) wt[i] = av_x + Abs(xt[i]);
+      for (int j = 0; j < 8; ++j) {
+        const float av_x = std::sqrt(SumOfSquares(xb + 32 * j, 32) / 32);
+        for (int l = 0; l < 32; ++l) weights[32 * j + l] = av_x + std::fabs(xb[32 * j + l]);
+      }
       constexpr float kRmin = kNmax == 15 ? -1.0f : -0.5f;
       constexpr int kSteps = kNmax == 15 ? 20 : 15;
-      scales = MakeQkxLanes<32, false, false>(xt, wt, kNmax, kRmin, 0.1f, kSteps, L, &mins);
-    } else {
-      for (int i = 0; i < 32; ++i) wt[i] = VF{};
-      for (int t = 0; t < count; ++t) {
-        const float* xb = x + (b + t) * kQK_K;
-        const float* qw = importance + (b + t) * kQK_K;
-        const float sigma2 = 2 * SumOfSquares(xb, kQK_K) / kQK_K;
-        for (int j = 0; j < 8; ++j) {
-          for (int i = 0; i < 32; ++i) {
-            const float v = xb[32 * j + i];
-            wt[i][8 * t + j] = qw[32 * j + i] * std::sqrt(sigma2 + v * v);
-          }
-        }
-      }
-      scales = MakeQkxLanes<32, true, false>(xt, wt, kNmax, -0.9f, 0.05f, 36, L, &mins);
-    }
-    VF sw = {};
-    if (importance != nullptr) {
-      for (int i = 0; i < 32; ++i) sw += wt[i];
-    }
-    VF dl = {};
-    VF ml = {};
-    Block y[2];
-    for (int t = 0; t < count; ++t) {
-      uint8_t ls[8];
-      uint8_t lm[8];
-      if (importance == nullptr) {
-        float max_scale = 0.0f;
-        float max_min = 0.0f;
-        for (int j = 0; j < 8; ++j) {
-          if (scales[8 * t + j] > max_scale) max_scale = scales[8 * t + j];
-          if (mins[8 * t + j] > max_min) max_min = mins[8 * t + j];
-        }
-        const float inv_scale = max_scale > 0.0f ? 63.0f / max_scale : 0.0f;
-        const float inv_min = max_min > 0.0f ? 63.0f / max_min : 0.0f;
-        for (int j = 0; j < 8; ++j) {
-          ls[j] = std::min<uint8_t>(63, static_cast<uint8_t>(NearestInt(inv_scale * scales[8 * t + j])));
-          lm[j] = std::min<uint8_t>(63, static_cast<uint8_t>(NearestInt(inv_min * mins[8 * t + j])));
-        }
-        y[t].d = ToHalf(max_scale / 63.0f);
-        y[t].dmin = ToHalf(max_min / 63.0f);
-      } else {
-        float s_arr[8];
-        float m_arr[8];
-        float w_arr[8];
-        for (int j = 0; j < 8; ++j) {
-          s_arr[j] = scales[8 * t + j];
-          m_arr[j] = mins[8 * t + j];
-          w_arr[j] = sw[8 * t + j];
-        }
-        y[t].d = ToHalf(MakeQpQuantsScalar(8, 63, s_arr, ls, w_arr));
-        y[t].dmin = ToHalf(MakeQpQuantsScalar(8, 63, m_arr, lm, w_arr));
-        if (kNmax == 31) {  // quantize_row_q5_K_impl clamps; q4_K_impl does not
-          for (int j = 0; j < 8; ++j) {
-            ls[j] = std::min<uint8_t>(63, ls[j]);
-            lm[j] = std::min<uint8_t>(63, lm[j]);
-          }
-        }
-      }
-      PackScaleMinK4(ls, lm, y[t].scales);
-      const float d = FromHalf(y[t].d);
-      const float dmin = FromHalf(y[t].dmin);
+      SearchQkx<W, 32, false, false>(xb, weights, 8, kNmax, kRmin, 0.1f, kSteps, L, scales, mins);
+      float max_scale = 0.0f;
+      float max_min = 0.0f;
       for (int j = 0; j < 8; ++j) {
-        int sc;
-        int m;
-        ScaleMinK4(j, y[t].scales, &sc, &m);
-        dl[8 * t + j] = d * sc;
-        ml[8 * t + j] = dmin * m;
+        if (scales[j] > max_scale) max_scale = scales[j];
+        if (mins[j] > max_min) max_min = mins[j];
       }
-    }
-    const VI requantize = dl != 0.0f;
-    for (int i = 0; i < 32; ++i) {
-      const VI l = Clamp(NearestIntV((xt[i] + ml) / dl), 0, kNmax);
-      L[i] = requantize ? l : L[i];
-    }
-    uint8_t codes[2 * kQK_K];
-    Gather<32>(L, 0, 8 * count, codes);
-    for (int t = 0; t < count; ++t) {
-      const uint8_t* c = codes + t * kQK_K;
-      if constexpr (kNmax == 31) {
-        std::memset(y[t].qh, 0, sizeof(y[t].qh));
-        for (int q = 0; q < 4; ++q) {
-          for (int l = 0; l < 32; ++l) {
-            const int l1 = c[64 * q + l];
-            const int l2 = c[64 * q + 32 + l];
-            y[t].qh[l] |= static_cast<uint8_t>(((l1 >> 4) << (2 * q)) | ((l2 >> 4) << (2 * q + 1)));
-            y[t].qs[32 * q + l] = static_cast<uint8_t>((l1 & 0xF) | ((l2 & 0xF) << 4));
-          }
-        }
-      } else {
-        for (int q = 0; q < 4; ++q) {
-          for (int l = 0; l < 32; ++l) {
-            y[t].qs[32 * q + l] = static_cast<uint8_t>(c[64 * q + l] | (c[64 * q + 32 + l] << 4));
-          }
+      const float inv_scale = max_scale > 0.0f ? 63.0f / max_scale : 0.0f;
+      const float inv_min = max_min > 0.0f ? 63.0f / max_min : 0.0f;
+      for (int j = 0; j < 8; ++j) {
+        ls[j] = std::min<uint8_t>(63, static_cast<uint8_t>(NearestInt(inv_scale * scales[j])));
+        lm[j] = std::min<uint8_t>(63, static_cast<uint8_t>(NearestInt(inv_min * mins[j])));
+      }
+      y.d = ToHalf(max_scale / 63.0f);
+      y.dmin = ToHalf(max_min / 63.0f);
+    } else {
+      const float sigma2 = 2 * SumOfSquares(xb, kQK_K) / kQK_K;
+      ImportanceWeights(xb, importance + b * kQK_K, sigma2, kQK_K, weights);
+      float sw[8];
+      for (int j = 0; j < 8; ++j) {
+        sw[j] = 0.0f;
+        for (int l = 0; l < 32; ++l) sw[j] += weights[32 * j + l];
+      }
+      SearchQkx<W, 32, true, false>(xb, weights, 8, kNmax, -0.9f, 0.05f, 36, L, scales, mins);
+      y.d = ToHalf(MakeQpQuantsScalar(8, 63, scales, ls, sw));
+      y.dmin = ToHalf(MakeQpQuantsScalar(8, 63, mins, lm, sw));
+      if (kNmax == 31) {  // quantize_row_q5_K_impl clamps; q4_K_impl does not
+        for (int j = 0; j < 8; ++j) {
+          ls[j] = std::min<uint8_t>(63, ls[j]);
+          lm[j] = std::min<uint8_t>(63, lm[j]);
         }
       }
-      Store(y[t], out, b + t);
     }
+    PackScaleMinK4(ls, lm, y.scales);
+    const float d = FromHalf(y.d);
+    const float dmin = FromHalf(y.dmin);
+    for (int j = 0; j < 8; ++j) {
+      int sc;
+      int m;
+      ScaleMinK4(j, y.scales, &sc, &m);
+      const float dl = d * sc;
+      if (dl == 0.0f) continue;
+      Requantize<W, true>(xb + 32 * j, 32, dl, dmin * m, 0, kNmax, 0, L + 32 * j);
+    }
+    if constexpr (kNmax == 31) {
+      std::memset(y.qh, 0, sizeof(y.qh));
+      for (int q = 0; q < 4; ++q) {
+        for (int l = 0; l < 32; ++l) {
+          const int l1 = L[64 * q + l];
+          const int l2 = L[64 * q + 32 + l];
+          y.qh[l] |= static_cast<uint8_t>(((l1 >> 4) << (2 * q)) | ((l2 >> 4) << (2 * q + 1)));
+          y.qs[32 * q + l] = static_cast<uint8_t>((l1 & 0xF) | ((l2 & 0xF) << 4));
+        }
+      }
+    } else {
+      for (int q = 0; q < 4; ++q) {
+        for (int l = 0; l < 32; ++l) {
+          y.qs[32 * q + l] = static_cast<uint8_t>(L[64 * q + l] | (L[64 * q + 32 + l] << 4));
+        }
+      }
+    }
+    Store(y, out, b);
   }
+}
+
+template <int W>
+GGUF_INLINE void QuantizeQ4_KBody(const float* x, int64_t n, const float* importance,
+                                  uint8_t* out) {
+  QuantizeK4Body<W, 15, BlockQ4_K>(x, n, importance, out);
+}
+
+template <int W>
+GGUF_INLINE void QuantizeQ5_KBody(const float* x, int64_t n, const float* importance,
+                                  uint8_t* out) {
+  QuantizeK4Body<W, 31, BlockQ5_K>(x, n, importance, out);
 }
 
 // ---------------------------------------------------------------------------
@@ -1258,6 +1325,14 @@ GGUF_INLINE void DequantizeK4Body(const uint8_t* in, int64_t n, float* out) {
   }
 }
 
+GGUF_INLINE void DequantizeQ4_KBody(const uint8_t* in, int64_t n, float* out) {
+  DequantizeK4Body<BlockQ4_K, false>(in, n, out);
+}
+
+GGUF_INLINE void DequantizeQ5_KBody(const uint8_t* in, int64_t n, float* out) {
+  DequantizeK4Body<BlockQ5_K, true>(in, n, out);
+}
+
 GGUF_INLINE void DequantizeQ6_KBody(const uint8_t* in, int64_t n, float* out) {
   for (int64_t b = 0; b < n / kQK_K; ++b) {
     const BlockQ6_K y = Load<BlockQ6_K>(in, b);
@@ -1280,15 +1355,43 @@ GGUF_INLINE void DequantizeQ6_KBody(const uint8_t* in, int64_t n, float* out) {
 }
 
 // ---------------------------------------------------------------------------
-// The row functions (one clone per instruction set).
+// The row functions: an AVX2 and a baseline variant of each, picked once.
 // ---------------------------------------------------------------------------
 
-#define GGUF_QUANTIZE_ROW(Name, ...)                                                \
-  GGUF_CLONES void Name(const float* x, int64_t n, const float* importance, uint8_t* out) { \
-    __VA_ARGS__(x, n, importance, out);                                             \
+bool HasAvx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has_avx2 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0;
+  }();
+  return has_avx2;
+#else
+  return false;
+#endif
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define GGUF_AVX2 __attribute__((target("avx2")))
+#else
+#define GGUF_AVX2
+#endif
+
+#define GGUF_QUANTIZE_ROW(Name, Body)                                                         \
+  GGUF_AVX2 void Name##Avx2(const float* x, int64_t n, const float* importance, uint8_t* out) { \
+    Body<8>(x, n, importance, out);                                                           \
+  }                                                                                           \
+  void Name##Sse2(const float* x, int64_t n, const float* importance, uint8_t* out) {         \
+    Body<4>(x, n, importance, out);                                                           \
+  }                                                                                           \
+  void Name(const float* x, int64_t n, const float* importance, uint8_t* out) {               \
+    (HasAvx2() ? Name##Avx2 : Name##Sse2)(x, n, importance, out);                             \
   }
-#define GGUF_DEQUANTIZE_ROW(Name, ...) \
-  GGUF_CLONES void Name(const uint8_t* in, int64_t n, float* out) { __VA_ARGS__(in, n, out); }
+#define GGUF_DEQUANTIZE_ROW(Name, Body)                                                      \
+  GGUF_AVX2 void Name##Avx2(const uint8_t* in, int64_t n, float* out) { Body(in, n, out); } \
+  void Name##Sse2(const uint8_t* in, int64_t n, float* out) { Body(in, n, out); }           \
+  void Name(const uint8_t* in, int64_t n, float* out) {                                      \
+    (HasAvx2() ? Name##Avx2 : Name##Sse2)(in, n, out);                                       \
+  }
 
 void QuantizeRowF32(const float* x, int64_t n, const float*, uint8_t* out) {
   std::memcpy(out, x, n * sizeof(float));
@@ -1314,10 +1417,10 @@ GGUF_QUANTIZE_ROW(QuantizeRowQ2_K, QuantizeQ2_KBody)
 GGUF_DEQUANTIZE_ROW(DequantizeRowQ2_K, DequantizeQ2_KBody)
 GGUF_QUANTIZE_ROW(QuantizeRowQ3_K, QuantizeQ3_KBody)
 GGUF_DEQUANTIZE_ROW(DequantizeRowQ3_K, DequantizeQ3_KBody)
-GGUF_QUANTIZE_ROW(QuantizeRowQ4_K, QuantizeK4Body<15, BlockQ4_K>)
-GGUF_DEQUANTIZE_ROW(DequantizeRowQ4_K, DequantizeK4Body<BlockQ4_K, false>)
-GGUF_QUANTIZE_ROW(QuantizeRowQ5_K, QuantizeK4Body<31, BlockQ5_K>)
-GGUF_DEQUANTIZE_ROW(DequantizeRowQ5_K, DequantizeK4Body<BlockQ5_K, true>)
+GGUF_QUANTIZE_ROW(QuantizeRowQ4_K, QuantizeQ4_KBody)
+GGUF_DEQUANTIZE_ROW(DequantizeRowQ4_K, DequantizeQ4_KBody)
+GGUF_QUANTIZE_ROW(QuantizeRowQ5_K, QuantizeQ5_KBody)
+GGUF_DEQUANTIZE_ROW(DequantizeRowQ5_K, DequantizeQ5_KBody)
 GGUF_QUANTIZE_ROW(QuantizeRowQ6_K, QuantizeQ6_KBody)
 GGUF_DEQUANTIZE_ROW(DequantizeRowQ6_K, DequantizeQ6_KBody)
 #undef GGUF_QUANTIZE_ROW

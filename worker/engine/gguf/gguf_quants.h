@@ -29,11 +29,11 @@
 // Each quantizer and dequantizer exists twice: a scalar reference that reads
 // like ggml-quants.c, one block (and one sub-block) at a time
 // (gguf_quants_reference.cc), and a fast path (gguf_quants.cc) that runs the
-// same searches for 16 sub-blocks at once in SIMD lanes, keeping every float
-// operation of each lane in the reference's order, so the bytes are identical
-// (the tests check that byte for byte). Neither may be built with floating
-// multiply-add contraction (-mfma / -march with FMA under GCC's default
-// -ffp-contract=fast): that changes the searches' rounding.
+// same searches for 8 (AVX2) or 4 (SSE2) sub-blocks at once, one per SIMD
+// lane, keeping every float operation of each lane in the reference's order,
+// so the bytes are identical (the tests check that byte for byte). Both
+// files turn off floating multiply-add contraction, which would change the
+// searches' rounding.
 //
 // Shapes are PyTorch's: the last dimension is the row (ggml's ne[0], the
 // dimension blocks run along); the other dimensions are flattened into rows.

@@ -19,9 +19,19 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/status_macros.h"
 #include "worker/engine/gguf/gguf_quants.h"
 #include "worker/engine/util/torch_status.h"
+
+// Bit-exactness needs every product rounded before it is added: no fused
+// multiply-add, whatever the build flags (AVX-512F brings FMA instructions
+// even without -mfma, and GCC contracts by default).
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 
 namespace compress::engine {
 namespace {
@@ -451,6 +461,12 @@ void RequantizeK4(const float* x, const uint8_t* scales, float d, float dmin, in
       L[32 * j + ii] = static_cast<uint8_t>(std::max(0, std::min(nmax, l)));
     }
   }
+}
+
+// "tensor 'name' [shape] as TYPE", as the fast path's messages begin.
+std::string Describe(absl::string_view name, const std::vector<int64_t>& shape, GgufType type) {
+  return absl::StrCat("tensor '", name, "' [", absl::StrJoin(shape, ", "), "] as ",
+                      GgufTypeOf(type).name);
 }
 
 }  // namespace
@@ -1208,13 +1224,13 @@ absl::StatusOr<std::string> QuantizeGgufTensorReference(const at::Tensor& weight
   ASSIGN_OR_RETURN(const GgufTensorLayout layout,
                    GgufLayoutOf(type, weight.sizes().vec(), name));
   const GgufQuantizer* quantizer = FindGgufQuantizer(type);
-  const char* type_name = GgufTypeOf(type).name;
+  const std::string what = Describe(name, weight.sizes().vec(), type);
   return CatchTorchErrors(
       absl::StrCat("gguf reference: tensor '", name, "'"), [&]() -> absl::StatusOr<std::string> {
         if (weight.scalar_type() != at::kFloat && weight.scalar_type() != at::kHalf &&
             weight.scalar_type() != at::kBFloat16) {
           return absl::InvalidArgumentError(
-              absl::StrCat("tensor '", name, "' as ", type_name, ": needs an F32, F16 or BF16 ",
+              absl::StrCat(what, ": needs an F32, F16 or BF16 ",
                            "weight, not ", c10::toString(weight.scalar_type())));
         }
         const at::Tensor w =
@@ -1223,7 +1239,7 @@ absl::StatusOr<std::string> QuantizeGgufTensorReference(const at::Tensor& weight
         if (importance.defined()) {
           if (importance.dim() != 1 || importance.size(0) != layout.row_elements) {
             return absl::InvalidArgumentError(
-                absl::StrCat("tensor '", name, "' as ", type_name, ": importance needs ",
+                absl::StrCat(what, ": importance needs ",
                              layout.row_elements, " weights, one per column"));
           }
           qw = importance.to(at::kCPU, at::kFloat).contiguous();
@@ -1231,7 +1247,7 @@ absl::StatusOr<std::string> QuantizeGgufTensorReference(const at::Tensor& weight
           for (int64_t j = 0; j < layout.row_elements; ++j) {
             if (!std::isfinite(q[j]) || q[j] < 0.0f) {
               return absl::InvalidArgumentError(
-                  absl::StrCat("tensor '", name, "' as ", type_name, ": importance[", j, "] = ",
+                  absl::StrCat(what, ": importance[", j, "] = ",
                                q[j], " is not a finite non-negative weight"));
             }
           }
@@ -1242,8 +1258,8 @@ absl::StatusOr<std::string> QuantizeGgufTensorReference(const at::Tensor& weight
           const float* x = w.data_ptr<float>() + r * layout.row_elements;
           for (int64_t j = 0; j < layout.row_elements; ++j) {
             if (!std::isfinite(x[j])) {
-              return absl::InvalidArgumentError(absl::StrCat(
-                  "tensor '", name, "' as ", type_name, ": row ", r, " contains NaN or Inf"));
+              return absl::InvalidArgumentError(
+                  absl::StrCat(what, ": row ", r, " contains NaN or Inf"));
             }
           }
           uint8_t* row_out = reinterpret_cast<uint8_t*>(bytes.data()) + r * layout.row_bytes;
@@ -1253,7 +1269,7 @@ absl::StatusOr<std::string> QuantizeGgufTensorReference(const at::Tensor& weight
           for (float v : check) {
             if (!std::isfinite(v)) {
               return absl::InvalidArgumentError(
-                  absl::StrCat("tensor '", name, "' as ", type_name, ": row ", r,
+                  absl::StrCat(what, ": row ", r,
                                " does not fit: its quantized values overflow float16"));
             }
           }
@@ -1267,9 +1283,9 @@ absl::StatusOr<at::Tensor> DequantizeGgufTensorReference(absl::string_view bytes
                                                          absl::string_view name) {
   ASSIGN_OR_RETURN(const GgufTensorLayout layout, GgufLayoutOf(type, shape, name));
   if (static_cast<int64_t>(bytes.size()) != layout.bytes) {
-    return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "' as ",
-                                                   GgufTypeOf(type).name, ": ", bytes.size(),
-                                                   " bytes, expected ", layout.bytes));
+    return absl::InvalidArgumentError(absl::StrCat(Describe(name, shape, type), ": ",
+                                                   bytes.size(), " bytes, expected ",
+                                                   layout.bytes));
   }
   const GgufQuantizer* quantizer = FindGgufQuantizer(type);
   return CatchTorchErrors(absl::StrCat("gguf reference: tensor '", name, "'"),
