@@ -12,6 +12,6 @@ MODEL="${1:-tests/fixtures/kjv-llama}"
 WORK="${2:-build/gguf-quality}"
 [ -x build/bench/gguf_bench ] || { echo "build first: bash scripts/build.sh" >&2; exit 1; }
 rm -rf "$WORK" && mkdir -p "$WORK"
-bible -f Rev1:1-Rev22:21 | sed 's/^[^ ]* //' >"$WORK/revelation.txt"
+bash scripts/kjv-text.sh Rev1:1-Rev22:21 >"$WORK/revelation.txt"
 build/bench/gguf_bench --model "$MODEL" --text "$WORK/revelation.txt" --work "$WORK" \
     --context 128 --stride 64 "$@"

@@ -18,8 +18,8 @@ rm -rf "$WORK" && mkdir -p "$WORK"
 
 # Held-out text as the model was evaluated in training; calibration text
 # from the training part (the Gospels), as a user calibrates on their data.
-bible -f Rev1:1-Rev22:21 | sed 's/^[^ ]* //' >"$WORK/revelation.txt"
-bible -f Matt1:1-John21:25 | sed 's/^[^ ]* //' >"$WORK/gospels.txt"
+bash scripts/kjv-text.sh Rev1:1-Rev22:21 >"$WORK/revelation.txt"
+bash scripts/kjv-text.sh Matt1:1-John21:25 >"$WORK/gospels.txt"
 
 run() {  # name stage settings-json
   local name=$1 method=$2 settings=$3

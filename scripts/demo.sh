@@ -15,8 +15,8 @@ export COMPRESS_SERVER="127.0.0.1:$PORT"
 echo "== the project's trained test model: a 6-block Llama trained on the King James Bible"
 cp -r tests/fixtures/kjv-llama "$DEMO/models/kjv-llama"
 # Revelation was held out of training; the Gospels calibrate.
-bible -f Rev1:1-Rev22:21 | sed 's/^[^ ]* //' >"$DEMO/models/revelation.txt"
-bible -f Matt1:1-John21:25 | sed 's/^[^ ]* //' >"$DEMO/models/gospels.txt"
+bash scripts/kjv-text.sh Rev1:1-Rev22:21 >"$DEMO/models/revelation.txt"
+bash scripts/kjv-text.sh Matt1:1-John21:25 >"$DEMO/models/gospels.txt"
 
 "$BIN/server/compress-server" --listen "127.0.0.1:$PORT" --metrics-listen 127.0.0.1:0 \
   --data-dir "$DEMO/data" --model-root "$DEMO/models" >"$DEMO/server.log" 2>&1 &
