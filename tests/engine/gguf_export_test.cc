@@ -164,6 +164,31 @@ TEST_F(GgufExportTest, GgufOnlyJobsWithImportanceCalibrateAndLeaveNothingElse) {
   EXPECT_TRUE(result->report.gguf(1).importance());
 }
 
+TEST_F(GgufExportTest, SentencePieceStyleTokenizersBecomeLlamaCppsLlamaTokenizer) {
+  RandomModelOptions options;
+  options.hidden_size = 64;
+  options.intermediate_size = 128;
+  options.num_layers = 1;
+  options.vocab_size = 278;
+  const std::string model = dir_ / "spm";
+  ASSERT_TRUE(WriteRandomLlamaModel(options, model).ok());
+  fs::copy_file(std::string(FIXTURES_DIR) + "/../engine/fixtures/tokenizer/sentencepiece_tiny.json",
+                model + "/tokenizer.json");
+  v1::JobSpec spec;
+  spec.add_gguf()->set_preset("F16");
+  RunOptions run;
+  run.model_path = model;
+  run.output_dir = dir_ / "out";
+  absl::StatusOr<RunResult> result = RunJob(spec, run, {});
+  ASSERT_TRUE(result.ok()) << result.status();
+  const GgufHeader header = *ReadGgufHeader(dir_ / "out/gguf/spm-F16.gguf");
+  EXPECT_EQ(*header.FindMetadata("tokenizer.ggml.model")->Get<std::string>(), "llama");
+  EXPECT_EQ(header.FindMetadata("tokenizer.ggml.scores")->array_size(), 278u);
+  EXPECT_EQ(*header.FindMetadata("tokenizer.ggml.add_space_prefix")->Get<bool>(), true);
+  EXPECT_EQ(*header.FindMetadata("tokenizer.ggml.unknown_token_id")->Get<uint32_t>(), 0u);
+  EXPECT_EQ(header.FindMetadata("tokenizer.ggml.merges"), nullptr);
+}
+
 TEST_F(GgufExportTest, ModelsTheExportCannotDescribeAreRefusedBeforeAnythingIsWritten) {
   v1::JobSpec spec;
   spec.add_stages()->mutable_rtn()->set_bits(4);

@@ -109,14 +109,55 @@ TEST(GgufVocabulary, TheTrainedModelsTokenizerAsConvertHfToGgufWritesIt) {
   // One smaller than the tokenizer's is a mismatch, named.
   EXPECT_EQ(ReadGgufVocabulary(path, 1000).status().code(), absl::StatusCode::kInvalidArgument);
 
-  // SentencePiece-style BPE is refused with a reason.
+  // A byte-level tokenizer with another pre-tokenizer is refused with a reason.
   testing::TempDir dir;
-  nlohmann::json spm = json;
-  spm["model"]["byte_fallback"] = true;
-  testing::WriteBytes(dir / "tokenizer.json", spm.dump());
+  nlohmann::json other = json;
+  other["pre_tokenizer"] = {{"type", "Whitespace"}};
+  testing::WriteBytes(dir / "tokenizer.json", other.dump());
   const absl::Status refused = ReadGgufVocabulary(dir / "tokenizer.json", 1024).status();
   EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(refused.message().find("byte_fallback"), std::string::npos) << refused;
+  EXPECT_NE(refused.message().find("pre-tokenizer"), std::string::npos) << refused;
+}
+
+// SentencePiece-style BPE (Llama-2, Mistral) as llama.cpp's "llama"
+// tokenizer. llama.cpp itself (node-llama-cpp's build, commit 0ad4a86)
+// tokenizes this fixture's export as HF tokenizers does: "hello world" ->
+// [271, 276], "hello  world" -> [271, 259, 276], "hé😀" -> [267, 198, 172,
+// 243, 162, 155, 131], "\n" -> [259, 13].
+TEST(GgufVocabulary, SentencePieceStyleTokenizersScoreTokensByMergeRank) {
+  const std::string path = std::string(FIXTURES_DIR) + "/../engine/fixtures/tokenizer/sentencepiece_tiny.json";
+  absl::StatusOr<GgufVocabulary> vocabulary = ReadGgufVocabulary(path, 280);
+  ASSERT_TRUE(vocabulary.ok()) << vocabulary.status();
+  const nlohmann::json json = nlohmann::json::parse(testing::ReadBytes(path));
+  EXPECT_EQ(vocabulary->model, "llama");
+  EXPECT_EQ(vocabulary->pre, "default");
+  EXPECT_TRUE(vocabulary->add_space_prefix);
+  EXPECT_TRUE(vocabulary->merges.empty()) << "the llama model merges by score";
+  EXPECT_EQ(vocabulary->unknown_id, 0);
+  EXPECT_EQ(vocabulary->token_types[0], static_cast<int32_t>(GgufTokenType::kUnknown));
+  EXPECT_EQ(vocabulary->token_types[1], static_cast<int32_t>(GgufTokenType::kControl));
+  EXPECT_EQ(vocabulary->token_types[3], static_cast<int32_t>(GgufTokenType::kByte));  // <0x00>
+  EXPECT_EQ(vocabulary->token_types[279], static_cast<int32_t>(GgufTokenType::kUnused));
+  // The i-th merge's token scores -(i+1): the earlier merge wins.
+  const std::vector<std::string> merges = json["model"]["merges"].get<std::vector<std::string>>();
+  for (size_t rank = 0; rank < merges.size(); ++rank) {
+    const size_t space = merges[rank].find(' ');
+    const std::string token = merges[rank].substr(0, space) + merges[rank].substr(space + 1);
+    const int id = json["model"]["vocab"][token].get<int>();
+    EXPECT_EQ(vocabulary->scores[id], -static_cast<float>(rank + 1)) << token;
+  }
+  EXPECT_EQ(vocabulary->scores[5], 0.0f) << "a byte token is never made by a merge";
+
+  // The Metaspace form of the same tokenizer.
+  testing::TempDir dir;
+  nlohmann::json metaspace = json;
+  metaspace["normalizer"] = nullptr;
+  metaspace["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", "▁"}, {"prepend_scheme", "first"}, {"split", false}};
+  testing::WriteBytes(dir / "tokenizer.json", metaspace.dump());
+  absl::StatusOr<GgufVocabulary> same = ReadGgufVocabulary(dir / "tokenizer.json", 280);
+  ASSERT_TRUE(same.ok()) << same.status();
+  EXPECT_TRUE(same->add_space_prefix);
+  EXPECT_EQ(same->scores, vocabulary->scores);
 }
 
 }  // namespace

@@ -56,8 +56,19 @@ std::vector<GgufKeyValue> LlamaMetadata(const LlamaConfig& config, const GgufVoc
   kv.push_back({"tokenizer.ggml.model", GgufValue::String(vocabulary.model)});
   kv.push_back({"tokenizer.ggml.pre", GgufValue::String(vocabulary.pre)});
   kv.push_back({"tokenizer.ggml.tokens", GgufValue::Array(vocabulary.tokens)});
+  if (!vocabulary.scores.empty()) {
+    kv.push_back({"tokenizer.ggml.scores", GgufValue::Array(vocabulary.scores)});
+  }
   kv.push_back({"tokenizer.ggml.token_type", GgufValue::Array(vocabulary.token_types)});
-  kv.push_back({"tokenizer.ggml.merges", GgufValue::Array(vocabulary.merges)});
+  if (!vocabulary.merges.empty()) {
+    kv.push_back({"tokenizer.ggml.merges", GgufValue::Array(vocabulary.merges)});
+  }
+  if (vocabulary.model == "llama") {
+    kv.push_back({"tokenizer.ggml.add_space_prefix", GgufValue::Bool(vocabulary.add_space_prefix)});
+  }
+  if (vocabulary.unknown_id) {
+    kv.push_back({"tokenizer.ggml.unknown_token_id", u32(*vocabulary.unknown_id)});
+  }
   if (vocabulary.bos_id) kv.push_back({"tokenizer.ggml.bos_token_id", u32(*vocabulary.bos_id)});
   if (vocabulary.eos_id) kv.push_back({"tokenizer.ggml.eos_token_id", u32(*vocabulary.eos_id)});
   if (vocabulary.padding_id) {

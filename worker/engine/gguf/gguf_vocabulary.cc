@@ -1,8 +1,11 @@
 #include "worker/engine/gguf/gguf_vocabulary.h"
 
 #include <filesystem>
+#include <map>
+#include <optional>
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/files.h"
 #include "common/status_macros.h"
@@ -33,6 +36,33 @@ std::string PreTokenizerName(const Json& pre) {
   return "";
 }
 
+// Whether a SentencePiece-style normalizer prepends "▁" (it must otherwise
+// only turn spaces into "▁", as llama.cpp's "llama" tokenizer does itself);
+// nullopt for any other normalizer.
+std::optional<bool> PrependsSpace(const Json& normalizer) {
+  if (normalizer.is_null()) return false;
+  std::vector<Json> steps;
+  if (normalizer.value("type", "") == "Sequence") {
+    for (const Json& step : normalizer.value("normalizers", Json::array())) steps.push_back(step);
+  } else {
+    steps.push_back(normalizer);
+  }
+  bool prepends = false, replaces = false;
+  for (const Json& step : steps) {
+    const std::string type = step.value("type", "");
+    if (type == "Prepend" && step.value("prepend", "") == "\u2581") {
+      prepends = true;
+    } else if (type == "Replace" && step.contains("pattern") &&
+               step["pattern"].value("String", "") == " " && step.value("content", "") == "\u2581") {
+      replaces = true;
+    } else {
+      return std::nullopt;
+    }
+  }
+  if (!replaces) return std::nullopt;
+  return prepends;
+}
+
 }  // namespace
 
 absl::StatusOr<GgufVocabulary> ReadGgufVocabulary(const std::string& tokenizer_json,
@@ -55,12 +85,31 @@ absl::StatusOr<GgufVocabulary> ReadGgufVocabulary(const std::string& tokenizer_j
   }
   const Json& model = json["model"];
   if (model.value("type", "") != "BPE") return unsupported("model type " + model.value("type", "?"));
-  if (model.value("byte_fallback", false)) return unsupported("byte_fallback (SentencePiece style)");
   GgufVocabulary vocabulary;
-  vocabulary.model = "gpt2";
-  vocabulary.pre = PreTokenizerName(json.value("pre_tokenizer", Json()));
-  if (vocabulary.pre.empty()) {
-    return unsupported("a pre-tokenizer that is neither GPT-2's ByteLevel nor Llama-3's split");
+  const bool sentencepiece = model.value("byte_fallback", false);
+  if (sentencepiece) {
+    vocabulary.model = "llama";
+    vocabulary.pre = "default";
+    const Json pre = json.value("pre_tokenizer", Json());
+    if (pre.is_null()) {
+      const std::optional<bool> prepends = PrependsSpace(json.value("normalizer", Json()));
+      if (!prepends) return unsupported("SentencePiece-style BPE with another normalizer");
+      vocabulary.add_space_prefix = *prepends;
+    } else if (pre.value("type", "") == "Metaspace" && pre.value("replacement", "") == "\u2581" &&
+               json.value("normalizer", Json()).is_null()) {
+      // The newer form of the same tokenizer: "▁" for spaces, one in front.
+      const std::string scheme = pre.value("prepend_scheme", "");
+      vocabulary.add_space_prefix =
+          scheme == "first" || scheme == "always" || (scheme.empty() && pre.value("add_prefix_space", false));
+    } else {
+      return unsupported("SentencePiece-style BPE with a pre-tokenizer other than Metaspace");
+    }
+  } else {
+    vocabulary.model = "gpt2";
+    vocabulary.pre = PreTokenizerName(json.value("pre_tokenizer", Json()));
+    if (vocabulary.pre.empty()) {
+      return unsupported("a pre-tokenizer that is neither GPT-2's ByteLevel nor Llama-3's split");
+    }
   }
   if (vocab_size < 1 || vocab_size > (int64_t{1} << 24)) {
     return absl::InvalidArgumentError(absl::StrCat("vocab_size ", vocab_size, " is out of range"));
@@ -99,6 +148,35 @@ absl::StatusOr<GgufVocabulary> ReadGgufVocabulary(const std::string& tokenizer_j
   }
   for (int64_t id = 0; id < vocab_size; ++id) {
     if (vocabulary.tokens[id].empty()) vocabulary.tokens[id] = absl::StrCat("[PAD", id, "]");
+  }
+  if (sentencepiece) {
+    // Byte tokens, the unknown token, and scores that replay the merge order.
+    std::map<std::string, int64_t> id_of;
+    for (int64_t id = 0; id < vocab_size; ++id) {
+      const std::string& token = vocabulary.tokens[id];
+      id_of.emplace(token, id);
+      if (token.size() == 6 && absl::StartsWith(token, "<0x") && token[5] == '>') {
+        vocabulary.token_types[id] = static_cast<int32_t>(GgufTokenType::kByte);
+      }
+    }
+    if (model.contains("unk_token") && model["unk_token"].is_string()) {
+      auto unk = id_of.find(model["unk_token"].get<std::string>());
+      if (unk != id_of.end()) {
+        vocabulary.unknown_id = static_cast<int32_t>(unk->second);
+        vocabulary.token_types[unk->second] = static_cast<int32_t>(GgufTokenType::kUnknown);
+      }
+    }
+    vocabulary.scores.assign(vocab_size, 0.0f);
+    std::vector<bool> scored(vocab_size, false);
+    for (size_t rank = 0; rank < vocabulary.merges.size(); ++rank) {
+      const std::string& merge = vocabulary.merges[rank];
+      const size_t space = merge.find(' ');
+      auto made = id_of.find(merge.substr(0, space) + merge.substr(space + 1));
+      if (made == id_of.end() || scored[made->second]) continue;
+      scored[made->second] = true;
+      vocabulary.scores[made->second] = -static_cast<float>(rank + 1);
+    }
+    vocabulary.merges.clear();  // the "llama" model merges by score
   }
 
   // BOS/EOS as the engine's tokenizer resolves them (tokenizer_config.json

@@ -1,6 +1,9 @@
-// A model's tokenizer.json as GGUF's tokenizer.ggml.* metadata, the way
-// llama.cpp's convert_hf_to_gguf.py writes it for byte-level BPE tokenizers
-// (GPT-2 and Llama-3 style: tokenizer.ggml.model "gpt2").
+// A model's tokenizer.json as GGUF's tokenizer.ggml.* metadata: byte-level
+// BPE (GPT-2 and Llama-3 style) as llama.cpp's "gpt2" model with merges;
+// SentencePiece-style BPE with byte fallback (Llama-2, Mistral) as its
+// "llama" model, whose tokenizer merges the adjacent pair whose token has
+// the highest score: each token scores minus the rank of the first merge
+// that makes it, so the pairs merge in the order tokenizer.json lists them.
 #pragma once
 
 #include <cstdint>
@@ -23,14 +26,17 @@ enum class GgufTokenType : int32_t {
 };
 
 struct GgufVocabulary {
-  std::string model;                // tokenizer.ggml.model: "gpt2"
-  std::string pre;                  // tokenizer.ggml.pre: "gpt-2", "llama-bpe"
+  std::string model;                // tokenizer.ggml.model: "gpt2" or "llama"
+  std::string pre;                  // tokenizer.ggml.pre: "gpt-2", "llama-bpe", "default"
   std::vector<std::string> tokens;  // by id, vocab_size of them
   std::vector<int32_t> token_types;
-  std::vector<std::string> merges;  // "a b", in priority order
+  std::vector<std::string> merges;  // "a b", in priority order ("gpt2" only)
+  std::vector<float> scores;        // "llama" only: one per token
+  bool add_space_prefix = false;    // "llama" only: a "▁" before the text
   std::optional<int32_t> bos_id;
   std::optional<int32_t> eos_id;
   std::optional<int32_t> padding_id;
+  std::optional<int32_t> unknown_id;
   bool add_bos = false;  // tokenizer.ggml.add_bos_token
 };
 
@@ -38,9 +44,10 @@ struct GgufVocabulary {
 // names BOS/EOS/padding and add_bos_token). `vocab_size` is the model's
 // (config.json): ids the tokenizer lacks below it become "[PAD<id>]" unused
 // tokens, as the converter writes them. INVALID_ARGUMENT naming the file for
-// a tokenizer GGUF export does not handle yet (SentencePiece-style BPE,
-// pre-tokenizers other than GPT-2's and Llama-3's), a vocabulary larger than
-// vocab_size, or a malformed file.
+// a tokenizer GGUF export does not handle (byte-level pre-tokenizers other
+// than GPT-2's and Llama-3's, SentencePiece-style ones with a pre-tokenizer
+// or a normalizer other than Prepend/Replace of "▁"), a vocabulary larger
+// than vocab_size, or a malformed file.
 absl::StatusOr<GgufVocabulary> ReadGgufVocabulary(const std::string& tokenizer_json,
                                                   int64_t vocab_size);
 
