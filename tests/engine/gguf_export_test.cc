@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <map>
 #include <string>
@@ -187,6 +189,55 @@ TEST_F(GgufExportTest, SentencePieceStyleTokenizersBecomeLlamaCppsLlamaTokenizer
   EXPECT_EQ(*header.FindMetadata("tokenizer.ggml.add_space_prefix")->Get<bool>(), true);
   EXPECT_EQ(*header.FindMetadata("tokenizer.ggml.unknown_token_id")->Get<uint32_t>(), 0u);
   EXPECT_EQ(header.FindMetadata("tokenizer.ggml.merges"), nullptr);
+}
+
+TEST_F(GgufExportTest, Llama3RopeScalingTravelsAsRopeFreqs) {
+  RandomModelOptions options;
+  options.hidden_size = 64;
+  options.intermediate_size = 128;
+  options.num_layers = 1;
+  options.vocab_size = 320;
+  options.rope_theta = 500000.0;
+  options.extra_config_json =
+      R"({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}})";
+  const std::string model = dir_ / "llama3";
+  ASSERT_TRUE(WriteRandomLlamaModel(options, model).ok());
+  fs::copy_file(model_dir_ + "/tokenizer.json", model + "/tokenizer.json");
+  v1::JobSpec spec;
+  spec.add_gguf()->set_preset("F32");
+  RunOptions run;
+  run.model_path = model;
+  run.output_dir = dir_ / "out";
+  absl::StatusOr<RunResult> result = RunJob(spec, run, {});
+  ASSERT_TRUE(result.ok()) << result.status();
+  const std::string path = dir_ / "out/gguf/llama3-F32.gguf";
+  const GgufMappedFile file = *GgufMappedFile::Open(path);
+  const GgufTensorInfo* freqs = file.header().FindTensor("rope_freqs.weight");
+  ASSERT_NE(freqs, nullptr);
+  EXPECT_EQ(freqs->ne, (std::vector<int64_t>{8}));  // head_dim 16 / 2
+  // llama.cpp divides each frequency by its factor: llama3's rule, from
+  // the converter (1 for short wavelengths, `factor` for long, a blend between).
+  const absl::string_view bytes = file.TensorBytes(*freqs);
+  const double original = 64, factor = 8, low = 1, high = 4;
+  for (int i = 0; i < 8; ++i) {
+    float stored;
+    std::memcpy(&stored, bytes.data() + 4 * i, 4);
+    const double freq = 1.0 / std::pow(500000.0, 2.0 * i / 16);
+    const double wavelen = 2 * M_PI / freq;
+    double expected = 1;
+    if (wavelen > original / low) {
+      expected = factor;
+    } else if (wavelen >= original / high) {
+      const double smooth = (original / wavelen - low) / (high - low);
+      expected = 1 / ((1 - smooth) / factor + smooth);
+    }
+    EXPECT_NEAR(stored, expected, 1e-5 * expected) << i;
+  }
+  // The checkpoint read back has no such tensor, and every other one exact.
+  const LlamaConfig config = *ReadLlamaConfig(model);
+  EXPECT_EQ(ReadGgufAsLlamaTensors(path, config)->size(),
+            SafetensorsCheckpoint::Open(model)->tensors().size());
 }
 
 TEST_F(GgufExportTest, ModelsTheExportCannotDescribeAreRefusedBeforeAnythingIsWritten) {

@@ -18,6 +18,7 @@ namespace compress::engine {
 namespace {
 
 constexpr uint32_t kQuantizationVersion = 2;  // ggml's GGML_QNT_VERSION
+constexpr char kRopeFreqs[] = "rope_freqs.weight";
 
 // The heads a query or key projection's rows hold; 0 for other tensors.
 int64_t RotaryHeads(absl::string_view gguf_name, const LlamaConfig& config) {
@@ -91,12 +92,22 @@ absl::StatusOr<GgufModelWriter> GgufModelWriter::Open(const std::string& path,
         "GGUF export: Qwen2 models need llama.cpp's qwen2 architecture, which this export does "
         "not write yet (Llama and Mistral checkpoints are supported)");
   }
-  if (config.rope_scaling.type == RopeScaling::Type::kLlama3) {
-    return absl::InvalidArgumentError(
-        "GGUF export: llama3 rope scaling needs a rope_freqs tensor, which this export does not "
-        "write yet");
-  }
   std::vector<GgufTensorSpec> specs;
+  // llama3 rope scaling travels as llama.cpp's rope_freqs tensor: per
+  // frequency, the factor that divides the unscaled one.
+  std::string rope_freqs;
+  if (config.rope_scaling.type == RopeScaling::Type::kLlama3) {
+    ASSIGN_OR_RETURN(rope_freqs, CatchTorchErrors("rope_freqs", [&]() -> absl::StatusOr<std::string> {
+                       LlamaConfig unscaled = config;
+                       unscaled.rope_scaling = RopeScaling();
+                       const at::Tensor factors = (RotaryInverseFrequencies(unscaled) /
+                                                   RotaryInverseFrequencies(config))
+                                                      .to(at::kFloat)
+                                                      .contiguous();
+                       return std::string(static_cast<const char*>(factors.data_ptr()), factors.nbytes());
+                     }));
+    specs.push_back({kRopeFreqs, {config.head_dim / 2}, GgufType::kF32});
+  }
   for (const GgufSourceTensor& t : tensors) {
     const std::optional<std::string> gguf_name = GgufTensorName(t.name);
     if (!gguf_name) {
@@ -115,7 +126,12 @@ absl::StatusOr<GgufModelWriter> GgufModelWriter::Open(const std::string& path,
   }
   ASSIGN_OR_RETURN(GgufWriter writer,
                    GgufWriter::Open(path, LlamaMetadata(config, vocabulary, options), specs));
-  return GgufModelWriter(std::move(writer), std::move(specs), config);
+  GgufModelWriter model_writer(std::move(writer), std::move(specs), config);
+  if (!rope_freqs.empty()) {
+    RETURN_IF_ERROR(model_writer.writer_.WriteTensor(kRopeFreqs, rope_freqs));
+    model_writer.next_ = 1;
+  }
+  return model_writer;
 }
 
 bool GgufModelWriter::Includes(const std::string& hf_name) const {
@@ -154,6 +170,7 @@ absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadGgufAsLlamaT
   }
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   for (const GgufTensorInfo& info : file.header().tensors) {
+    if (info.name == kRopeFreqs) continue;  // derived from the config, not a checkpoint tensor
     auto found = hf_names.find(info.name);
     if (found == hf_names.end()) {
       return absl::InvalidArgumentError(

@@ -32,9 +32,10 @@ struct GgufSourceTensor {
 
 class GgufModelWriter {
  public:
+  // llama3 rope scaling is written as llama.cpp's rope_freqs tensor (first).
   // INVALID_ARGUMENT for a model llama.cpp's "llama" architecture does not
-  // describe (Qwen2, llama3 rope scaling), a tensor it has no name for that
-  // is not a rotary buffer, or anything LayoutGguf refuses.
+  // describe (Qwen2), a tensor it has no name for that is not a rotary
+  // buffer, or anything LayoutGguf refuses.
   static absl::StatusOr<GgufModelWriter> Open(const std::string& path, const LlamaConfig& config,
                                               const GgufVocabulary& vocabulary,
                                               const std::vector<GgufSourceTensor>& tensors,
