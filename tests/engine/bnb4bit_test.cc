@@ -35,19 +35,10 @@ std::string Describe(const Bnb4BitOptions& o, at::ScalarType dtype) {
                       c10::toString(dtype));
 }
 
-// Rows that exercise every branch: normal, all zero, constant, all positive,
-// all negative, outliers, tiny, large, values below 1/12 of the absmax (FP4's
-// subnormal and signed-zero codes), and one that underflows when normalized.
+// testing::TrickyWeights plus rows of values below 1/12 of the absmax (FP4's
+// subnormal and signed-zero codes) and one that underflows when normalized.
 at::Tensor TrickyWeights(int64_t out, int64_t in, uint64_t seed) {
-  at::manual_seed(seed);
-  at::Tensor w = at::randn({out, in}) * 0.02;
-  w[0].zero_();
-  w[1].fill_(0.3);
-  w[2] = at::rand({in}) * 0.05;
-  w[3] = -at::rand({in}) * 0.05;
-  w[4].index_fill_(0, at::arange(0, in, 37), 1.5);
-  w[5] *= 1e-5;
-  w[6] *= 5000;
+  at::Tensor w = testing::TrickyWeights(out, in, seed);
   w[7] = at::randn({in}) * 1e-3;
   w[7][0] = 1.0;
   // A float32 subnormal whose quotient by the absmax underflows to -0.

@@ -17,20 +17,7 @@ namespace {
 
 using testing::ExpectInvalidArgument;
 
-// Rows that exercise every branch: normal, all zero, constant, all positive,
-// all negative, outliers, tiny (float16-subnormal scales), large.
-at::Tensor TrickyWeights(int64_t out, int64_t in, uint64_t seed) {
-  at::manual_seed(seed);
-  at::Tensor w = at::randn({out, in}) * 0.02;
-  w[0].zero_();
-  w[1].fill_(0.3);
-  w[2] = at::rand({in}) * 0.05;
-  w[3] = -at::rand({in}) * 0.05;
-  w[4].index_fill_(0, at::arange(0, in, 37), 1.5);
-  w[5] *= 1e-5;
-  w[6] *= 5000;
-  return w;
-}
+using testing::TrickyWeights;
 
 std::string Describe(const RtnOptions& o, at::ScalarType dtype) {
   return absl::StrCat(o.bits, " bits, ", o.symmetric ? "sym" : "asym", ", group ", o.group_size,

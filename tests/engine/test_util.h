@@ -1,6 +1,7 @@
 // Shared helpers for the engine tests.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
@@ -69,6 +70,22 @@ inline void ExpectInvalidArgument(const absl::Status& status,
   for (const std::string& fragment : fragments) {
     EXPECT_THAT(std::string(status.message()), ::testing::HasSubstr(fragment));
   }
+}
+
+// Weight rows that exercise a quantizer's every branch: normal, all zero,
+// constant, all positive, all negative, outliers, tiny (float16-subnormal
+// scales), large.
+inline at::Tensor TrickyWeights(int64_t out, int64_t in, uint64_t seed) {
+  at::manual_seed(seed);
+  at::Tensor w = at::randn({out, in}) * 0.02;
+  w[0].zero_();
+  w[1].fill_(0.3);
+  w[2] = at::rand({in}) * 0.05;
+  w[3] = -at::rand({in}) * 0.05;
+  w[4].index_fill_(0, at::arange(0, in, 37), 1.5);
+  w[5] *= 1e-5;
+  w[6] *= 5000;
+  return w;
 }
 
 }  // namespace compress::engine::testing

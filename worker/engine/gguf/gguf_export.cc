@@ -179,12 +179,7 @@ absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadGgufAsLlamaT
     ASSIGN_OR_RETURN(at::Tensor values, DequantizeGgufTensor(file.TensorBytes(info), info.type,
                                                              info.TorchShape(), info.name));
     if (const int64_t heads = RotaryHeads(info.name, config); heads > 0) {
-      // The inverse permutation: rows h*D + 2i + j back to h*D + j*D/2 + i.
-      ASSIGN_OR_RETURN(values, CatchTorchErrors(info.name, [&]() -> absl::StatusOr<at::Tensor> {
-                         std::vector<int64_t> shape = {heads, values.size(0) / heads / 2, 2};
-                         for (int64_t d = 1; d < values.dim(); ++d) shape.push_back(values.size(d));
-                         return values.reshape(shape).transpose(1, 2).reshape(values.sizes()).contiguous();
-                       }));
+      ASSIGN_OR_RETURN(values, UnpermuteRotaryRowsFromGguf(values, heads, info.name));
     }
     tensors.emplace_back(found->second, std::move(values));
   }

@@ -66,8 +66,12 @@ int64_t GgufLayerOf(absl::string_view gguf_name) {
   return layer;
 }
 
-absl::StatusOr<at::Tensor> PermuteRotaryRowsForGguf(const at::Tensor& rows, int64_t heads,
-                                                    absl::string_view name) {
+namespace {
+
+// Views `rows` as [heads, a, b, ...] and swaps a and b: with (2, D/2) the
+// transformers -> llama.cpp order, with (D/2, 2) its inverse.
+absl::StatusOr<at::Tensor> SwapWithinHeads(const at::Tensor& rows, int64_t heads, bool to_gguf,
+                                           absl::string_view name) {
   const int64_t n = rows.dim() >= 1 ? rows.size(0) : 0;
   if (heads < 1 || n % heads != 0 || (n / heads) % 2 != 0) {
     return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "': ", n,
@@ -75,10 +79,23 @@ absl::StatusOr<at::Tensor> PermuteRotaryRowsForGguf(const at::Tensor& rows, int6
                                                    " heads of an even size"));
   }
   return CatchTorchErrors(name, [&]() -> absl::StatusOr<at::Tensor> {
-    std::vector<int64_t> shape = {heads, 2, n / heads / 2};
+    const int64_t half = n / heads / 2;
+    std::vector<int64_t> shape = {heads, to_gguf ? 2 : half, to_gguf ? half : 2};
     for (int64_t d = 1; d < rows.dim(); ++d) shape.push_back(rows.size(d));
     return rows.reshape(shape).transpose(1, 2).reshape(rows.sizes()).contiguous();
   });
+}
+
+}  // namespace
+
+absl::StatusOr<at::Tensor> PermuteRotaryRowsForGguf(const at::Tensor& rows, int64_t heads,
+                                                    absl::string_view name) {
+  return SwapWithinHeads(rows, heads, /*to_gguf=*/true, name);
+}
+
+absl::StatusOr<at::Tensor> UnpermuteRotaryRowsFromGguf(const at::Tensor& rows, int64_t heads,
+                                                       absl::string_view name) {
+  return SwapWithinHeads(rows, heads, /*to_gguf=*/false, name);
 }
 
 }  // namespace compress::engine

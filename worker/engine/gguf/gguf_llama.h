@@ -32,5 +32,8 @@ int64_t GgufLayerOf(absl::string_view gguf_name);
 // of an even size.
 absl::StatusOr<at::Tensor> PermuteRotaryRowsForGguf(const at::Tensor& rows, int64_t heads,
                                                     absl::string_view name);
+// The inverse: llama.cpp's row order back to the checkpoint's.
+absl::StatusOr<at::Tensor> UnpermuteRotaryRowsFromGguf(const at::Tensor& rows, int64_t heads,
+                                                       absl::string_view name);
 
 }  // namespace compress::engine

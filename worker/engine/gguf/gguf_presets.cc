@@ -1,8 +1,6 @@
 #include "worker/engine/gguf/gguf_presets.h"
 
-#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
-#include "absl/strings/str_join.h"
 
 namespace compress::engine {
 namespace {

@@ -98,6 +98,14 @@ inline constexpr std::array<BlockLinear, kNumBlockLinears> kBlockLinears = {{
     {"mlp.down_proj", &DecoderBlockWeights::down_proj},
 }};
 
+// The row of kBlockLinears named `name` ("mlp.up_proj"); nullptr for others.
+inline const BlockLinear* FindBlockLinear(absl::string_view name) {
+  for (const BlockLinear& linear : kBlockLinears) {
+    if (name == linear.name) return &linear;
+  }
+  return nullptr;
+}
+
 // Checkpoint names, shapes and the dtype `dtype` of every tensor a model of
 // `config` has, in the order SaveHuggingFace writes them: embeddings, each
 // block (input_layernorm, q/k/v/o_proj with their biases, post-attention

@@ -9,10 +9,8 @@ namespace compress::engine {
 namespace {
 
 LinearWeights* FindLinear(DecoderBlockWeights& block, absl::string_view name) {
-  for (const BlockLinear& linear : kBlockLinears) {
-    if (name == linear.name) return &(block.*linear.member);
-  }
-  return nullptr;
+  const BlockLinear* linear = FindBlockLinear(name);
+  return linear == nullptr ? nullptr : &(block.*linear->member);
 }
 
 at::Tensor* FindNorm(DecoderBlockWeights& block, absl::string_view name) {

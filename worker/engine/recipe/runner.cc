@@ -739,10 +739,8 @@ std::string BlockLinearOf(absl::string_view name) {
   if (!absl::ConsumePrefix(&name, "model.layers.")) return "";
   name.remove_prefix(std::min(name.size(), name.find('.') + 1));
   if (!absl::ConsumeSuffix(&name, ".weight")) return "";
-  for (const BlockLinear& linear : kBlockLinears) {
-    if (name == linear.name) return linear.name;
-  }
-  return "";
+  const BlockLinear* linear = FindBlockLinear(name);
+  return linear == nullptr ? "" : linear->name;
 }
 
 // Whether a method needs per-linear input statistics from calibration.
@@ -1300,12 +1298,9 @@ class JobRunner {
       std::vector<LinearWeights DecoderBlockWeights::*> members;
       bool targeted = false;
       for (const char* consumer : input.consumers) {
-        for (const BlockLinear& linear : kBlockLinears) {
-          if (absl::string_view(linear.name) == consumer) {
-            weights.push_back((block.*linear.member).weight);
-            members.push_back(linear.member);
-          }
-        }
+        const BlockLinear& linear = *FindBlockLinear(consumer);
+        weights.push_back((block.*linear.member).weight);
+        members.push_back(linear.member);
         targeted = targeted ||
                    stage.targets.count(BlockTensorName(block.layer, absl::StrCat(consumer, ".weight"))) > 0;
       }
