@@ -54,14 +54,19 @@ const std::vector<OptionSpec>& VerbOptionTable() {
       {"recipe", OptionKind::kValue, "FILE", "recipe (YAML or JSON form of JobSpec)"},
       {"model", OptionKind::kValue, "PATH", "model folder or .safetensors file on the server"},
       {"method", OptionKind::kValue, "NAME",
-       "quantization method of the stage: rtn, gptq, awq, hqq, nf4, fp4, int8"},
+       "method of the stage: rtn, gptq, awq, hqq, nf4, fp4, int8; pruning: magnitude, wanda, "
+       "sparsegpt"},
       {"calibration", OptionKind::kValue, "PATH",
-       "calibration text (or .tokens file) on the server, for gptq and awq"},
+       "calibration text (or .tokens file) on the server, for gptq, awq, wanda and sparsegpt"},
       {"bits", OptionKind::kValue, "N", "bits per weight, 2..8 (default 4)"},
       {"group-size", OptionKind::kValue, "N",
        "weights per scale; -1 or 0: one per output channel (default 128); nf4/fp4: block size "
        "(default 64)"},
       {"double-quant", OptionKind::kFlag, "", "nf4/fp4: quantize the block absmax values to 8 bits"},
+      {"sparsity", OptionKind::kValue, "RATIO",
+       "pruning: fraction of the weights zeroed, unstructured (default 0.5)"},
+      {"pattern", OptionKind::kValue, "N:M",
+       "pruning: keep N of every M consecutive weights of a row (2:4, 4:8)"},
       {"gguf", OptionKind::kValue, "PRESETS",
        "GGUF files to write, e.g. Q4_K_M,Q8_0 (Q6_K+imatrix: weighted by calibration)"},
       {"sym", OptionKind::kFlag, "", "symmetric quantization (default)"},
@@ -75,7 +80,7 @@ const std::vector<OptionSpec>& VerbOptionTable() {
       {"watch", OptionKind::kFlag, "", "after submitting, watch the job until it ends"},
       {"json", OptionKind::kFlag, "", "print JSON (one object per line) instead of text"},
       {"state", OptionKind::kRepeated, "LIST",
-       "only jobs in these states: queued, running, succeeded, failed, cancelled"},
+       "only jobs in these states: queued, running, paused, succeeded, failed, cancelled"},
       {"limit", OptionKind::kValue, "N", "list at most N jobs (default 100)"},
       {"from-sequence", OptionKind::kValue, "N", "first event sequence to show (default 1)"},
       {"out", OptionKind::kValue, "DIR", "folder to download into"},
@@ -90,8 +95,8 @@ const std::vector<VerbSpec>& VerbTable() {
        "",
        0,
        {"recipe", "model", "method", "calibration", "bits", "group-size", "sym", "asym",
-        "double-quant", "gguf", "output", "priority", "label", "name", "request-id", "watch",
-        "json"},
+        "double-quant", "sparsity", "pattern", "gguf", "output", "priority", "label", "name",
+        "request-id", "watch", "json"},
        "Submit a job from a recipe and/or flags (flags override the recipe); prints the job id.",
        "compressctl submit --model models/llama --recipe w4.yaml --watch\n"
        "compressctl submit --model models/llama --method rtn --bits 4 --group-size 128 "
@@ -101,6 +106,7 @@ const std::vector<VerbSpec>& VerbTable() {
        "--output packed\n"
        "compressctl submit --model models/llama --method hqq --bits 3 --group-size 64\n"
        "compressctl submit --model models/llama --method nf4 --double-quant --output packed\n"
+       "compressctl submit --model models/llama --method wanda --pattern 2:4 --calibration calib.txt\n"
        "compressctl submit --model models/llama --method awq --calibration calib.txt "
        "--gguf Q4_K_M,Q8_0"},
       {"get",
@@ -122,6 +128,14 @@ const std::vector<VerbSpec>& VerbTable() {
        "Follow a job's events until it ends (a progress bar on a terminal, else JSON lines).",
        "compressctl watch j-0123abcd"},
       {"cancel", "JOB", 1, {"json"}, "Cancel a job.", "compressctl cancel j-0123abcd"},
+      {"pause",
+       "JOB",
+       1,
+       {"json"},
+       "Hold a job: running tasks stop, finished blocks are kept.",
+       "compressctl pause j-0123abcd"},
+      {"resume", "JOB", 1, {"json"}, "Continue a paused job from where it stopped.",
+       "compressctl resume j-0123abcd"},
       {"fetch",
        "JOB",
        1,

@@ -74,6 +74,27 @@ absl::StatusOr<int32_t> ParseInt32Flag(const std::string& flag, const std::strin
   return value;
 }
 
+absl::StatusOr<double> ParseDoubleFlag(const std::string& flag, const std::string& text) {
+  double value = 0;
+  if (!absl::SimpleAtod(text, &value)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", flag, " wants a number, got \"", text, "\""));
+  }
+  return value;
+}
+
+// "N:M", e.g. "2:4".
+absl::StatusOr<std::pair<int32_t, int32_t>> ParsePattern(const std::string& text) {
+  std::pair<std::string, std::string> parts = absl::StrSplit(text, absl::MaxSplits(':', 1));
+  std::pair<int32_t, int32_t> pattern;
+  if (text.find(':') == std::string::npos || !absl::SimpleAtoi(parts.first, &pattern.first) ||
+      !absl::SimpleAtoi(parts.second, &pattern.second)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--pattern wants N:M, e.g. 2:4, got \"", text, "\""));
+  }
+  return pattern;
+}
+
 absl::StatusOr<std::pair<std::string, std::string>> ParseLabel(const std::string& text) {
   std::pair<std::string, std::string> label = absl::StrSplit(text, absl::MaxSplits('=', 1));
   if (text.find('=') == std::string::npos || label.first.empty()) {
@@ -105,7 +126,7 @@ absl::StatusOr<v1::JobState> ParseJobState(const std::string& text) {
     return state;
   }
   return absl::InvalidArgumentError(
-      absl::StrCat("unknown state \"", text, "\" (queued, running, succeeded, failed, cancelled)"));
+      absl::StrCat("unknown state \"", text, "\" (queued, running, paused, succeeded, failed, cancelled)"));
 }
 
 // Random version-4 UUID: a default idempotency key unique per invocation.
@@ -125,7 +146,23 @@ std::string NewRequestId() {
 constexpr const char* kGridMethods[] = {"rtn", "gptq", "awq", "hqq"};
 // nf4 and fp4 are a bnb_4bit stage of that type; int8 is an rtn stage at 8
 // bits, symmetric, per output channel (weight-only int8).
-constexpr char kMethodList[] = "rtn, gptq, awq, hqq, nf4, fp4, int8";
+// The pruning methods: a prune stage with that PruneMethod.
+struct PruneMethodName {
+  const char* name;
+  v1::PruneMethod method;
+};
+constexpr PruneMethodName kPruneMethods[] = {
+    {"magnitude", v1::MAGNITUDE}, {"wanda", v1::WANDA}, {"sparsegpt", v1::SPARSEGPT}};
+constexpr char kMethodList[] = "rtn, gptq, awq, hqq, nf4, fp4, int8, magnitude, wanda, sparsegpt";
+// A prune stage built from flags alone: half the weights.
+constexpr double kDefaultSparsity = 0.5;
+
+const PruneMethodName* FindPruneMethod(const std::string& method) {
+  for (const PruneMethodName& m : kPruneMethods) {
+    if (method == m.name) return &m;
+  }
+  return nullptr;
+}
 
 bool IsGridMethod(const std::string& method) {
   for (const char* m : kGridMethods) {
@@ -141,32 +178,75 @@ std::string StageMethod(const v1::Stage& stage) {
     if (stage.GetReflection()->HasField(stage, field)) return m;
   }
   if (stage.has_bnb_4bit()) return stage.bnb_4bit().type() == v1::BNB_4BIT_FP4 ? "fp4" : "nf4";
+  if (stage.has_prune()) {
+    for (const PruneMethodName& m : kPruneMethods) {
+      if (stage.prune().method() == m.method) return m.name;
+    }
+  }
   return "";
 }
 
+// --sparsity and --pattern: the prune stage `stage` becomes (a fresh one
+// when it held another method), unstructured at a sparsity or N:M.
+absl::Status ApplyPruneFlags(const ParsedArgs& args, const PruneMethodName& method,
+                             bool fresh, v1::Stage* stage) {
+  if (args.Has("bits") || args.Has("group-size") || args.Has("sym") || args.Has("asym") ||
+      args.Has("double-quant")) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--bits, --group-size, --sym, --asym and --double-quant do not apply to ", method.name,
+        " (a pruning method); to prune and then quantize, write both stages in a --recipe"));
+  }
+  if (args.Has("sparsity") && args.Has("pattern")) {
+    return absl::InvalidArgumentError(
+        "--sparsity (unstructured) and --pattern (N:M) are two different patterns; give one");
+  }
+  v1::PruneStage* prune = stage->mutable_prune();
+  if (fresh) {
+    prune->Clear();
+    prune->set_sparsity(kDefaultSparsity);
+  }
+  prune->set_method(method.method);
+  if (args.Has("sparsity")) {
+    ASSIGN_OR_RETURN(double sparsity, ParseDoubleFlag("sparsity", args.Value("sparsity")));
+    prune->set_sparsity(sparsity);
+    prune->set_n(0);
+    prune->set_m(0);
+  }
+  if (args.Has("pattern")) {
+    ASSIGN_OR_RETURN(auto pattern, ParsePattern(args.Value("pattern")));
+    prune->set_sparsity(0);
+    prune->set_n(pattern.first);
+    prune->set_m(pattern.second);
+  }
+  return absl::OkStatus();
+}
+
 // --method, --bits, --group-size, --sym, --asym and --double-quant describe
-// one quantizing stage. With no stages in the recipe they create it (default
-// rtn w4 g128 symmetric); with one stage they edit it; more stages are
-// ambiguous.
+// one quantizing stage, --method with --sparsity or --pattern one prune
+// stage. With no stages in the recipe they create it (default rtn w4 g128
+// symmetric; a prune method at sparsity 0.5); with one stage they edit it;
+// more stages are ambiguous.
 absl::Status ApplyStageFlags(const ParsedArgs& args, v1::JobSpec* spec) {
   const bool grid_flags =
       args.Has("bits") || args.Has("group-size") || args.Has("sym") || args.Has("asym");
-  const bool has_stage_flags = args.Has("method") || grid_flags || args.Has("double-quant");
+  const bool prune_flags = args.Has("sparsity") || args.Has("pattern");
+  const bool has_stage_flags =
+      args.Has("method") || grid_flags || args.Has("double-quant") || prune_flags;
   if (args.Has("sym") && args.Has("asym")) {
     return absl::InvalidArgumentError("--sym and --asym contradict each other");
   }
   const std::string method =
       args.Has("method") ? absl::AsciiStrToLower(args.Value("method")) : "";
   if (!method.empty() && !IsGridMethod(method) && method != "nf4" && method != "fp4" &&
-      method != "int8") {
+      method != "int8" && FindPruneMethod(method) == nullptr) {
     return absl::InvalidArgumentError(
         absl::StrCat("unknown --method \"", args.Value("method"), "\" (methods: ", kMethodList, ")"));
   }
   if (spec->stages_size() > 1) {
     if (!has_stage_flags) return absl::OkStatus();
     return absl::InvalidArgumentError(absl::StrCat(
-        "--method, --bits, --group-size, --sym, --asym and --double-quant edit a single-stage "
-        "recipe; this one has ",
+        "--method, --bits, --group-size, --sym, --asym, --double-quant, --sparsity and "
+        "--pattern edit a single-stage recipe; this one has ",
         spec->stages_size(), " stages"));
   }
   if (spec->stages_size() == 1 && !has_stage_flags) return absl::OkStatus();
@@ -178,7 +258,18 @@ absl::Status ApplyStageFlags(const ParsedArgs& args, v1::JobSpec* spec) {
         "is none (add --method to replace it: ",
         kMethodList, ")"));
   }
-  const std::string wanted = !method.empty() ? method : !current.empty() ? current : "rtn";
+  const std::string wanted = !method.empty()    ? method
+                             : !current.empty() ? current
+                             : prune_flags      ? "magnitude"
+                                                : "rtn";
+  if (const PruneMethodName* prune = FindPruneMethod(wanted)) {
+    return ApplyPruneFlags(args, *prune, /*fresh=*/!stage->has_prune(), stage);
+  }
+  if (prune_flags) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--sparsity and --pattern apply to the pruning methods (magnitude, wanda, sparsegpt), "
+        "not to ", wanted));
+  }
   if (wanted == "nf4" || wanted == "fp4") {
     if (args.Has("bits") || args.Has("sym") || args.Has("asym")) {
       return absl::InvalidArgumentError(
@@ -335,6 +426,8 @@ class Session {
     if (verb == "list") return List();
     if (verb == "watch") return WatchVerb();
     if (verb == "cancel") return Cancel();
+    if (verb == "pause") return Pause();
+    if (verb == "resume") return Resume();
     if (verb == "fetch") return Fetch();
     if (verb == "logs") return Logs();
     return Fail(kExitUsage, absl::StrCat("unknown verb \"", verb, "\""));
@@ -514,11 +607,34 @@ class Session {
   }
 
   int Cancel() {
-    v1::CancelJobRequest request;
-    request.set_job_id(args_.positionals[0]);
+    return ChangeJob([this](grpc::ClientContext* context, const std::string& id, v1::Job* job) {
+      v1::CancelJobRequest request;
+      request.set_job_id(id);
+      return stub_->CancelJob(context, request, job);
+    });
+  }
+
+  int Pause() {
+    return ChangeJob([this](grpc::ClientContext* context, const std::string& id, v1::Job* job) {
+      v1::PauseJobRequest request;
+      request.set_job_id(id);
+      return stub_->PauseJob(context, request, job);
+    });
+  }
+
+  int Resume() {
+    return ChangeJob([this](grpc::ClientContext* context, const std::string& id, v1::Job* job) {
+      v1::ResumeJobRequest request;
+      request.set_job_id(id);
+      return stub_->ResumeJob(context, request, job);
+    });
+  }
+
+  // One unary call that returns the changed job; prints "<id> <state>".
+  int ChangeJob(const std::function<grpc::Status(grpc::ClientContext*, const std::string&, v1::Job*)>& call) {
     v1::Job job;
     auto context = NewContext(CallKind::kUnary);
-    grpc::Status status = stub_->CancelJob(context.get(), request, &job);
+    grpc::Status status = call(context.get(), args_.positionals[0], &job);
     if (!status.ok()) return RpcFailure(status);
     out_ << (args_.Has("json") ? ToJson(job) : absl::StrCat(job.id(), " ", StateName(job.state())))
          << "\n";

@@ -7,7 +7,9 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
 #include "absl/strings/str_join.h"
 
 namespace compress::client {
@@ -159,6 +161,30 @@ bool IsTerminalState(v1::JobState state) {
   return state == v1::SUCCEEDED || state == v1::FAILED || state == v1::CANCELLED;
 }
 
+// The planner's tasks, one line each: what, state, progress, worker, memory.
+std::string FormatTasks(const v1::Job& job) {
+  std::string text = "Tasks:\n";
+  for (const v1::JobTask& task : job.tasks()) {
+    std::string what = "whole job";
+    if (task.kind() == v1::TASK_BLOCKS) {
+      what = absl::StrFormat("blocks %d-%d", task.first_layer(), task.end_layer() - 1);
+    } else if (task.kind() == v1::TASK_ASSEMBLE) {
+      what = "assemble";
+    }
+    absl::string_view state = v1::TaskState_Name(task.state());
+    absl::ConsumePrefix(&state, "TASK_");
+    absl::StrAppend(&text, absl::StrFormat("  %-2d %-14s %-8s %5.1f%%  %-20s  ~%s", task.index(),
+                                           what, absl::AsciiStrToLower(std::string(state)),
+                                           task.progress() * 100,
+                                           task.worker_id().empty() ? "-" : task.worker_id(),
+                                           FormatBytes(task.memory_bytes())));
+    if (task.attempts() > 1) absl::StrAppend(&text, absl::StrFormat("  attempts %d", task.attempts()));
+    if (!task.message().empty()) absl::StrAppend(&text, "  ", task.message());
+    absl::StrAppend(&text, "\n");
+  }
+  return text;
+}
+
 std::string FormatJobSummary(const v1::Job& job) {
   std::string text = Field("Job", job.id());
   if (!job.spec().name().empty()) absl::StrAppend(&text, Field("Name", job.spec().name()));
@@ -178,6 +204,7 @@ std::string FormatJobSummary(const v1::Job& job) {
   absl::StrAppend(&text, Field("Created", FormatTimestamp(job.create_time())));
   absl::StrAppend(&text, Field("Started", FormatTimestamp(job.start_time())));
   absl::StrAppend(&text, Field("Ended", FormatTimestamp(job.end_time())));
+  if (job.tasks_size() > 1) absl::StrAppend(&text, FormatTasks(job));
   if (job.has_report()) absl::StrAppend(&text, FormatReport(job.report()));
   if (!job.artifacts().empty()) {
     absl::StrAppend(&text, "Artifacts:\n");

@@ -39,6 +39,7 @@ constexpr int kMaxHqqIterations = 10000;
 constexpr int kMaxContextLength = 1 << 17;
 constexpr int kMaxSampleTokens = 4096;
 constexpr int kMaxCalibrationSamples = 1 << 16;
+constexpr int kMaxPruneM = 1 << 16;
 constexpr char kYamlStringTag[] = "tag:yaml.org,2002:str";
 
 // ---------------------------------------------------------------- YAML -> JSON
@@ -322,6 +323,39 @@ class SpecChecker {
     CheckTargets(field, bnb);
   }
 
+  // Unstructured at a sparsity, or N:M; m dividing the inputs is checked
+  // against the model (common/stage_targets.h).
+  void CheckPrune(const std::string& field, const v1::PruneStage& prune) {
+    if (!v1::PruneMethod_IsValid(prune.method())) {
+      Fail(field + ".method",
+           absl::StrCat(prune.method(), " is not a pruning method (MAGNITUDE, WANDA, SPARSEGPT)"));
+    }
+    const double sparsity = prune.sparsity();
+    if (prune.n() != 0 || prune.m() != 0) {
+      if (!(prune.n() > 0 && prune.n() < prune.m() && prune.m() <= kMaxPruneM)) {
+        Fail(field + ".n", absl::StrCat(prune.n(), ":", prune.m(),
+                                        " is not an N:M pattern (want 0 < n < m <= ", kMaxPruneM,
+                                        ", e.g. n: 2, m: 4)"));
+      }
+      if (sparsity != 0) {
+        Fail(field + ".sparsity",
+             "set either sparsity (unstructured) or n and m (N:M, whose sparsity is 1 - n/m)");
+      }
+    } else if (!(sparsity >= 0 && sparsity < 1)) {
+      Fail(field + ".sparsity", absl::StrCat(sparsity, " is outside [0, 1)"));
+    } else if (sparsity == 0) {
+      Fail(field, "prunes nothing: set sparsity (unstructured, e.g. 0.5) or n and m (N:M, "
+                  "e.g. 2 and 4)");
+    }
+    if (prune.method() == v1::SPARSEGPT) {
+      CheckGptqSettings(field, prune.dampening(), prune.block_size());
+    } else if (prune.dampening() != 0 || prune.block_size() != 0) {
+      Fail(field, "dampening and block_size apply to SPARSEGPT only");
+    }
+    CheckTargets(field, prune);
+    if (prune.method() == v1::WANDA || prune.method() == v1::SPARSEGPT) NeedsCalibration(field);
+  }
+
   void CheckEvaluate(const std::string& field, const v1::EvaluateStage& evaluate) {
     if (evaluate.text_path().empty()) Fail(field + ".text_path", "is required");
     CheckRange(field + ".context_length", evaluate.context_length(), 0, kMaxContextLength);
@@ -341,6 +375,7 @@ class SpecChecker {
       case v1::Stage::kAwq: CheckAwq(field + ".awq", stage.awq()); break;
       case v1::Stage::kHqq: CheckHqq(field + ".hqq", stage.hqq()); break;
       case v1::Stage::kBnb4Bit: CheckBnb4Bit(field + ".bnb_4bit", stage.bnb_4bit()); break;
+      case v1::Stage::kPrune: CheckPrune(field + ".prune", stage.prune()); break;
       case v1::Stage::kEvaluate:
         CheckEvaluate(field + ".evaluate", stage.evaluate());
         if (++evaluate_stages_ == 2) Fail(field, "a recipe has at most one evaluate stage");

@@ -4,6 +4,7 @@
 
 #include <map>
 #include <memory>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -88,6 +89,7 @@ template <typename StageMessage>
 StageSelection Selection(const std::string& field, const StageMessage& stage,
                          int64_t group_size) {
   StageSelection selection;
+  selection.quantizes = !std::is_same_v<StageMessage, compress::v1::PruneStage>;
   selection.field = field;
   selection.include.assign(stage.include().begin(), stage.include().end());
   selection.exclude.assign(stage.exclude().begin(), stage.exclude().end());
@@ -107,6 +109,12 @@ StageSelection SelectionOf(const compress::v1::Stage& stage, int index) {
     case v1::Stage::kHqq: return Selection(field + "hqq", stage.hqq(), stage.hqq().group_size());
     // Blocks run over the flattened weight; the last may be partial.
     case v1::Stage::kBnb4Bit: return Selection(field + "bnb_4bit", stage.bnb_4bit(), 0);
+    case v1::Stage::kPrune: {
+      StageSelection selection = Selection(field + "prune", stage.prune(), 0);
+      selection.prunes = true;
+      selection.prune_m = stage.prune().m();
+      return selection;
+    }
     default: return StageSelection();
   }
 }
@@ -115,12 +123,29 @@ absl::Status CheckStagesAgainstTensors(const compress::v1::JobSpec& spec,
                                        const std::vector<SafetensorsTensorInfo>& tensors) {
   std::map<std::string, const SafetensorsTensorInfo*> by_name;
   for (const SafetensorsTensorInfo& t : tensors) by_name[t.name] = &t;
+  std::map<std::string, std::string> quantized_by;  // tensor -> the field of its first quantizer
   for (int i = 0; i < spec.stages_size(); ++i) {
     const StageSelection selection = SelectionOf(spec.stages(i), i);
     if (selection.field.empty()) continue;
     absl::StatusOr<std::vector<std::string>> targets =
         SelectTargets(tensors, selection.include, selection.exclude, selection.field);
     if (!targets.ok()) return targets.status();
+    for (const std::string& name : *targets) {
+      const SafetensorsTensorInfo& t = *by_name.at(name);
+      if (selection.prune_m > 0 && t.shape[1] % selection.prune_m != 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            selection.field, ".m: ", selection.prune_m, " does not divide the ", t.shape[1],
+            " inputs of tensor '", name, "' [", absl::StrJoin(t.shape, ", "),
+            "] (N:M runs along each row's inputs)"));
+      }
+      auto quantized = quantized_by.find(name);
+      if (selection.prunes && quantized != quantized_by.end()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            selection.field, ": tensor '", name, "' is quantized by the earlier stage ",
+            quantized->second, "; prune before quantizing"));
+      }
+      if (selection.quantizes) quantized_by.emplace(name, selection.field);
+    }
     if (selection.group_size <= 0) continue;
     for (const std::string& name : *targets) {
       const SafetensorsTensorInfo& t = *by_name.at(name);

@@ -29,22 +29,26 @@ absl::StatusOr<std::vector<std::string>> SelectTargets(
     const std::vector<SafetensorsTensorInfo>& tensors, const std::vector<std::string>& include,
     const std::vector<std::string>& exclude, absl::string_view stage);
 
-// What a quantizing stage selects with and the grid it needs, from the
-// stage's message; `field` names it ("stages[2].gptq"). A stage without
-// targets (evaluate, sleep) has field empty.
+// What a quantizing or pruning stage selects with and the grid it needs,
+// from the stage's message; `field` names it ("stages[2].gptq"). A stage
+// without targets (evaluate, sleep) has field empty.
 struct StageSelection {
   std::string field;
   std::vector<std::string> include;
   std::vector<std::string> exclude;
   int64_t group_size = 0;  // 0 or -1: per output channel, or no grid
+  bool quantizes = false;  // its result is a quantized (packed) weight
+  bool prunes = false;     // a prune stage
+  int64_t prune_m = 0;     // N:M pruning: m, which must divide the inputs
 };
 StageSelection SelectionOf(const compress::v1::Stage& stage, int index);
 
 // Checks every stage of `spec` against the model's tensors before any work:
 // each include pattern matches a quantizable tensor, each exclude pattern a
-// tensor, something is left to work on, and every group size divides the
-// input size of every tensor the stage selects. INVALID_ARGUMENT naming the
-// field, the tensor and its shape.
+// tensor, something is left to work on, every group size (and N:M
+// pruning's m) divides the input size of every tensor the stage selects,
+// and no stage prunes a tensor an earlier stage quantized. INVALID_ARGUMENT
+// naming the field, the tensor and its shape.
 absl::Status CheckStagesAgainstTensors(const compress::v1::JobSpec& spec,
                                        const std::vector<SafetensorsTensorInfo>& tensors);
 

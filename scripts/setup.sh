@@ -9,8 +9,10 @@ $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends \
   build-essential cmake ninja-build ccache pkg-config git ca-certificates \
   protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev libgrpc-dev \
-  libabsl-dev libre2-dev libssl-dev zlib1g-dev libc-ares-dev \
+  libabsl-dev libre2-dev libicu-dev libssl-dev zlib1g-dev libc-ares-dev \
   libtorch-dev libopenblas0-pthread libopenblas-dev \
   libsqlite3-dev libgtest-dev libgmock-dev \
   libcpp-httplib-dev nlohmann-json3-dev libyaml-cpp-dev \
-  bible-kjv prometheus openssl python3 curl jq
+  clang libclang-rt-14-dev llvm-14 \
+  bible-kjv prometheus openssl python3 curl jq \
+  docker-compose yamllint

@@ -5,6 +5,7 @@
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
+#include "server/artifact_stream.h"
 #include "server/rpc_util.h"
 
 namespace compress::server {
@@ -14,7 +15,6 @@ using compress::v1::ArtifactChunk;
 using compress::v1::JobEvent;
 
 constexpr int kEventBatch = 256;
-constexpr size_t kChunkBytes = 1 << 20;
 
 // Streams a job's events from `from_sequence`, then follows new ones until
 // the job ends. One write in flight at a time; new events wake it through
@@ -134,76 +134,6 @@ class WatchReactor : public grpc::ServerWriteReactor<JobEvent> {
   bool client_gone_ = false;
 };
 
-// Sends one artifact in 1 MiB chunks from the requested offset.
-class DownloadReactor : public grpc::ServerWriteReactor<ArtifactChunk> {
- public:
-  DownloadReactor(ServerMetrics* metrics, ArtifactLocation location, int64_t offset)
-      : metrics_(metrics), location_(std::move(location)), offset_(offset) {
-    in_.open(location_.path, std::ios::binary);
-    if (!in_) {
-      FinishWith(absl::DataLossError(absl::StrCat("artifact ", location_.artifact.name(),
-                                                  " is recorded but its file is missing")));
-      return;
-    }
-    in_.seekg(offset_);
-    NextChunk();
-  }
-
-  void OnWriteDone(bool ok) override {
-    if (!ok) {
-      FinishWith(absl::CancelledError("client went away"));
-      return;
-    }
-    metrics_->artifact_bytes_served.Increment(static_cast<double>(chunk_.data().size()));
-    NextChunk();
-  }
-
-  void OnDone() override { delete this; }
-
- private:
-  void NextChunk() {
-    int64_t total = location_.artifact.size_bytes();
-    if (offset_ >= total) {
-      FinishWith(absl::OkStatus());
-      return;
-    }
-    size_t want = static_cast<size_t>(std::min<int64_t>(kChunkBytes, total - offset_));
-    std::string data(want, '\0');
-    in_.read(data.data(), static_cast<std::streamsize>(want));
-    if (static_cast<size_t>(in_.gcount()) != want) {
-      FinishWith(absl::DataLossError(absl::StrCat("artifact ", location_.artifact.name(),
-                                                  " is shorter than recorded")));
-      return;
-    }
-    chunk_.Clear();
-    chunk_.set_offset(offset_);
-    chunk_.set_total_size(total);
-    chunk_.set_sha256(location_.artifact.sha256());
-    *chunk_.mutable_data() = std::move(data);
-    offset_ += static_cast<int64_t>(want);
-    StartWrite(&chunk_);
-  }
-
-  void FinishWith(const absl::Status& status) {
-    CountRpc(metrics_, "DownloadArtifact", status);
-    Finish(ToGrpcStatus(status));
-  }
-
-  ServerMetrics* const metrics_;
-  const ArtifactLocation location_;
-  int64_t offset_;
-  std::ifstream in_;
-  ArtifactChunk chunk_;
-};
-
-// A stream that fails before it starts.
-template <typename T>
-class FailedStream : public grpc::ServerWriteReactor<T> {
- public:
-  explicit FailedStream(const grpc::Status& status) { this->Finish(status); }
-  void OnDone() override { delete this; }
-};
-
 }  // namespace
 
 std::string AuthorizationOf(const grpc::CallbackServerContext* context) {
@@ -263,6 +193,26 @@ grpc::ServerUnaryReactor* JobServiceImpl::CancelJob(grpc::CallbackServerContext*
   return FinishUnary(context, metrics_, "CancelJob", job.status());
 }
 
+grpc::ServerUnaryReactor* JobServiceImpl::PauseJob(grpc::CallbackServerContext* context,
+                                                   const compress::v1::PauseJobRequest* request,
+                                                   compress::v1::Job* response) {
+  absl::StatusOr<Principal> caller = Caller(context);
+  if (!caller.ok()) return FinishUnary(context, metrics_, "PauseJob", caller.status());
+  absl::StatusOr<compress::v1::Job> job = scheduler_->PauseJob(ReadScope(*caller), request->job_id());
+  if (job.ok()) *response = std::move(*job);
+  return FinishUnary(context, metrics_, "PauseJob", job.status());
+}
+
+grpc::ServerUnaryReactor* JobServiceImpl::ResumeJob(grpc::CallbackServerContext* context,
+                                                    const compress::v1::ResumeJobRequest* request,
+                                                    compress::v1::Job* response) {
+  absl::StatusOr<Principal> caller = Caller(context);
+  if (!caller.ok()) return FinishUnary(context, metrics_, "ResumeJob", caller.status());
+  absl::StatusOr<compress::v1::Job> job = scheduler_->ResumeJob(ReadScope(*caller), request->job_id());
+  if (job.ok()) *response = std::move(*job);
+  return FinishUnary(context, metrics_, "ResumeJob", job.status());
+}
+
 grpc::ServerWriteReactor<JobEvent>* JobServiceImpl::WatchJob(
     grpc::CallbackServerContext* context, const compress::v1::WatchJobRequest* request) {
   absl::StatusOr<Principal> caller = Caller(context);
@@ -296,7 +246,8 @@ grpc::ServerWriteReactor<ArtifactChunk>* JobServiceImpl::DownloadArtifact(
     CountRpc(metrics_, "DownloadArtifact", status);
     return new FailedStream<ArtifactChunk>(ToGrpcStatus(status));
   }
-  return new DownloadReactor(metrics_, std::move(*location), request->offset());
+  return new ArtifactStreamReactor(metrics_, "DownloadArtifact", std::move(*location),
+                                  request->offset());
 }
 
 }  // namespace compress::server

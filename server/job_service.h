@@ -25,6 +25,12 @@ class JobServiceImpl final : public compress::v1::JobService::CallbackService {
   grpc::ServerUnaryReactor* CancelJob(grpc::CallbackServerContext* context,
                                       const compress::v1::CancelJobRequest* request,
                                       compress::v1::Job* response) override;
+  grpc::ServerUnaryReactor* PauseJob(grpc::CallbackServerContext* context,
+                                     const compress::v1::PauseJobRequest* request,
+                                     compress::v1::Job* response) override;
+  grpc::ServerUnaryReactor* ResumeJob(grpc::CallbackServerContext* context,
+                                      const compress::v1::ResumeJobRequest* request,
+                                      compress::v1::Job* response) override;
   grpc::ServerWriteReactor<compress::v1::JobEvent>* WatchJob(
       grpc::CallbackServerContext* context, const compress::v1::WatchJobRequest* request) override;
   grpc::ServerWriteReactor<compress::v1::ArtifactChunk>* DownloadArtifact(

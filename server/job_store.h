@@ -14,11 +14,11 @@
 
 namespace compress::server {
 
-// A job as stored: the public Job message plus the scheduler's lease fields.
+// A job as stored: the public Job message, its tasks and their leases
+// included. Lease expiry times are the scheduler's, kept in memory: a
+// restarted server extends every lease anyway.
 struct StoredJob {
   compress::v1::Job job;
-  std::string task_id;               // current lease; empty when not RUNNING
-  int64_t lease_expiry_micros = 0;   // unix micros
 };
 
 class JobStore {

@@ -21,7 +21,11 @@ int main(int argc, char** argv) {
   flags.Add("data-dir", &config.data_dir, "job store (SQLite) and artifact folder");
   flags.Add("model-root", &config.model_roots, "folder models may be read from (repeatable)");
   flags.Add("lease-seconds", &config.lease_seconds, "a worker that does not renew for this long loses its task");
-  flags.Add("max-attempts", &config.max_attempts, "dispatches before a job fails");
+  flags.Add("max-attempts", &config.max_attempts, "dispatches of one task before its job fails");
+  flags.Add("max-block-tasks", &config.max_block_tasks,
+            "block ranges a parallel-calibration job is split into (one per worker at most)");
+  flags.Add("max-task-memory-gib", &config.max_task_memory_gib,
+            "the most device memory a worker may have: jobs estimated above it are refused");
   flags.Add("auth-tokens", &config.auth_tokens_file,
             "file of 'TOKEN TENANT [client|admin|worker]' lines ('' : no authentication)");
   flags.Add("tls-cert", &config.tls_cert_file, "PEM certificate chain for TLS on the gRPC port");

@@ -2,12 +2,16 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <optional>
 #include <random>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
+#include "common/files.h"
 #include "common/log.h"
 #include "common/paths.h"
 #include "common/recipe.h"
@@ -46,7 +50,78 @@ std::string NewJobId() {
   return absl::StrFormat("job-%016x", rng());
 }
 
-std::string TaskId(const Job& job) { return absl::StrCat(job.id(), "-a", job.attempts()); }
+using compress::v1::JobTask;
+
+// A lease names one attempt of one task: "<job>-t<index>-a<attempt>".
+std::string LeaseId(const Job& job, int index, int attempt) {
+  return absl::StrCat(job.id(), "-t", index, "-a", attempt);
+}
+
+// The job id and task index of a lease; nullopt for a malformed one.
+std::optional<std::pair<std::string, int>> ParseLease(const std::string& lease) {
+  const size_t t = lease.rfind("-t");
+  const size_t a = lease.rfind("-a");
+  int index = 0;
+  if (t == std::string::npos || a == std::string::npos || a < t ||
+      !absl::SimpleAtoi(lease.substr(t + 2, a - t - 2), &index)) {
+    return std::nullopt;
+  }
+  return std::make_pair(lease.substr(0, t), index);
+}
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+std::string TaskLabel(const JobTask& task) {
+  switch (task.kind()) {
+    case compress::v1::TASK_BLOCKS:
+      return absl::StrFormat("task %d (blocks %d-%d)", task.index(), task.first_layer(),
+                             task.end_layer() - 1);
+    case compress::v1::TASK_ASSEMBLE:
+      return absl::StrFormat("task %d (assemble)", task.index());
+    default:
+      return absl::StrFormat("task %d", task.index());
+  }
+}
+
+// Whether the task can be dispatched now: pending, and for the assemble
+// task every block task done.
+bool Runnable(const Job& job, const JobTask& task) {
+  if (task.state() != compress::v1::TASK_PENDING) return false;
+  if (task.kind() != compress::v1::TASK_ASSEMBLE) return true;
+  for (const JobTask& other : job.tasks()) {
+    if (other.kind() == compress::v1::TASK_BLOCKS && other.state() != compress::v1::TASK_DONE) {
+      return false;
+    }
+  }
+  return true;
+}
+
+bool HasRunnableTask(const Job& job) {
+  for (const JobTask& task : job.tasks()) {
+    if (Runnable(job, task)) return true;
+  }
+  return false;
+}
+
+// "blocks/layer-00007.safetensors" -> 7; -1 for any other name.
+int LayerOfCheckpoint(const std::string& name) {
+  absl::string_view rest = name;
+  int layer = -1;
+  if (!absl::ConsumePrefix(&rest, "blocks/layer-") || !absl::ConsumeSuffix(&rest, ".safetensors") ||
+      !absl::SimpleAtoi(rest, &layer)) {
+    return -1;
+  }
+  return layer;
+}
+
+// The job's progress: each task's, weighted by its share.
+double JobProgress(const Job& job) {
+  double progress = 0;
+  for (const JobTask& task : job.tasks()) {
+    progress += task.weight() * (task.state() == compress::v1::TASK_DONE ? 1.0 : task.progress());
+  }
+  return std::clamp(progress, 0.0, 1.0);
+}
 
 // Failures that another attempt, maybe on another worker, may not repeat.
 // The rest (a bad recipe, a malformed model) would fail the same way again.
@@ -89,15 +164,16 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(SchedulerConfig con
     if (!job.request_id().empty()) {
       scheduler->request_ids_[{job.tenant(), job.request_id()}] = id;
     }
-    if (job.state() == compress::v1::QUEUED) {
-      scheduler->queue_.insert({-job.spec().priority(), CreateMicros(job), id});
-      scheduler->queued_since_[id] = now;
-    } else if (job.state() == compress::v1::RUNNING) {
-      // Give the worker one lease timeout to find the restarted server.
-      stored.lease_expiry_micros =
-          std::max(stored.lease_expiry_micros, ToMicros(now + scheduler->config_.lease_timeout));
-      ++running;
+    if (job.state() == compress::v1::RUNNING) ++running;
+    if (!IsTerminal(job.state())) {
+      for (const JobTask& task : job.tasks()) {
+        // Give each worker one lease timeout to find the restarted server.
+        if (task.state() == compress::v1::TASK_RUNNING) {
+          scheduler->lease_expiry_[task.lease_id()] = now + scheduler->config_.lease_timeout;
+        }
+      }
     }
+    scheduler->RequeueLocked(stored, now);
     scheduler->jobs_[id] = std::move(stored);
   }
   LOG_INFO("job store loaded", {{"jobs", std::to_string(scheduler->jobs_.size())},
@@ -146,8 +222,6 @@ void Scheduler::AddStateChange(StoredJob& stored, JobState state, const std::str
   if (state == compress::v1::RUNNING && !job.has_start_time()) *job.mutable_start_time() = ToProto(now);
   if (IsTerminal(state)) {
     *job.mutable_end_time() = ToProto(now);
-    stored.task_id.clear();
-    stored.lease_expiry_micros = 0;
     metrics_->jobs_finished.Add({{"state", JobState_Name(state)}}).Increment();
   }
   JobEvent event;
@@ -264,6 +338,23 @@ absl::Status Scheduler::CheckModelPaths(const compress::v1::JobSpec& spec,
   // Patterns that select nothing and group sizes that do not fit are the
   // recipe's mistakes: named now, before a worker starts.
   RETURN_IF_ERROR(CheckStagesAgainstTensors(spec, tensors));
+  std::string config_json;
+  const fs::path config_path = fs::path(*model_path).parent_path() / "config.json";
+  const fs::path folder_config = fs::path(*model_path) / "config.json";
+  const fs::path& config_file = fs::is_directory(*model_path, ec) ? folder_config : config_path;
+  if (fs::is_regular_file(config_file, ec)) {
+    // Bounded like a recipe: config.json is a few kilobytes.
+    absl::StatusOr<std::string> text = ReadFile(config_file.string(), config_.max_spec_bytes);
+    if (!text.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("model.path: ", text.status().message()));
+    }
+    config_json = std::move(*text);
+  }
+  absl::StatusOr<ModelShape> shape = ReadModelShape(tensors, config_json);
+  if (!shape.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("model.path: ", shape.status().message()));
+  }
+  paths->shape = *shape;
   if (!spec.calibration().path().empty()) {
     ASSIGN_OR_RETURN(paths->calibration, resolve(spec.calibration().path(), "calibration.path"));
     // Every token takes at least one byte of text (four in a .tokens file):
@@ -306,6 +397,17 @@ absl::StatusOr<compress::v1::SubmitJobResponse> Scheduler::SubmitJob(
   RETURN_IF_ERROR(ValidateJobSpec(spec));
   ResolvedPaths paths;
   RETURN_IF_ERROR(CheckModelPaths(spec, &paths));
+  const std::vector<TaskPlan> plans = PlanTasks(spec, paths.shape, config_.planner);
+  for (size_t i = 0; i < plans.size(); ++i) {
+    if (plans[i].memory_bytes > config_.max_task_memory_bytes) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "the job needs an estimated %.1f GiB of device memory in its %s task, more than any "
+          "worker may have here (%.1f GiB, --max-task-memory)",
+          static_cast<double>(plans[i].memory_bytes) / kGiB,
+          compress::v1::TaskKind_Name(plans[i].kind),
+          static_cast<double>(config_.max_task_memory_bytes) / kGiB));
+    }
+  }
 
   compress::v1::SubmitJobResponse response;
   std::string job_id;
@@ -335,12 +437,25 @@ absl::StatusOr<compress::v1::SubmitJobResponse> Scheduler::SubmitJob(
     *job.mutable_spec() = spec;
     absl::Time now = absl::Now();
     *job.mutable_create_time() = ToProto(now);
+    for (size_t i = 0; i < plans.size(); ++i) {
+      JobTask* task = job.add_tasks();
+      task->set_index(static_cast<int32_t>(i));
+      task->set_kind(plans[i].kind);
+      task->set_first_layer(plans[i].first_layer);
+      task->set_end_layer(plans[i].end_layer);
+      task->set_state(compress::v1::TASK_PENDING);
+      task->set_memory_bytes(plans[i].memory_bytes);
+      task->set_weight(plans[i].weight);
+    }
     std::vector<JobEvent> events;
-    AddStateChange(stored, compress::v1::QUEUED, "submitted", &events);
+    AddStateChange(stored, compress::v1::QUEUED,
+                   plans.size() == 1 ? "submitted"
+                                     : absl::StrCat("submitted; planned as ", plans.size() - 1,
+                                                    " block task(s) and an assemble task"),
+                   &events);
     RETURN_IF_ERROR(CommitLocked(stored, events));
     if (!request.request_id().empty()) request_ids_[{tenant, request.request_id()}] = job_id;
-    queue_.insert({-spec.priority(), CreateMicros(job), job_id});
-    queued_since_[job_id] = now;
+    RequeueLocked(jobs_.at(job_id), now);
     *response.mutable_job() = jobs_.at(job_id).job;
     response.set_created(true);
   }
@@ -415,12 +530,69 @@ absl::StatusOr<Job> Scheduler::CancelJob(const std::string& tenant, const std::s
     }
     StoredJob updated = *current;
     std::vector<JobEvent> events;
+    // Running tasks keep their leases: renewing one tells its worker to stop.
     AddStateChange(updated, compress::v1::CANCELLED, "cancelled by request", &events);
     RETURN_IF_ERROR(CommitLocked(std::move(updated), events));
-    queue_.erase({-current->job.spec().priority(), CreateMicros(current->job), job_id});
-    queued_since_.erase(job_id);
+    RequeueLocked(jobs_.at(job_id), absl::Now());
     result = jobs_.at(job_id).job;
   }
+  Notify({job_id});
+  return result;
+}
+
+absl::StatusOr<Job> Scheduler::PauseJob(const std::string& tenant, const std::string& job_id) {
+  Job result;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ASSIGN_OR_RETURN(StoredJob * current, FindJobLocked(tenant, job_id));
+    const JobState state = current->job.state();
+    if (IsTerminal(state) || state == compress::v1::PAUSED) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("job ", job_id, " is ", JobState_Name(state), "; only a queued or running job can be paused"));
+    }
+    StoredJob updated = *current;
+    std::vector<JobEvent> events;
+    int stopped = 0;
+    for (JobTask& task : *updated.job.mutable_tasks()) {
+      if (task.state() != compress::v1::TASK_RUNNING) continue;
+      // The lease goes: the worker stops at its next renewal, and its
+      // finished blocks stay for the resumed task.
+      lease_expiry_.erase(task.lease_id());
+      task.set_state(compress::v1::TASK_PENDING);
+      task.clear_lease_id();
+      task.set_message("paused");
+      ++stopped;
+    }
+    AddStateChange(updated, compress::v1::PAUSED,
+                   absl::StrCat("paused by request; ", stopped, " running task(s) stopped"), &events);
+    RETURN_IF_ERROR(CommitLocked(std::move(updated), events));
+    RequeueLocked(jobs_.at(job_id), absl::Now());
+    result = jobs_.at(job_id).job;
+  }
+  Notify({job_id});
+  return result;
+}
+
+absl::StatusOr<Job> Scheduler::ResumeJob(const std::string& tenant, const std::string& job_id) {
+  Job result;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ASSIGN_OR_RETURN(StoredJob * current, FindJobLocked(tenant, job_id));
+    if (current->job.state() != compress::v1::PAUSED) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "job ", job_id, " is ", JobState_Name(current->job.state()), ", not paused"));
+    }
+    StoredJob updated = *current;
+    for (JobTask& task : *updated.job.mutable_tasks()) {
+      if (task.message() == "paused") task.clear_message();
+    }
+    std::vector<JobEvent> events;
+    AddStateChange(updated, compress::v1::QUEUED, "resumed by request", &events);
+    RETURN_IF_ERROR(CommitLocked(std::move(updated), events));
+    RequeueLocked(jobs_.at(job_id), absl::Now());
+    result = jobs_.at(job_id).job;
+  }
+  wake_.notify_all();
   Notify({job_id});
   return result;
 }
@@ -501,101 +673,240 @@ void Scheduler::AcquireTask(const compress::v1::AcquireTaskRequest& request,
   Notify(changed);
 }
 
-std::set<Scheduler::QueueKey>::iterator Scheduler::PickNextLocked() {
-  if (queue_.empty()) return queue_.end();
-  const int top_priority = std::get<0>(*queue_.begin());
-  std::map<std::string, int> running;
-  for (const auto& [id, stored] : jobs_) {
-    if (stored.job.state() == compress::v1::RUNNING) ++running[stored.job.tenant()];
+void Scheduler::RequeueLocked(const StoredJob& stored, absl::Time now) {
+  const Job& job = stored.job;
+  const QueueKey key{-job.spec().priority(), CreateMicros(job), job.id()};
+  const bool dispatchable = !IsTerminal(job.state()) && job.state() != compress::v1::PAUSED &&
+                            HasRunnableTask(job);
+  if (dispatchable) {
+    queue_.insert(key);
+  } else {
+    queue_.erase(key);
   }
-  auto best = queue_.end();
-  int best_running = 0;
-  for (auto it = queue_.begin(); it != queue_.end() && std::get<0>(*it) == top_priority; ++it) {
-    int tenant_running = running[jobs_.at(std::get<2>(*it)).job.tenant()];
-    // Strictly fewer: among equals the older job (seen first) wins.
-    if (best == queue_.end() || tenant_running < best_running) {
-      best = it;
-      best_running = tenant_running;
-      if (best_running == 0) break;
+  for (const JobTask& task : job.tasks()) {
+    const auto task_key = std::make_pair(job.id(), task.index());
+    if (dispatchable && Runnable(job, task)) {
+      queued_since_.emplace(task_key, now);  // keeps the first time it became runnable
+    } else {
+      queued_since_.erase(task_key);
     }
+  }
+}
+
+void Scheduler::SyncJobStateLocked(StoredJob& stored, const std::string& reason,
+                                   std::vector<JobEvent>* events) {
+  Job& job = stored.job;
+  job.set_progress(JobProgress(job));
+  if (IsTerminal(job.state()) || job.state() == compress::v1::PAUSED) return;
+  bool running = false;
+  for (const JobTask& task : job.tasks()) running |= task.state() == compress::v1::TASK_RUNNING;
+  const JobState state = running ? compress::v1::RUNNING : compress::v1::QUEUED;
+  if (state != job.state()) AddStateChange(stored, state, reason, events);
+}
+
+std::optional<std::pair<std::string, int>> Scheduler::PickTaskLocked(
+    int64_t memory_bytes, const std::map<std::string, int>& running_by_tenant) {
+  std::optional<std::pair<std::string, int>> best;
+  int best_priority = 0;
+  int best_running = 0;
+  for (const QueueKey& key : queue_) {
+    // A lower priority is looked at only when nothing above fits.
+    if (best && std::get<0>(key) != best_priority) break;
+    const Job& job = jobs_.at(std::get<2>(key)).job;
+    for (const JobTask& task : job.tasks()) {
+      if (!Runnable(job, task)) continue;
+      if (memory_bytes > 0 && task.memory_bytes() > memory_bytes) continue;
+      auto count = running_by_tenant.find(job.tenant());
+      const int tenant_running = count == running_by_tenant.end() ? 0 : count->second;
+      // Strictly fewer: among equals the older job (seen first) wins.
+      if (!best || tenant_running < best_running) {
+        best = std::make_pair(job.id(), task.index());
+        best_priority = std::get<0>(key);
+        best_running = tenant_running;
+      }
+      break;  // the job's first task that fits ranks it
+    }
+    if (best && best_running == 0) break;
   }
   return best;
 }
 
+absl::Status Scheduler::DispatchLocked(const std::string& job_id, int index,
+                                       const std::string& worker_id, absl::Time now,
+                                       AcquireTaskResponse* response) {
+  StoredJob updated = jobs_.at(job_id);
+  Job& job = updated.job;
+  JobTask& task = *job.mutable_tasks(index);
+  task.set_attempts(task.attempts() + 1);
+  task.set_state(compress::v1::TASK_RUNNING);
+  task.set_worker_id(worker_id);
+  task.set_lease_id(LeaseId(job, index, task.attempts()));
+  task.clear_message();
+  // A retried block task resumes after its last checkpoint.
+  task.set_progress(task.kind() == compress::v1::TASK_BLOCKS && task.end_layer() > task.first_layer()
+                        ? static_cast<double>(task.finished_layers_size()) /
+                              static_cast<double>(task.end_layer() - task.first_layer())
+                        : 0.0);
+  job.set_attempts(job.attempts() + 1);
+  job.set_worker_id(worker_id);
+  if (task.kind() != compress::v1::TASK_BLOCKS) job.clear_artifacts();  // an earlier attempt's
+  std::vector<JobEvent> events;
+  const std::string what =
+      absl::StrCat(job.tasks_size() == 1 ? "" : TaskLabel(task) + " ", "dispatched to ", worker_id,
+                   " (attempt ", task.attempts(), ")");
+  if (job.tasks_size() > 1) {
+    JobEvent log;
+    log.mutable_log()->set_level("INFO");
+    log.mutable_log()->set_text(what);
+    AddEvent(updated, std::move(log), &events);
+  }
+  SyncJobStateLocked(updated, what, &events);
+  RETURN_IF_ERROR(CommitLocked(updated, events));
+  const JobTask& dispatched = jobs_.at(job_id).job.tasks(index);
+  lease_expiry_[dispatched.lease_id()] = now + config_.lease_timeout;
+  auto since = queued_since_.find({job_id, index});
+  if (since != queued_since_.end()) {
+    metrics_->dispatch_latency_seconds.Observe(absl::ToDoubleSeconds(now - since->second));
+  }
+  RequeueLocked(jobs_.at(job_id), now);
+  workers_[worker_id].task_id = dispatched.lease_id();
+
+  const Job& stored = jobs_.at(job_id).job;
+  compress::v1::Task& out = *response->mutable_task();
+  out.set_task_id(dispatched.lease_id());
+  out.set_job_id(job_id);
+  *out.mutable_spec() = stored.spec();
+  out.set_attempt(dispatched.attempts());
+  out.set_kind(dispatched.kind());
+  out.set_first_layer(dispatched.first_layer());
+  out.set_end_layer(dispatched.end_layer());
+  for (int layer : dispatched.finished_layers()) out.add_finished_layers(layer);
+  const bool sequential = stored.spec().calibration().propagation() != compress::v1::PROPAGATION_PARALLEL;
+  if (dispatched.kind() == compress::v1::TASK_ASSEMBLE) {
+    for (const JobTask& other : stored.tasks()) {
+      for (const Artifact& checkpoint : other.checkpoints()) *out.add_inputs() = checkpoint;
+    }
+  } else if (dispatched.kind() == compress::v1::TASK_BLOCKS && sequential) {
+    for (const Artifact& checkpoint : dispatched.checkpoints()) *out.add_inputs() = checkpoint;
+  }
+  ResolvedPaths paths;
+  absl::Status resolved = CheckModelPaths(stored.spec(), &paths);
+  out.set_model_path(paths.model);
+  out.set_calibration_path(paths.calibration);
+  out.set_evaluation_path(paths.evaluation);
+  // A model removed since submit still goes to the worker, which fails the
+  // task with the real error; a path check here would hide the file's name.
+  if (!resolved.ok()) out.set_model_path(stored.spec().model().path());
+  return absl::OkStatus();
+}
+
 void Scheduler::MatchWaitersLocked(absl::Time now, std::vector<std::function<void()>>* calls,
                                    std::vector<std::string>* changed) {
+  if (queue_.empty() || waiters_.empty()) return;
+  std::map<std::string, int> running_by_tenant;
+  for (const auto& [id, stored] : jobs_) {
+    if (stored.job.state() != compress::v1::RUNNING) continue;
+    for (const JobTask& task : stored.job.tasks()) {
+      if (task.state() == compress::v1::TASK_RUNNING) ++running_by_tenant[stored.job.tenant()];
+    }
+  }
   auto waiter = waiters_.begin();
   while (waiter != waiters_.end() && !queue_.empty()) {
-    auto next = PickNextLocked();
-    std::string job_id = std::get<2>(*next);
-    StoredJob updated = jobs_.at(job_id);
-    Job& job = updated.job;
-    job.set_attempts(job.attempts() + 1);
-    job.set_worker_id(waiter->worker_id);
-    job.clear_artifacts();
-    updated.task_id = TaskId(job);
-    updated.lease_expiry_micros = ToMicros(now + config_.lease_timeout);
-    std::vector<JobEvent> events;
-    AddStateChange(updated, compress::v1::RUNNING,
-                   absl::StrCat("dispatched to ", waiter->worker_id, " (attempt ", job.attempts(), ")"),
-                   &events);
-    absl::Status committed = CommitLocked(updated, events);
-    if (!committed.ok()) {
-      LOG_ERROR("dispatch failed to commit", {{"job", job_id}, {"error", committed.ToString()}});
-      break;  // the store is in trouble; leave the job queued and retry next tick
+    const WorkerInfo& worker = workers_[waiter->worker_id];
+    std::optional<std::pair<std::string, int>> pick =
+        PickTaskLocked(worker.registration.memory_bytes(), running_by_tenant);
+    if (!pick) {
+      ++waiter;  // nothing fits this worker; another may take something
+      continue;
     }
-    queue_.erase(next);
-    metrics_->dispatch_latency_seconds.Observe(absl::ToDoubleSeconds(now - queued_since_[job_id]));
-    queued_since_.erase(job_id);
-    workers_[waiter->worker_id].task_id = updated.task_id;
-
     AcquireTaskResponse response;
-    compress::v1::Task& task = *response.mutable_task();
-    task.set_task_id(updated.task_id);
-    task.set_job_id(job_id);
-    *task.mutable_spec() = job.spec();
-    task.set_attempt(job.attempts());
-    ResolvedPaths paths;
-    absl::Status resolved = CheckModelPaths(job.spec(), &paths);
-    task.set_model_path(paths.model);
-    task.set_calibration_path(paths.calibration);
-    task.set_evaluation_path(paths.evaluation);
-    // A model removed since submit still goes to the worker, which fails the
-    // job with the real error; a path check here would hide the file's name.
-    if (!resolved.ok()) task.set_model_path(job.spec().model().path());
+    absl::Status dispatched = DispatchLocked(pick->first, pick->second, waiter->worker_id, now, &response);
+    if (!dispatched.ok()) {
+      LOG_ERROR("dispatch failed to commit", {{"job", pick->first}, {"error", dispatched.ToString()}});
+      break;  // the store is in trouble; leave the task queued and retry next tick
+    }
+    ++running_by_tenant[jobs_.at(pick->first).job.tenant()];
     calls->push_back([done = std::move(waiter->done), response]() { done(response); });
-    changed->push_back(job_id);
+    changed->push_back(pick->first);
     waiter = waiters_.erase(waiter);
   }
 }
 
+void Scheduler::NoteUnplaceableLocked(absl::Time now, std::vector<std::string>* changed) {
+  int64_t largest = 0;
+  int connected = 0;
+  for (const auto& [id, worker] : workers_) {
+    if (now - worker.last_seen > config_.lease_timeout) continue;
+    ++connected;
+    largest = std::max(largest, worker.registration.memory_bytes());
+  }
+  if (connected == 0) return;  // waiting for workers is what a queue is for
+  std::vector<std::string> queued;
+  for (const QueueKey& key : queue_) queued.push_back(std::get<2>(key));
+  for (const std::string& id : queued) {
+    const StoredJob& current = jobs_.at(id);
+    for (const JobTask& task : current.job.tasks()) {
+      if (!Runnable(current.job, task)) continue;
+      if (largest <= 0 || task.memory_bytes() <= largest) break;
+      const std::string reason = absl::StrFormat(
+          "waiting: %s needs an estimated %.2f GiB; the largest connected worker has %.2f GiB",
+          TaskLabel(task), static_cast<double>(task.memory_bytes()) / kGiB,
+          static_cast<double>(largest) / kGiB);
+      if (task.message() == reason) break;
+      StoredJob updated = current;
+      updated.job.mutable_tasks(task.index())->set_message(reason);
+      updated.job.set_message(reason);
+      std::vector<JobEvent> events;
+      JobEvent log;
+      log.mutable_log()->set_level("WARNING");
+      log.mutable_log()->set_text(reason);
+      AddEvent(updated, std::move(log), &events);
+      if (CommitLocked(std::move(updated), events).ok()) changed->push_back(id);
+      break;
+    }
+  }
+}
+
 void Scheduler::ExpireLeasesLocked(absl::Time now, std::vector<std::string>* changed) {
-  int64_t now_micros = ToMicros(now);
-  for (auto& [id, stored] : jobs_) {
-    if (stored.job.state() != compress::v1::RUNNING) continue;
-    if (stored.lease_expiry_micros > now_micros) continue;
-    StoredJob updated = stored;
+  std::vector<std::pair<std::string, int>> expired;
+  for (const auto& [lease, expiry] : lease_expiry_) {
+    if (expiry > now) continue;
+    std::optional<std::pair<std::string, int>> parsed = ParseLease(lease);
+    if (parsed) expired.push_back(*parsed);
+  }
+  for (const auto& [id, index] : expired) {
+    auto found = jobs_.find(id);
+    if (found == jobs_.end() || index < 0 || index >= found->second.job.tasks_size()) continue;
+    StoredJob updated = found->second;
+    JobTask& task = *updated.job.mutable_tasks(index);
+    lease_expiry_.erase(task.lease_id());
+    if (IsTerminal(updated.job.state()) || task.state() != compress::v1::TASK_RUNNING) continue;
     std::vector<JobEvent> events;
-    std::string worker = updated.job.worker_id();
+    const std::string worker = task.worker_id();
     metrics_->lease_expirations.Increment();
-    if (updated.job.attempts() >= config_.max_attempts) {
+    task.set_state(compress::v1::TASK_PENDING);
+    task.clear_lease_id();
+    const std::string label = updated.job.tasks_size() == 1 ? "" : TaskLabel(task) + ": ";
+    if (task.attempts() >= config_.max_attempts) {
       AddStateChange(updated, compress::v1::FAILED,
-                     absl::StrCat("worker ", worker, " stopped renewing its lease; gave up after ",
-                                  updated.job.attempts(), " attempts"),
+                     absl::StrCat(label, "worker ", worker, " stopped renewing its lease; gave up after ",
+                                  task.attempts(), " attempts"),
                      &events);
     } else {
-      updated.task_id.clear();
-      updated.lease_expiry_micros = 0;
-      AddStateChange(updated, compress::v1::QUEUED,
-                     absl::StrCat("worker ", worker, " stopped renewing its lease; requeued"), &events);
+      const std::string reason =
+          absl::StrCat(label, "worker ", worker, " stopped renewing its lease; requeued");
+      task.set_message(reason);
+      if (updated.job.tasks_size() > 1) {
+        JobEvent log;
+        log.mutable_log()->set_level("WARNING");
+        log.mutable_log()->set_text(reason);
+        AddEvent(updated, std::move(log), &events);
+      }
+      SyncJobStateLocked(updated, reason, &events);
       metrics_->task_retries.Increment();
     }
     if (!CommitLocked(updated, events).ok()) continue;
-    const Job& job = jobs_.at(id).job;
-    if (job.state() == compress::v1::QUEUED) {
-      queue_.insert({-job.spec().priority(), CreateMicros(job), id});
-      queued_since_[id] = now;
-    }
+    RequeueLocked(jobs_.at(id), now);
     changed->push_back(id);
   }
 }
@@ -603,18 +914,16 @@ void Scheduler::ExpireLeasesLocked(absl::Time now, std::vector<std::string>* cha
 void Scheduler::UpdateGaugesLocked(absl::Time now) {
   std::map<JobState, int> by_state;
   for (const auto& [id, stored] : jobs_) ++by_state[stored.job.state()];
-  for (int s = compress::v1::QUEUED; s <= compress::v1::CANCELLED; ++s) {
+  for (int s = compress::v1::QUEUED; s <= compress::v1::PAUSED; ++s) {
     JobState state = static_cast<JobState>(s);
     metrics_->jobs.Add({{"state", JobState_Name(state)}}).Set(by_state[state]);
   }
-  metrics_->queue_depth.Set(static_cast<double>(queue_.size()));
+  metrics_->queue_depth.Set(static_cast<double>(queued_since_.size()));
   int connected = 0, busy = 0;
   for (auto& [id, worker] : workers_) {
     if (now - worker.last_seen > config_.lease_timeout) continue;
     ++connected;
-    auto job = worker.task_id.empty() ? jobs_.end()
-                                      : jobs_.find(worker.task_id.substr(0, worker.task_id.rfind("-a")));
-    if (job != jobs_.end() && job->second.task_id == worker.task_id) ++busy;
+    if (!worker.task_id.empty() && lease_expiry_.count(worker.task_id) > 0) ++busy;
   }
   metrics_->workers_connected.Set(connected);
   metrics_->workers_busy.Set(busy);
@@ -630,6 +939,10 @@ void Scheduler::DispatchLoop() {
     std::vector<std::function<void()>> calls;
     ExpireLeasesLocked(now, &changed);
     MatchWaitersLocked(now, &calls, &changed);
+    if (now - last_placement_check_ >= absl::Seconds(1)) {
+      NoteUnplaceableLocked(now, &changed);
+      last_placement_check_ = now;
+    }
     for (auto w = waiters_.begin(); w != waiters_.end();) {
       if (w->deadline <= now) {
         calls.push_back([done = std::move(w->done)]() { done(AcquireTaskResponse()); });
@@ -646,30 +959,36 @@ void Scheduler::DispatchLoop() {
   }
 }
 
-absl::StatusOr<StoredJob*> Scheduler::FindLeaseLocked(const std::string& worker_id,
-                                                      const std::string& task_id) {
+absl::StatusOr<Scheduler::Lease> Scheduler::FindLeaseLocked(const std::string& worker_id,
+                                                            const std::string& task_id) {
   auto worker = workers_.find(worker_id);
   if (worker != workers_.end()) worker->second.last_seen = absl::Now();
-  std::string job_id = task_id.substr(0, task_id.rfind("-a"));
-  auto it = jobs_.find(job_id);
-  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("task ", task_id, " not found"));
+  std::optional<std::pair<std::string, int>> parsed = ParseLease(task_id);
+  auto it = parsed ? jobs_.find(parsed->first) : jobs_.end();
+  if (it == jobs_.end() || parsed->second < 0 || parsed->second >= it->second.job.tasks_size()) {
+    return absl::NotFoundError(absl::StrCat("task ", task_id, " not found"));
+  }
   StoredJob& stored = it->second;
-  if (stored.job.state() == compress::v1::CANCELLED) return &stored;
-  if (stored.task_id != task_id || stored.job.worker_id() != worker_id) {
+  const JobTask& task = stored.job.tasks(parsed->second);
+  const bool held = task.state() == compress::v1::TASK_RUNNING && task.lease_id() == task_id &&
+                    task.worker_id() == worker_id;
+  if (stored.job.state() == compress::v1::CANCELLED && task.lease_id() == task_id) {
+    return Lease{&stored, parsed->second};
+  }
+  if (!held || IsTerminal(stored.job.state())) {
     return absl::FailedPreconditionError(
         absl::StrCat("worker ", worker_id, " no longer holds the lease on task ", task_id));
   }
-  return &stored;
+  return Lease{&stored, parsed->second};
 }
 
 absl::StatusOr<bool> Scheduler::RenewLease(const std::string& worker_id,
                                            const std::string& task_id) {
   std::lock_guard<std::mutex> lock(mu_);
-  ASSIGN_OR_RETURN(StoredJob * stored, FindLeaseLocked(worker_id, task_id));
-  if (stored->job.state() == compress::v1::CANCELLED) return true;
-  // Lease expiry lives in memory between commits; a restarted server extends
-  // every lease anyway, so there is no need to write each renewal.
-  stored->lease_expiry_micros = ToMicros(absl::Now() + config_.lease_timeout);
+  ASSIGN_OR_RETURN(const Lease lease, FindLeaseLocked(worker_id, task_id));
+  if (lease.stored->job.state() == compress::v1::CANCELLED) return true;
+  // Lease expiry lives in memory; a restarted server extends every lease.
+  lease_expiry_[task_id] = absl::Now() + config_.lease_timeout;
   return false;
 }
 
@@ -678,26 +997,33 @@ absl::StatusOr<bool> Scheduler::ReportEvents(const compress::v1::ReportEventsReq
     return absl::InvalidArgumentError(
         absl::StrCat("events: at most ", kMaxEventsPerReport, " per report"));
   }
+  for (const JobEvent& incoming : request.events()) {
+    // Workers report progress, metrics and logs; state changes and
+    // artifacts are the server's to record.
+    if (incoming.kind_case() != JobEvent::kProgress && incoming.kind_case() != JobEvent::kMetric &&
+        incoming.kind_case() != JobEvent::kLog) {
+      return absl::InvalidArgumentError("events: workers may report progress, metric and log only");
+    }
+  }
   std::string job_id;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    ASSIGN_OR_RETURN(StoredJob * stored, FindLeaseLocked(request.worker_id(), request.task_id()));
-    if (stored->job.state() == compress::v1::CANCELLED) return true;
-    StoredJob updated = *stored;
-    updated.lease_expiry_micros = ToMicros(absl::Now() + config_.lease_timeout);
+    ASSIGN_OR_RETURN(const Lease lease, FindLeaseLocked(request.worker_id(), request.task_id()));
+    if (lease.stored->job.state() == compress::v1::CANCELLED) return true;
+    lease_expiry_[request.task_id()] = absl::Now() + config_.lease_timeout;
+    StoredJob updated = *lease.stored;
+    JobTask& task = *updated.job.mutable_tasks(lease.index);
     std::vector<JobEvent> events;
     for (const JobEvent& incoming : request.events()) {
-      // Workers report progress, metrics and logs; state changes and
-      // artifacts are the server's to record.
-      if (incoming.kind_case() != JobEvent::kProgress && incoming.kind_case() != JobEvent::kMetric &&
-          incoming.kind_case() != JobEvent::kLog) {
-        return absl::InvalidArgumentError("events: workers may report progress, metric and log only");
+      JobEvent event = incoming;
+      if (event.has_progress()) {
+        // The worker measures its task; the job's progress weighs every task.
+        task.set_progress(std::clamp(event.progress().fraction(), 0.0, 1.0));
+        updated.job.set_progress(JobProgress(updated.job));
+        updated.job.set_message(event.progress().message());
+        event.mutable_progress()->set_fraction(updated.job.progress());
       }
-      if (incoming.has_progress()) {
-        updated.job.set_progress(std::clamp(incoming.progress().fraction(), 0.0, 1.0));
-        updated.job.set_message(incoming.progress().message());
-      }
-      AddEvent(updated, incoming, &events);
+      AddEvent(updated, std::move(event), &events);
     }
     job_id = updated.job.id();
     RETURN_IF_ERROR(CommitLocked(std::move(updated), events));
@@ -722,11 +1048,24 @@ absl::StatusOr<std::string> Scheduler::BeginArtifactUpload(const std::string& wo
     return absl::InvalidArgumentError(absl::StrCat("artifact ", artifact.name(), ": sha256 must be 64 hex digits"));
   }
   std::lock_guard<std::mutex> lock(mu_);
-  ASSIGN_OR_RETURN(StoredJob * stored, FindLeaseLocked(worker_id, task_id));
-  if (stored->job.state() == compress::v1::CANCELLED) {
-    return absl::CancelledError(absl::StrCat("job ", stored->job.id(), " was cancelled"));
+  ASSIGN_OR_RETURN(const Lease lease, FindLeaseLocked(worker_id, task_id));
+  const Job& job = lease.stored->job;
+  if (job.state() == compress::v1::CANCELLED) {
+    return absl::CancelledError(absl::StrCat("job ", job.id(), " was cancelled"));
   }
-  return ArtifactPath(stored->job.id(), artifact.name());
+  const JobTask& task = job.tasks(lease.index);
+  const int layer = LayerOfCheckpoint(artifact.name());
+  if (task.kind() == compress::v1::TASK_BLOCKS) {
+    if (layer < task.first_layer() || layer >= task.end_layer()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "artifact ", artifact.name(), ": ", TaskLabel(task),
+          " uploads only its blocks' checkpoints (blocks/layer-NNNNN.safetensors)"));
+    }
+  } else if (layer >= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("artifact ", artifact.name(), ": only block tasks upload checkpoints"));
+  }
+  return ArtifactPath(job.id(), artifact.name());
 }
 
 absl::Status Scheduler::RecordArtifact(const std::string& worker_id, const std::string& task_id,
@@ -734,24 +1073,42 @@ absl::Status Scheduler::RecordArtifact(const std::string& worker_id, const std::
   std::string job_id;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    ASSIGN_OR_RETURN(StoredJob * stored, FindLeaseLocked(worker_id, task_id));
-    if (stored->job.state() == compress::v1::CANCELLED) {
-      return absl::CancelledError(absl::StrCat("job ", stored->job.id(), " was cancelled"));
+    ASSIGN_OR_RETURN(const Lease lease, FindLeaseLocked(worker_id, task_id));
+    if (lease.stored->job.state() == compress::v1::CANCELLED) {
+      return absl::CancelledError(absl::StrCat("job ", lease.stored->job.id(), " was cancelled"));
     }
-    StoredJob updated = *stored;
+    StoredJob updated = *lease.stored;
     Job& job = updated.job;
-    bool replaced = false;
-    for (Artifact& existing : *job.mutable_artifacts()) {
-      if (existing.name() == artifact.name()) {
-        existing = artifact;
-        replaced = true;
-      }
-    }
-    if (!replaced) *job.add_artifacts() = artifact;
     std::vector<JobEvent> events;
-    JobEvent event;
-    *event.mutable_artifact() = artifact;
-    AddEvent(updated, std::move(event), &events);
+    const int layer = LayerOfCheckpoint(artifact.name());
+    auto replace_or_add = [&](google::protobuf::RepeatedPtrField<Artifact>* list) {
+      for (Artifact& existing : *list) {
+        if (existing.name() == artifact.name()) {
+          existing = artifact;
+          return;
+        }
+      }
+      *list->Add() = artifact;
+    };
+    if (layer >= 0) {
+      // A block checkpoint: the task's own, kept across attempts.
+      JobTask& task = *job.mutable_tasks(lease.index);
+      replace_or_add(task.mutable_checkpoints());
+      if (std::find(task.finished_layers().begin(), task.finished_layers().end(), layer) ==
+          task.finished_layers().end()) {
+        task.add_finished_layers(layer);
+      }
+      JobEvent log;
+      log.mutable_log()->set_level("INFO");
+      log.mutable_log()->set_text(absl::StrCat(TaskLabel(task), ": block ", layer, " checkpointed (",
+                                               artifact.size_bytes(), " bytes)"));
+      AddEvent(updated, std::move(log), &events);
+    } else {
+      replace_or_add(job.mutable_artifacts());
+      JobEvent event;
+      *event.mutable_artifact() = artifact;
+      AddEvent(updated, std::move(event), &events);
+    }
     job_id = job.id();
     RETURN_IF_ERROR(CommitLocked(std::move(updated), events));
   }
@@ -760,46 +1117,101 @@ absl::Status Scheduler::RecordArtifact(const std::string& worker_id, const std::
   return absl::OkStatus();
 }
 
+absl::StatusOr<ArtifactLocation> Scheduler::FindCheckpoint(const std::string& worker_id,
+                                                           const std::string& task_id,
+                                                           const std::string& name) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ASSIGN_OR_RETURN(const Lease lease, FindLeaseLocked(worker_id, task_id));
+  const Job& job = lease.stored->job;
+  if (job.state() == compress::v1::CANCELLED) {
+    return absl::CancelledError(absl::StrCat("job ", job.id(), " was cancelled"));
+  }
+  for (const JobTask& task : job.tasks()) {
+    for (const Artifact& checkpoint : task.checkpoints()) {
+      if (checkpoint.name() == name) return ArtifactLocation{ArtifactPath(job.id(), name), checkpoint};
+    }
+  }
+  return absl::NotFoundError(absl::StrCat("job ", job.id(), " has no checkpoint named ", name));
+}
+
 absl::Status Scheduler::CompleteTask(const compress::v1::CompleteTaskRequest& request) {
   std::string job_id;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    ASSIGN_OR_RETURN(StoredJob * stored, FindLeaseLocked(request.worker_id(), request.task_id()));
-    if (IsTerminal(stored->job.state())) return absl::OkStatus();  // cancelled meanwhile
-    StoredJob updated = *stored;
+    ASSIGN_OR_RETURN(const Lease lease, FindLeaseLocked(request.worker_id(), request.task_id()));
+    if (IsTerminal(lease.stored->job.state())) return absl::OkStatus();  // cancelled meanwhile
+    StoredJob updated = *lease.stored;
+    Job& job = updated.job;
+    JobTask& task = *job.mutable_tasks(lease.index);
+    const std::string label = job.tasks_size() == 1 ? "" : TaskLabel(task) + ": ";
+    lease_expiry_.erase(task.lease_id());
+    task.clear_lease_id();
     std::vector<JobEvent> events;
-    if (request.success()) {
-      *updated.job.mutable_report() = request.report();
-      updated.job.set_progress(1.0);
-      AddStateChange(updated, compress::v1::SUCCEEDED, "finished", &events);
-    } else {
-      absl::StatusCode code = static_cast<absl::StatusCode>(request.error_code());
-      std::string error = absl::StrCat(absl::StatusCodeToString(code), ": ",
-                                       request.error().empty() ? "worker reported failure"
-                                                               : request.error());
-      updated.job.set_failed_attempts(updated.job.failed_attempts() + 1);
-      if (IsRetryable(code) && updated.job.failed_attempts() < config_.max_failed_attempts) {
-        updated.task_id.clear();
-        updated.lease_expiry_micros = 0;
-        AddStateChange(updated, compress::v1::QUEUED,
-                       absl::StrCat("attempt ", updated.job.attempts(), " failed on ",
-                                    request.worker_id(), " (", error, "); requeued"),
-                       &events);
-        metrics_->task_retries.Increment();
-      } else {
-        AddStateChange(updated, compress::v1::FAILED, error, &events);
+    bool success = request.success();
+    absl::StatusCode code = static_cast<absl::StatusCode>(request.error_code());
+    std::string error = request.error().empty() ? "worker reported failure" : request.error();
+    if (success && task.kind() == compress::v1::TASK_BLOCKS) {
+      std::vector<int> missing;
+      for (int layer = task.first_layer(); layer < task.end_layer(); ++layer) {
+        if (std::find(task.finished_layers().begin(), task.finished_layers().end(), layer) ==
+            task.finished_layers().end()) {
+          missing.push_back(layer);
+        }
+      }
+      if (!missing.empty()) {
+        success = false;
+        code = absl::StatusCode::kInternal;
+        error = absl::StrCat("finished without a checkpoint for block ", missing.front());
       }
     }
-    job_id = updated.job.id();
-    RETURN_IF_ERROR(CommitLocked(std::move(updated), events));
-    const Job& job = jobs_.at(job_id).job;
-    if (job.state() == compress::v1::QUEUED) {
-      queue_.insert({-job.spec().priority(), CreateMicros(job), job_id});
-      queued_since_[job_id] = absl::Now();
+    if (success) {
+      task.set_state(compress::v1::TASK_DONE);
+      task.set_progress(1.0);
+      task.clear_message();
+      if (task.kind() != compress::v1::TASK_BLOCKS) *job.mutable_report() = request.report();
+      const bool all_done = std::all_of(job.tasks().begin(), job.tasks().end(), [](const JobTask& t) {
+        return t.state() == compress::v1::TASK_DONE;
+      });
+      if (all_done) {
+        job.set_progress(1.0);
+        AddStateChange(updated, compress::v1::SUCCEEDED, "finished", &events);
+      } else {
+        JobEvent log;
+        log.mutable_log()->set_level("INFO");
+        log.mutable_log()->set_text(absl::StrCat(TaskLabel(task), " finished on ", request.worker_id()));
+        AddEvent(updated, std::move(log), &events);
+        SyncJobStateLocked(updated, absl::StrCat(label, "finished; waiting for the next task"), &events);
+      }
+    } else {
+      error = absl::StrCat(absl::StatusCodeToString(code), ": ", error);
+      task.set_failed_attempts(task.failed_attempts() + 1);
+      job.set_failed_attempts(job.failed_attempts() + 1);
+      task.set_message(error);
+      if (IsRetryable(code) && task.failed_attempts() < config_.max_failed_attempts) {
+        task.set_state(compress::v1::TASK_PENDING);
+        const std::string reason =
+            absl::StrCat(label, "attempt ", task.attempts(), " failed on ", request.worker_id(),
+                         " (", error, "); requeued");
+        if (job.tasks_size() > 1) {
+          JobEvent log;
+          log.mutable_log()->set_level("WARNING");
+          log.mutable_log()->set_text(reason);
+          AddEvent(updated, std::move(log), &events);
+        }
+        SyncJobStateLocked(updated, reason, &events);
+        metrics_->task_retries.Increment();
+      } else {
+        task.set_state(compress::v1::TASK_FAILED);
+        AddStateChange(updated, compress::v1::FAILED, absl::StrCat(label, error), &events);
+      }
     }
+    job_id = job.id();
+    RETURN_IF_ERROR(CommitLocked(std::move(updated), events));
+    RequeueLocked(jobs_.at(job_id), absl::Now());
     auto worker = workers_.find(request.worker_id());
     if (worker != workers_.end()) worker->second.task_id.clear();
   }
+  wake_.notify_all();
   Notify({job_id});
   return absl::OkStatus();
 }

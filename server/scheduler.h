@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <optional>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -21,6 +22,7 @@
 #include "absl/time/time.h"
 #include "compress/v1/compress.pb.h"
 #include "server/job_store.h"
+#include "server/planner.h"
 #include "server/server_metrics.h"
 
 namespace compress::server {
@@ -33,6 +35,10 @@ struct SchedulerConfig {
   int max_failed_attempts = 3;                 // retryable failures before a job fails
   int64_t max_artifact_bytes = int64_t{1} << 40;
   int64_t max_spec_bytes = 1 << 20;
+  PlannerConfig planner;
+  // The most memory a worker may offer: a task estimated above it could
+  // never run, and its job is refused at submit.
+  int64_t max_task_memory_bytes = int64_t{256} << 30;
 };
 
 // Told when a job gets new events. Called with no scheduler lock held.
@@ -75,6 +81,10 @@ class Scheduler {
   absl::StatusOr<compress::v1::ListJobsResponse> ListJobs(
       const std::string& tenant, const compress::v1::ListJobsRequest& request);
   absl::StatusOr<compress::v1::Job> CancelJob(const std::string& tenant, const std::string& job_id);
+  // Pause stops the job's running tasks (their workers lose the lease and
+  // stop; finished blocks are kept) and holds the rest; Resume queues them.
+  absl::StatusOr<compress::v1::Job> PauseJob(const std::string& tenant, const std::string& job_id);
+  absl::StatusOr<compress::v1::Job> ResumeJob(const std::string& tenant, const std::string& job_id);
   absl::StatusOr<EventBatch> ReadEvents(const std::string& tenant, const std::string& job_id,
                                         int64_t from_sequence, int limit);
   absl::StatusOr<ArtifactLocation> FindArtifact(const std::string& tenant,
@@ -102,6 +112,10 @@ class Scheduler {
   absl::Status RecordArtifact(const std::string& worker_id, const std::string& task_id,
                               const compress::v1::Artifact& artifact);
   absl::Status CompleteTask(const compress::v1::CompleteTaskRequest& request);
+  // A block checkpoint of the task's job, for the worker holding the lease.
+  absl::StatusOr<ArtifactLocation> FindCheckpoint(const std::string& worker_id,
+                                                  const std::string& task_id,
+                                                  const std::string& name);
 
   const SchedulerConfig& config() const { return config_; }
 
@@ -109,7 +123,12 @@ class Scheduler {
   struct WorkerInfo {
     compress::v1::RegisterWorkerRequest registration;
     absl::Time last_seen;
-    std::string task_id;
+    std::string task_id;  // the lease it holds, if any
+  };
+  // A held lease: the job and the index of its task.
+  struct Lease {
+    StoredJob* stored;
+    int index;
   };
   struct Waiter {
     std::string worker_id;
@@ -127,9 +146,23 @@ class Scheduler {
   void MatchWaitersLocked(absl::Time now, std::vector<std::function<void()>>* calls,
                           std::vector<std::string>* changed);
   void UpdateGaugesLocked(absl::Time now);
-  // The next job to dispatch: highest priority; within it, the tenant with
-  // the fewest running jobs; then the oldest.
-  std::set<QueueKey>::iterator PickNextLocked();
+  // The next task for a worker with `memory_bytes` (0: unknown, anything
+  // fits): the highest priority that has one that fits; within it, the
+  // tenant with the fewest running tasks; then the oldest job. Null when
+  // nothing fits.
+  std::optional<std::pair<std::string, int>> PickTaskLocked(
+      int64_t memory_bytes, const std::map<std::string, int>& running_by_tenant);
+  // Runs task `index` of the job on the waiter's worker.
+  absl::Status DispatchLocked(const std::string& job_id, int index, const std::string& worker_id,
+                              absl::Time now, compress::v1::AcquireTaskResponse* response);
+  // Queued tasks no connected worker has room for: their job says why.
+  void NoteUnplaceableLocked(absl::Time now, std::vector<std::string>* changed);
+  // Keeps queue_ in step with the job: in it while it has a task to dispatch.
+  void RequeueLocked(const StoredJob& stored, absl::Time now);
+  // The job's state and progress from its tasks (not for ended or paused
+  // jobs); a state change becomes an event with `reason`.
+  void SyncJobStateLocked(StoredJob& stored, const std::string& reason,
+                          std::vector<compress::v1::JobEvent>* events);
 
   // Appends an event to `stored` (sequence, time) and to `events`.
   void AddEvent(StoredJob& stored, compress::v1::JobEvent event,
@@ -139,14 +172,17 @@ class Scheduler {
   // Writes through the store, then replaces the in-memory job.
   absl::Status CommitLocked(StoredJob updated, const std::vector<compress::v1::JobEvent>& events);
   absl::StatusOr<StoredJob*> FindJobLocked(const std::string& tenant, const std::string& job_id);
-  absl::StatusOr<StoredJob*> FindLeaseLocked(const std::string& worker_id,
-                                             const std::string& task_id);
+  // The lease `task_id` held by `worker_id`: FAILED_PRECONDITION when it is
+  // no longer theirs. A cancelled job's lease is still found (its worker
+  // learns of the cancellation through it).
+  absl::StatusOr<Lease> FindLeaseLocked(const std::string& worker_id, const std::string& task_id);
   // The spec's model, calibration and evaluation paths resolved under the
   // model roots (empty where the spec has none).
   struct ResolvedPaths {
     std::string model;
     std::string calibration;
     std::string evaluation;
+    ModelShape shape;  // from the model's headers and config.json
   };
   absl::Status CheckModelPaths(const compress::v1::JobSpec& spec, ResolvedPaths* paths) const;
   void Notify(const std::vector<std::string>& job_ids);
@@ -159,8 +195,10 @@ class Scheduler {
   std::mutex mu_;
   std::map<std::string, StoredJob> jobs_;
   std::map<std::pair<std::string, std::string>, std::string> request_ids_;  // (tenant, id) -> job
-  std::set<QueueKey> queue_;
-  std::map<std::string, absl::Time> queued_since_;
+  std::set<QueueKey> queue_;  // jobs with a task to dispatch
+  std::map<std::pair<std::string, int>, absl::Time> queued_since_;  // (job, task)
+  std::map<std::string, absl::Time> lease_expiry_;                  // lease -> expiry
+  absl::Time last_placement_check_;
   std::map<std::string, WorkerInfo> workers_;
   std::vector<Waiter> waiters_;
   bool stopping_ = false;

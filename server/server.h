@@ -29,6 +29,8 @@ struct ServerConfig {
   std::vector<std::string> model_roots;
   int lease_seconds = 15;
   int max_attempts = 5;
+  int max_block_tasks = 8;          // block ranges a parallel-calibration job is split into
+  int max_task_memory_gib = 256;    // jobs with a task estimated above this are refused
   int max_message_bytes = 8 << 20;
   std::string auth_tokens_file;   // empty: no authentication (one tenant)
   std::string tls_cert_file;      // PEM; with tls_key_file: TLS on the gRPC port

@@ -75,7 +75,7 @@ class SqliteJobStore : public JobStore {
     RETURN_IF_ERROR(Prepare(
         "SELECT event FROM events WHERE job_id = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
         &read_events_));
-    RETURN_IF_ERROR(Prepare("SELECT job, task_id, lease_expiry_micros FROM jobs "
+    RETURN_IF_ERROR(Prepare("SELECT job FROM jobs "
                             "ORDER BY create_micros, id",
                             &load_jobs_));
     return absl::OkStatus();
@@ -93,8 +93,6 @@ class SqliteJobStore : public JobStore {
       if (!stored.job.ParseFromArray(blob, size)) {
         return absl::DataLossError("job store: a job row does not parse");
       }
-      stored.task_id = reinterpret_cast<const char*>(sqlite3_column_text(stmt.get(), 1));
-      stored.lease_expiry_micros = sqlite3_column_int64(stmt.get(), 2);
       jobs.push_back(std::move(stored));
     }
     if (rc != SQLITE_DONE) return absl::InternalError(absl::StrCat("load jobs: ", Error()));
@@ -147,9 +145,9 @@ class SqliteJobStore : public JobStore {
       sqlite3_bind_int(stmt.get(), 3, job.state());
       sqlite3_bind_int64(stmt.get(), 4,
                          job.create_time().seconds() * 1000000 + job.create_time().nanos() / 1000);
-      sqlite3_bind_text(stmt.get(), 5, stored.task_id.data(),
-                        static_cast<int>(stored.task_id.size()), SQLITE_TRANSIENT);
-      sqlite3_bind_int64(stmt.get(), 6, stored.lease_expiry_micros);
+      // Leases live in the job's tasks; the columns stay for older databases.
+      sqlite3_bind_text(stmt.get(), 5, "", 0, SQLITE_STATIC);
+      sqlite3_bind_int64(stmt.get(), 6, 0);
       sqlite3_bind_blob(stmt.get(), 7, blob.data(), static_cast<int>(blob.size()),
                         SQLITE_TRANSIENT);
       if (sqlite3_step(stmt.get()) != SQLITE_DONE) {

@@ -6,6 +6,7 @@
 #include "common/files.h"
 #include "common/sha256.h"
 #include "server/job_service.h"
+#include "server/artifact_stream.h"
 #include "server/rpc_util.h"
 
 namespace compress::server {
@@ -176,6 +177,26 @@ grpc::ServerUnaryReactor* WorkerServiceImpl::CompleteTask(
     return FinishUnary(context, metrics_, "CompleteTask", allowed);
   }
   return FinishUnary(context, metrics_, "CompleteTask", scheduler_->CompleteTask(*request));
+}
+
+grpc::ServerWriteReactor<compress::v1::ArtifactChunk>* WorkerServiceImpl::FetchCheckpoint(
+    grpc::CallbackServerContext* context, const compress::v1::FetchCheckpointRequest* request) {
+  absl::Status status = CheckWorker(context);
+  absl::StatusOr<ArtifactLocation> location = absl::InternalError("unset");
+  if (status.ok()) {
+    location = scheduler_->FindCheckpoint(request->worker_id(), request->task_id(), request->name());
+    status = location.status();
+  }
+  if (status.ok() && (request->offset() < 0 || request->offset() > location->artifact.size_bytes())) {
+    status = absl::OutOfRangeError(absl::StrCat("offset ", request->offset(), " is outside 0..",
+                                                location->artifact.size_bytes()));
+  }
+  if (!status.ok()) {
+    CountRpc(metrics_, "FetchCheckpoint", status);
+    return new FailedStream<compress::v1::ArtifactChunk>(ToGrpcStatus(status));
+  }
+  return new ArtifactStreamReactor(metrics_, "FetchCheckpoint", std::move(*location),
+                                   request->offset());
 }
 
 }  // namespace compress::server

@@ -30,6 +30,9 @@ class WorkerServiceImpl final : public compress::v1::WorkerService::CallbackServ
   grpc::ServerUnaryReactor* CompleteTask(grpc::CallbackServerContext* context,
                                          const compress::v1::CompleteTaskRequest* request,
                                          compress::v1::CompleteTaskResponse* response) override;
+  grpc::ServerWriteReactor<compress::v1::ArtifactChunk>* FetchCheckpoint(
+      grpc::CallbackServerContext* context,
+      const compress::v1::FetchCheckpointRequest* request) override;
 
  private:
   // OK for a worker token, or for anyone when no tokens are configured.

@@ -8,12 +8,17 @@
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <mutex>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/files.h"
 #include "common/grpc_status.h"
+#include "common/paths.h"
+#include "common/sha256.h"
+#include "common/status_macros.h"
 #include "common/log.h"
 #include "worker/engine/recipe/runner.h"
 
@@ -199,6 +204,12 @@ WorkerAgent::WorkerAgent(WorkerConfig config,
   worker_id_ = config_.worker_id.empty() ? DefaultWorkerId() : config_.worker_id;
   if (config_.memory_bytes == 0) config_.memory_bytes = DetectMemoryBytes();
   metrics_->device_memory_bytes.Set(static_cast<double>(config_.memory_bytes));
+  if (config_.device.empty() || config_.device == "cpu") {
+    metrics_->SetDeviceMemoryProbe(ResidentMemoryBytes);
+  } else {
+    // Unknown until the engine reports its allocator's figure for CUDA.
+    metrics_->device_memory_used_bytes.Set(std::numeric_limits<double>::quiet_NaN());
+  }
 }
 
 void WorkerAgent::Prepare(grpc::ClientContext* context) const {
@@ -221,7 +232,11 @@ absl::Status WorkerAgent::Register(const std::atomic<bool>* stop) {
     context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
     grpc::Status status = stub_->RegisterWorker(&context, request, &response);
     if (status.ok()) {
+      if (response.worker_id() != worker_id_) {
+        metrics_->info.Add({{"worker_id", worker_id_}, {"device", config_.device}}).Set(0);
+      }
       worker_id_ = response.worker_id();
+      metrics_->info.Add({{"worker_id", worker_id_}, {"device", config_.device}}).Set(1);
       lease_seconds_ = std::max(1, response.lease_seconds());
       LOG_INFO("registered", {{"worker", worker_id_}, {"server", config_.server},
                               {"device", config_.device}});
@@ -278,14 +293,22 @@ void WorkerAgent::RunTask(const compress::v1::Task& task) {
                             {"attempt", std::to_string(task.attempt())}});
   metrics_->busy.Set(1);
   std::string output_dir = (fs::path(config_.work_dir) / task.task_id()).string();
+  const std::string input_dir = output_dir + "-inputs";
   std::error_code ec;
   fs::remove_all(output_dir, ec);
+  fs::remove_all(input_dir, ec);
 
   PrepareContext prepare = [this](grpc::ClientContext* c) { Prepare(c); };
   TaskSession session(stub_.get(), prepare, worker_id_, task.task_id(),
                       absl::Seconds(lease_seconds_) / 3);
+  const metrics::Labels task_labels = {{"job_id", task.job_id()}, {"task_id", task.task_id()}};
+  metrics::Gauge& progress = metrics_->task_progress.Add(task_labels);
+  progress.Set(0);
+  BlockTimer block_timer(&metrics_->block_seconds, absl::Now());
   engine::RunCallbacks callbacks;
   callbacks.on_progress = [&](double fraction, const std::string& stage, const std::string& message) {
+    progress.Set(fraction);
+    block_timer.OnProgress(message, absl::Now());
     JobEvent event;
     event.mutable_progress()->set_fraction(fraction);
     event.mutable_progress()->set_stage(stage);
@@ -300,7 +323,12 @@ void WorkerAgent::RunTask(const compress::v1::Task& task) {
     event.mutable_metric()->set_value(value);
     event.mutable_metric()->set_unit(unit);
     session.Add(std::move(event));
-    if (name == "bytes_in") metrics_->weight_bytes_processed.Increment(value);
+    if (name == engine::kMetricStageBytesIn) metrics_->weight_bytes_processed.Increment(value);
+    if (name == engine::kMetricStageSeconds) {
+      metrics::Labels labels = task_labels;
+      labels["stage"] = stage;
+      metrics_->task_stage_seconds.Add(labels).Set(value);
+    }
   };
   callbacks.on_log = [&](const std::string& level, const std::string& text) {
     JobEvent event;
@@ -309,6 +337,15 @@ void WorkerAgent::RunTask(const compress::v1::Task& task) {
     session.Add(std::move(event));
   };
   callbacks.is_cancelled = [&] { return session.should_stop(); };
+  // A block task's checkpoints go to the server as each block finishes, so
+  // a retry anywhere resumes after them.
+  callbacks.on_checkpoint = [&](const engine::ProducedArtifact& produced) -> absl::Status {
+    compress::v1::Artifact artifact;
+    artifact.set_name(produced.name);
+    artifact.set_size_bytes(produced.size_bytes);
+    artifact.set_sha256(produced.sha256);
+    return UploadArtifact(task, (fs::path(output_dir) / produced.name).string(), artifact);
+  };
 
   engine::RunOptions options;
   options.model_path = task.model_path();
@@ -316,11 +353,24 @@ void WorkerAgent::RunTask(const compress::v1::Task& task) {
   options.evaluation_path = task.evaluation_path();
   options.output_dir = output_dir;
   options.device = config_.device;
-  absl::StatusOr<engine::RunResult> result = engine::RunJob(task.spec(), options, callbacks);
+  switch (task.kind()) {
+    case compress::v1::TASK_BLOCKS: options.part = engine::RunOptions::Part::kBlocks; break;
+    case compress::v1::TASK_ASSEMBLE: options.part = engine::RunOptions::Part::kAssemble; break;
+    default: options.part = engine::RunOptions::Part::kWhole; break;
+  }
+  options.first_layer = task.first_layer();
+  options.end_layer = task.end_layer();
+  options.finished_layers.insert(task.finished_layers().begin(), task.finished_layers().end());
+  options.checkpoint_dir = input_dir;
+  const absl::Status fetched = FetchInputs(task, input_dir);
+  absl::StatusOr<engine::RunResult> result =
+      fetched.ok() ? engine::RunJob(task.spec(), options, callbacks)
+                   : absl::StatusOr<engine::RunResult>(fetched);
+  block_timer.Finish();
 
   if (result.ok()) {
     for (const compress::v1::StageReport& stage : result->report.stages()) {
-      metrics_->stage_seconds.Add({{"method", stage.method()}}, metrics::DefaultLatencyBuckets())
+      metrics_->stage_seconds.Add({{"method", stage.method()}}, LongDurationBuckets())
           .Observe(stage.seconds());
     }
   }
@@ -341,7 +391,10 @@ void WorkerAgent::RunTask(const compress::v1::Task& task) {
     complete.set_error_code(static_cast<int>(result.status().code()));
   } else {
     absl::Status uploaded = absl::OkStatus();
+    // A block task's artifacts are its checkpoints, uploaded as they came.
+    const bool already_uploaded = task.kind() == compress::v1::TASK_BLOCKS;
     for (const engine::ProducedArtifact& produced : result->artifacts) {
+      if (already_uploaded) break;
       compress::v1::Artifact artifact;
       artifact.set_name(produced.name);
       artifact.set_format(produced.format);
@@ -374,10 +427,53 @@ void WorkerAgent::RunTask(const compress::v1::Task& task) {
     }
   }
   fs::remove_all(output_dir, ec);
+  fs::remove_all(input_dir, ec);
   metrics_->tasks.Add({{"result", outcome}}).Increment();
   metrics_->busy.Set(0);
   LOG_INFO("task ended", {{"job", task.job_id()}, {"task", task.task_id()}, {"result", outcome},
                           {"error", result.ok() ? "" : result.status().ToString()}});
+}
+
+absl::Status WorkerAgent::FetchInputs(const compress::v1::Task& task, const std::string& dir) {
+  for (const compress::v1::Artifact& input : task.inputs()) {
+    if (!IsSafeRelativeName(input.name())) {
+      return absl::InvalidArgumentError(absl::StrCat("input '", input.name(), "' is not a safe relative path"));
+    }
+    const std::string path = (fs::path(dir) / input.name()).string();
+    RETURN_IF_ERROR(MakeDirs(fs::path(path).parent_path().string()));
+    absl::Status fetched = FromGrpcStatus(CallWithRetry(
+        [this](grpc::ClientContext* c) { Prepare(c); },
+        [&](grpc::ClientContext* context) {
+          absl::StatusOr<AtomicFileWriter> file = AtomicFileWriter::Open(path);
+          if (!file.ok()) return ToGrpcStatus(file.status());
+          compress::v1::FetchCheckpointRequest request;
+          request.set_worker_id(worker_id_);
+          request.set_task_id(task.task_id());
+          request.set_name(input.name());
+          std::unique_ptr<grpc::ClientReaderInterface<compress::v1::ArtifactChunk>> reader =
+              stub_->FetchCheckpoint(context, request);
+          compress::v1::ArtifactChunk chunk;
+          Sha256 hash;
+          while (reader->Read(&chunk)) {
+            hash.Update(chunk.data());
+            if (absl::Status written = file->Write(chunk.data()); !written.ok()) {
+              return ToGrpcStatus(written);
+            }
+          }
+          grpc::Status status = reader->Finish();
+          if (!status.ok()) return status;
+          if (file->bytes_written() != input.size_bytes() || hash.Hex() != input.sha256()) {
+            return grpc::Status(grpc::StatusCode::DATA_LOSS,
+                                absl::StrCat("checkpoint ", input.name(), " arrived damaged"));
+          }
+          return ToGrpcStatus(file->Commit());
+        },
+        absl::Seconds(60), absl::Hours(1)));
+    if (!fetched.ok()) {
+      return absl::Status(fetched.code(), absl::StrCat("fetch ", input.name(), ": ", fetched.message()));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::Status WorkerAgent::UploadArtifact(const compress::v1::Task& task, const std::string& path,

@@ -36,6 +36,9 @@ class WorkerAgent {
   void RunTask(const compress::v1::Task& task);
   absl::Status UploadArtifact(const compress::v1::Task& task, const std::string& path,
                               const compress::v1::Artifact& artifact);
+  // Fetches the task's input checkpoints under `dir` (names kept), each
+  // checked against its size and sha256.
+  absl::Status FetchInputs(const compress::v1::Task& task, const std::string& dir);
 
   // Every call carries the worker token (when one is configured).
   void Prepare(grpc::ClientContext* context) const;

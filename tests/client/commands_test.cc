@@ -303,7 +303,8 @@ TEST_F(CommandsTest, InvalidJobIsRejectedLocally) {
   EXPECT_EQ(Run({"submit", "--model", "m", "--sym", "--asym"}), kExitUsage);
   EXPECT_EQ(Run({"submit", "--model", "m", "--method", "spqr"}), kExitUsage);
   EXPECT_THAT(err_.str(),
-              HasSubstr("unknown --method \"spqr\" (methods: rtn, gptq, awq, hqq, nf4, fp4, int8)"));
+              HasSubstr("unknown --method \"spqr\" (methods: rtn, gptq, awq, hqq, nf4, fp4, int8, "
+                        "magnitude, wanda, sparsegpt)"));
   EXPECT_EQ(Run({"submit", "--model", "m", "--method", "nf4", "--bits", "3"}), kExitUsage);
   EXPECT_THAT(err_.str(), HasSubstr("do not apply to nf4/fp4"));
   EXPECT_EQ(Run({"submit", "--model", "m", "--method", "int8", "--group-size", "64"}), kExitUsage);
@@ -320,6 +321,76 @@ TEST_F(CommandsTest, InvalidJobIsRejectedLocally) {
   EXPECT_EQ(Run({"submit", "--model", "m", "--label", "=x"}), kExitUsage);
   EXPECT_EQ(Run({"submit", "--recipe", (dir_ / "missing.yaml").string()}), kExitUsage);
   EXPECT_THAT(err_.str(), HasSubstr("missing.yaml"));
+}
+
+TEST_F(CommandsTest, SubmitMakesPruneStages) {
+  std::vector<v1::SubmitJobRequest> sent;
+  EXPECT_CALL(stub_, SubmitJob(_, _, _))
+      .WillRepeatedly(Invoke([&](grpc::ClientContext*, const v1::SubmitJobRequest& request,
+                                 v1::SubmitJobResponse* response) {
+        sent.push_back(request);
+        response->mutable_job()->set_id("j-4");
+        return grpc::Status::OK;
+      }));
+  ASSERT_EQ(Run({"submit", "--model", "m", "--method", "magnitude", "--sparsity", "0.6"}), kExitOk)
+      << err_.str();
+  ASSERT_EQ(Run({"submit", "--model", "m", "--method", "wanda", "--pattern", "2:4", "--calibration",
+                 "c.txt"}),
+            kExitOk)
+      << err_.str();
+  ASSERT_EQ(Run({"submit", "--model", "m", "--method", "SparseGPT", "--calibration", "c.txt"}),
+            kExitOk)
+      << err_.str();
+  ASSERT_EQ(Run({"submit", "--model", "m", "--pattern", "4:8"}), kExitOk) << err_.str();
+  // A recipe's prune stage edited by the flags: the pattern replaces the sparsity.
+  const std::string recipe = (dir_ / "prune.yaml").string();
+  std::ofstream(recipe) << "model: {path: m}\ncalibration: {path: c.txt}\n"
+                           "stages: [{prune: {method: wanda, sparsity: 0.7, exclude: [down_proj]}}]\n";
+  ASSERT_EQ(Run({"submit", "--recipe", recipe, "--pattern", "2:4"}), kExitOk) << err_.str();
+  ASSERT_EQ(sent.size(), 5u);
+
+  const v1::PruneStage& magnitude = sent[0].spec().stages(0).prune();
+  EXPECT_EQ(magnitude.method(), v1::MAGNITUDE);
+  EXPECT_DOUBLE_EQ(magnitude.sparsity(), 0.6);
+  EXPECT_EQ(magnitude.m(), 0);
+  const v1::PruneStage& wanda = sent[1].spec().stages(0).prune();
+  EXPECT_EQ(wanda.method(), v1::WANDA);
+  EXPECT_EQ(wanda.sparsity(), 0.0);
+  EXPECT_EQ(wanda.n(), 2);
+  EXPECT_EQ(wanda.m(), 4);
+  const v1::PruneStage& sparsegpt = sent[2].spec().stages(0).prune();
+  EXPECT_EQ(sparsegpt.method(), v1::SPARSEGPT);
+  EXPECT_DOUBLE_EQ(sparsegpt.sparsity(), 0.5) << "the default";
+  const v1::PruneStage& pattern_only = sent[3].spec().stages(0).prune();
+  EXPECT_EQ(pattern_only.method(), v1::MAGNITUDE);
+  EXPECT_EQ(pattern_only.n(), 4);
+  EXPECT_EQ(pattern_only.m(), 8);
+  const v1::PruneStage& edited = sent[4].spec().stages(0).prune();
+  EXPECT_EQ(edited.method(), v1::WANDA);
+  EXPECT_EQ(edited.sparsity(), 0.0);
+  EXPECT_EQ(edited.n(), 2);
+  ASSERT_EQ(edited.exclude_size(), 1);
+}
+
+TEST_F(CommandsTest, BadPruneFlagsAreRejectedLocally) {
+  EXPECT_CALL(stub_, SubmitJob(_, _, _)).Times(0);
+  EXPECT_EQ(Run({"submit", "--model", "m", "--method", "wanda"}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("stages[0].prune: needs calibration data"));
+  EXPECT_EQ(Run({"submit", "--model", "m", "--method", "magnitude", "--sparsity", "1"}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("stages[0].prune.sparsity: 1 is outside [0, 1)"));
+  EXPECT_EQ(Run({"submit", "--model", "m", "--method", "magnitude", "--sparsity", "half"}),
+            kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("--sparsity wants a number, got \"half\""));
+  EXPECT_EQ(Run({"submit", "--model", "m", "--method", "magnitude", "--pattern", "2-4"}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("--pattern wants N:M, e.g. 2:4, got \"2-4\""));
+  EXPECT_EQ(Run({"submit", "--model", "m", "--method", "magnitude", "--pattern", "4:2"}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("stages[0].prune.n: 4:2 is not an N:M pattern"));
+  EXPECT_EQ(Run({"submit", "--model", "m", "--pattern", "2:4", "--sparsity", "0.5"}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("give one"));
+  EXPECT_EQ(Run({"submit", "--model", "m", "--method", "wanda", "--bits", "4"}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("do not apply to wanda (a pruning method)"));
+  EXPECT_EQ(Run({"submit", "--model", "m", "--method", "rtn", "--sparsity", "0.5"}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("--sparsity and --pattern apply to the pruning methods"));
 }
 
 TEST_F(CommandsTest, StageFlagsDoNotGuessWhichOfSeveralStages) {
@@ -563,6 +634,54 @@ TEST_F(CommandsTest, CancelPrintsTheNewState) {
       }));
   ASSERT_EQ(Run({"cancel", "j-4"}), kExitOk);
   EXPECT_EQ(out_.str(), "j-4 CANCELLED\n");
+}
+
+TEST_F(CommandsTest, PauseAndResumeSendTheJobAndPrintTheNewState) {
+  EXPECT_CALL(stub_, PauseJob(_, _, _))
+      .WillOnce(Invoke([](grpc::ClientContext*, const v1::PauseJobRequest& request, v1::Job* job) {
+        job->set_id(request.job_id());
+        job->set_state(v1::PAUSED);
+        return grpc::Status::OK;
+      }));
+  EXPECT_CALL(stub_, ResumeJob(_, _, _))
+      .WillOnce(Invoke([](grpc::ClientContext*, const v1::ResumeJobRequest& request, v1::Job*) {
+        EXPECT_EQ(request.job_id(), "j-5");
+        return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "job j-5 is RUNNING, not paused");
+      }));
+  ASSERT_EQ(Run({"pause", "j-5"}), kExitOk);
+  EXPECT_EQ(out_.str(), "j-5 PAUSED\n");
+  EXPECT_NE(Run({"resume", "j-5"}), kExitOk);
+  EXPECT_THAT(err_.str(), HasSubstr("not paused"));
+}
+
+TEST_F(CommandsTest, GetShowsEachTaskOfASplitJob) {
+  EXPECT_CALL(stub_, GetJob(_, _, _))
+      .WillOnce(Invoke([](grpc::ClientContext*, const v1::GetJobRequest& request, v1::Job* job) {
+        job->set_id(request.job_id());
+        job->set_state(v1::RUNNING);
+        v1::JobTask* blocks = job->add_tasks();
+        blocks->set_index(0);
+        blocks->set_kind(v1::TASK_BLOCKS);
+        blocks->set_first_layer(0);
+        blocks->set_end_layer(16);
+        blocks->set_state(v1::TASK_RUNNING);
+        blocks->set_progress(0.25);
+        blocks->set_worker_id("gpu-3");
+        blocks->set_memory_bytes(int64_t{3} << 30);
+        v1::JobTask* assemble = job->add_tasks();
+        assemble->set_index(1);
+        assemble->set_kind(v1::TASK_ASSEMBLE);
+        assemble->set_state(v1::TASK_PENDING);
+        assemble->set_message("waiting: task 1 (assemble) needs an estimated 90.00 GiB");
+        return grpc::Status::OK;
+      }));
+  ASSERT_EQ(Run({"get", "j-6"}), kExitOk);
+  EXPECT_THAT(out_.str(), HasSubstr("blocks 0-15"));
+  EXPECT_THAT(out_.str(), HasSubstr("running"));
+  EXPECT_THAT(out_.str(), HasSubstr("25.0%"));
+  EXPECT_THAT(out_.str(), HasSubstr("gpu-3"));
+  EXPECT_THAT(out_.str(), HasSubstr("assemble"));
+  EXPECT_THAT(out_.str(), HasSubstr("needs an estimated 90.00 GiB"));
 }
 
 // ---------------------------------------------------------------- watch, logs

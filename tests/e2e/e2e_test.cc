@@ -268,6 +268,58 @@ TEST_F(EndToEndTest, AKilledWorkersJobFinishesOnTheOther) {
   EXPECT_TRUE(requeued);
 }
 
+// Calibration ids for the random model (vocabulary 512), as a token file.
+void WriteCalibrationTokens(const std::string& path, int count) {
+  std::ofstream out(path, std::ios::binary);
+  uint32_t state = 12345;
+  for (int i = 0; i < count; ++i) {
+    state = state * 1103515245u + 12345u;
+    const uint32_t id = (state >> 8) % 512;
+    const unsigned char bytes[4] = {static_cast<unsigned char>(id), static_cast<unsigned char>(id >> 8), 0, 0};
+    out.write(reinterpret_cast<const char*>(bytes), 4);
+  }
+}
+
+TEST_F(EndToEndTest, ASplitJobRunsOnBothWorkersAndWritesTheLocalRunsBytes) {
+  WriteCalibrationTokens(dir_.Sub("models/calibration.tokens"), 4096);
+  const std::string recipe =
+      "model: {path: llama}\n"
+      "calibration: {path: calibration.tokens, num_samples: 16, sequence_length: 64, "
+      "propagation: PROPAGATION_PARALLEL}\n"
+      "stages:\n  - gptq: {bits: 4, group_size: 64}\n"
+      "outputs: [DEQUANTIZED_SAFETENSORS, PACKED_SAFETENSORS]\n";
+  // Both workers are polling before the job arrives.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  const Job job = WaitForEnd(Submit(recipe), 300);
+  ASSERT_EQ(job.state(), v1::SUCCEEDED) << job.message();
+  ASSERT_EQ(job.tasks_size(), 3);  // block 0, block 1, assemble
+  std::set<std::string> block_workers;
+  for (const v1::JobTask& task : job.tasks()) {
+    EXPECT_EQ(task.state(), v1::TASK_DONE);
+    if (task.kind() == v1::TASK_BLOCKS) block_workers.insert(task.worker_id());
+  }
+  EXPECT_EQ(block_workers.size(), 2u) << "the two block ranges ran on the two workers";
+  testing::ExpectGapFree(WatchAll(job.id()));
+
+  // The same recipe in one process on one machine.
+  std::ofstream(dir_.Sub("split.json")) << ToJson(*ParseRecipe(recipe));
+  std::string output;
+  ASSERT_EQ(testing::RunCommand({COMPRESS_WORKER_BIN, "run", "--recipe", dir_.Sub("split.json"),
+                                 "--model-root", dir_.Sub("models"), "--out", dir_.Sub("local")},
+                                &output),
+            0)
+      << output;
+  int compared = 0;
+  for (const v1::Artifact& artifact : job.artifacts()) {
+    if (artifact.name() == "report.json") continue;
+    ASSERT_TRUE(fs::exists(dir_.Sub("local/" + artifact.name()))) << artifact.name();
+    EXPECT_EQ(*Sha256OfFile(dir_.Sub("local/" + artifact.name())), artifact.sha256())
+        << artifact.name() << " differs from the single-process run";
+    ++compared;
+  }
+  EXPECT_GE(compared, 4);  // both checkpoints' weights and configs
+}
+
 TEST_F(EndToEndTest, BadRequestsAreRefusedAndTheServerKeepsServing) {
   EXPECT_EQ(SubmitStatus("model: {path: llama}\nstages: [{name: nothing}]\n").error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);

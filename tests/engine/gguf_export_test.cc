@@ -1,5 +1,6 @@
 // Jobs that write GGUF files: the weights the stages leave, re-encoded into
-// each preset's types, with the metadata llama.cpp's llama loader reads.
+// each preset's types, with the metadata llama.cpp's llama and qwen2
+// loaders read.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -7,12 +8,18 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 
 #include "common/gguf_file.h"
 #include "compress/v1/compress.pb.h"
 #include "tests/engine/test_util.h"
 #include "worker/engine/gguf/gguf_export.h"
+#include "worker/engine/gguf/gguf_llama.h"
 #include "worker/engine/model/llama_config.h"
 #include "worker/engine/model/random_model.h"
 #include "worker/engine/model/safetensors_reader.h"
@@ -238,6 +245,162 @@ TEST_F(GgufExportTest, Llama3RopeScalingTravelsAsRopeFreqs) {
   const LlamaConfig config = *ReadLlamaConfig(model);
   EXPECT_EQ(ReadGgufAsLlamaTensors(path, config)->size(),
             SafetensorsCheckpoint::Open(model)->tensors().size());
+}
+
+// A Qwen2 checkpoint (q/k/v biases, tied embeddings, Qwen2's tokenizer)
+// as llama.cpp's qwen2 architecture: qwen2.* keys, the biases, no
+// output.weight, and q/k rows exactly as the checkpoint has them (llama.cpp
+// rotates qwen2 NEOX style, as transformers does).
+class GgufQwen2ExportTest : public ::testing::Test {
+ protected:
+  // Writes a random Qwen2 model with the qwen2_tiny tokenizer into `name`.
+  std::string WriteModel(const std::string& name, const std::string& extra_config = "{}",
+                         int64_t head_dim = 0) {
+    RandomModelOptions options;
+    options.model_type = "qwen2";
+    options.hidden_size = 64;
+    options.intermediate_size = 128;
+    options.num_layers = 2;
+    options.num_heads = 4;
+    options.num_kv_heads = 2;
+    options.head_dim = head_dim;
+    options.vocab_size = 272;  // padded past the tokenizer's 268
+    options.tie_word_embeddings = true;
+    options.rope_theta = 1000000.0;
+    options.init_std = 0.05;
+    options.seed = 11;
+    nlohmann::json extra = nlohmann::json::parse(extra_config);
+    // As Qwen2-Instruct's config.json: BOS <|endoftext|>, EOS <|im_end|>.
+    extra["bos_token_id"] = 265;
+    extra["eos_token_id"] = 267;
+    options.extra_config_json = extra.dump();
+    const std::string model = dir_ / name;
+    EXPECT_TRUE(WriteRandomLlamaModel(options, model).ok());
+    const std::string fixture = std::string(FIXTURES_DIR) + "/../engine/fixtures/tokenizer/qwen2_tiny/";
+    for (const char* file : {"tokenizer.json", "tokenizer_config.json"}) {
+      fs::copy_file(fixture + file, model + "/" + file);
+    }
+    return model;
+  }
+
+  absl::StatusOr<RunResult> Export(const std::string& model, std::vector<std::string> presets) {
+    v1::JobSpec spec;
+    for (const std::string& preset : presets) spec.add_gguf()->set_preset(preset);
+    RunOptions run;
+    run.model_path = model;
+    run.output_dir = dir_ / "out";
+    return RunJob(spec, run, {});
+  }
+
+  testing::TempDir dir_;
+};
+
+TEST_F(GgufQwen2ExportTest, WritesLlamaCppsQwen2ArchitectureAndReadsBackExactly) {
+  const std::string model = WriteModel("qwen-tiny");
+  absl::StatusOr<RunResult> result = Export(model, {"F32", "Q8_0", "Q4_K_M"});
+  ASSERT_TRUE(result.ok()) << result.status();
+  const std::string path = dir_ / "out/gguf/qwen-tiny-F32.gguf";
+  const GgufMappedFile file = *GgufMappedFile::Open(path);
+  const GgufHeader& header = file.header();
+
+  // The hyper-parameters under qwen2.*, none under llama.*.
+  EXPECT_EQ(*header.FindMetadata("general.architecture")->Get<std::string>(), "qwen2");
+  const std::vector<std::pair<std::string, uint32_t>> counts = {
+      {"qwen2.context_length", 2048},   {"qwen2.embedding_length", 64},
+      {"qwen2.block_count", 2},         {"qwen2.feed_forward_length", 128},
+      {"qwen2.attention.head_count", 4}, {"qwen2.attention.head_count_kv", 2},
+      {"qwen2.rope.dimension_count", 16}, {"qwen2.vocab_size", 272},
+  };
+  for (const auto& [key, value] : counts) {
+    const GgufValue* found = header.FindMetadata(key);
+    ASSERT_NE(found, nullptr) << key;
+    ASSERT_NE(found->Get<uint32_t>(), nullptr) << key << " is a UINT32";
+    EXPECT_EQ(*found->Get<uint32_t>(), value) << key;
+  }
+  EXPECT_EQ(*header.FindMetadata("qwen2.rope.freq_base")->Get<float>(), 1000000.0f);
+  EXPECT_EQ(*header.FindMetadata("qwen2.attention.layer_norm_rms_epsilon")->Get<float>(), 1e-5f);
+  for (const GgufKeyValue& kv : header.metadata) {
+    EXPECT_FALSE(absl::StartsWith(kv.key, "llama.")) << kv.key;
+  }
+  // The tokenizer as the converter writes Qwen2's: BOS from config.json
+  // (the tokenizer has none), nothing added in front, EOS and padding from
+  // tokenizer_config.json.
+  EXPECT_EQ(*header.FindMetadata("tokenizer.ggml.model")->Get<std::string>(), "gpt2");
+  EXPECT_EQ(*header.FindMetadata("tokenizer.ggml.pre")->Get<std::string>(), "qwen2");
+  EXPECT_EQ(header.FindMetadata("tokenizer.ggml.tokens")->array_size(), 272u);
+  EXPECT_EQ(header.FindMetadata("tokenizer.ggml.merges")->array_size(), 9u);
+  EXPECT_EQ(*header.FindMetadata("tokenizer.ggml.bos_token_id")->Get<uint32_t>(), 265u);
+  EXPECT_EQ(*header.FindMetadata("tokenizer.ggml.eos_token_id")->Get<uint32_t>(), 267u);
+  EXPECT_EQ(*header.FindMetadata("tokenizer.ggml.padding_token_id")->Get<uint32_t>(), 265u);
+  EXPECT_FALSE(*header.FindMetadata("tokenizer.ggml.add_bos_token")->Get<bool>());
+  EXPECT_NE(header.FindMetadata("tokenizer.chat_template"), nullptr);
+
+  // Tied: no output.weight. The q/k/v biases are there (F32), o_proj has none.
+  EXPECT_EQ(header.FindTensor("output.weight"), nullptr);
+  for (const char* name : {"blk.0.attn_q.bias", "blk.1.attn_k.bias", "blk.1.attn_v.bias"}) {
+    ASSERT_NE(header.FindTensor(name), nullptr) << name;
+    EXPECT_EQ(header.FindTensor(name)->type, GgufType::kF32) << name;
+  }
+  EXPECT_EQ(header.FindTensor("blk.0.attn_output.bias"), nullptr);
+
+  // Every tensor's bytes are the checkpoint's, row for row: no q/k reordering.
+  const SafetensorsCheckpoint checkpoint = *SafetensorsCheckpoint::Open(model);
+  ASSERT_EQ(header.tensors.size(), checkpoint.tensors().size());
+  for (const auto& tensor : checkpoint.tensors()) {
+    const std::string& hf = tensor.info.name;
+    const GgufTensorInfo* info = header.FindTensor(*GgufTensorName(hf));
+    ASSERT_NE(info, nullptr) << hf;
+    const at::Tensor expected = checkpoint.Load(hf, at::kCPU)->to(at::kFloat).contiguous();
+    EXPECT_EQ(file.TensorBytes(*info),
+              absl::string_view(static_cast<const char*>(expected.data_ptr()), expected.nbytes()))
+        << hf;
+  }
+
+  // Read back in Hugging Face names: the checkpoint, exactly for F32, close
+  // for the quantized presets (whose biases and norms stay F32).
+  const LlamaConfig config = *ReadLlamaConfig(model);
+  for (const char* preset : {"F32", "Q8_0", "Q4_K_M"}) {
+    SCOPED_TRACE(preset);
+    absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> read =
+        ReadGgufAsLlamaTensors(dir_ / absl::StrCat("out/gguf/qwen-tiny-", preset, ".gguf"), config);
+    ASSERT_TRUE(read.ok()) << read.status();
+    ASSERT_EQ(read->size(), checkpoint.tensors().size());
+    for (const auto& [name, values] : *read) {
+      const at::Tensor expected = checkpoint.Load(name, at::kCPU)->to(at::kFloat);
+      ASSERT_EQ(values.sizes(), expected.sizes()) << name;
+      const double error = ((values - expected).norm() / expected.norm()).item<double>();
+      if (std::string(preset) == "F32" || absl::EndsWith(name, ".bias") ||
+          absl::EndsWith(name, "norm.weight")) {
+        EXPECT_TRUE(values.equal(expected)) << name;
+      } else {
+        EXPECT_LT(error, std::string(preset) == "Q8_0" ? 0.01 : 0.12) << name;
+      }
+    }
+  }
+  // A Llama config does not read a qwen2 file (its rows would be reordered).
+  LlamaConfig llama = config;
+  llama.family = LlamaFamily::kLlama;
+  llama.qkv_bias = llama.o_bias = false;
+  const absl::Status wrong = ReadGgufAsLlamaTensors(path, llama).status();
+  EXPECT_EQ(wrong.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(wrong.message().find("qwen2"), std::string::npos) << wrong;
+}
+
+TEST_F(GgufQwen2ExportTest, WhatLlamaCppsQwen2CannotExpressIsRefusedWithAReason) {
+  // Its loader declares attn_q as hidden_size x hidden_size.
+  const absl::Status wide = Export(WriteModel("wide", "{}", /*head_dim=*/32), {"F16"}).status();
+  EXPECT_EQ(wide.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(wide.message().find("hidden_size"), std::string::npos) << wide;
+  // It has no rope_freqs tensor for llama3 scaling.
+  const absl::Status llama3 =
+      Export(WriteModel("llama3", R"({"rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+             "original_max_position_embeddings": 64}})"),
+             {"F16"})
+          .status();
+  EXPECT_EQ(llama3.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(llama3.message().find("rope"), std::string::npos) << llama3;
+  EXPECT_FALSE(fs::exists(dir_ / "out/report.json"));
 }
 
 TEST_F(GgufExportTest, ModelsTheExportCannotDescribeAreRefusedBeforeAnythingIsWritten) {

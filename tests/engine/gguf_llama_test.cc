@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "tests/engine/test_util.h"
@@ -27,6 +28,17 @@ TEST(GgufLlama, TensorNamesAreLlamaCpps) {
   EXPECT_FALSE(GgufTensorName("model.layers.x.mlp.up_proj.weight").has_value());
   EXPECT_EQ(GgufLayerOf("blk.12.attn_q.weight"), 12);
   EXPECT_EQ(GgufLayerOf("output.weight"), -1);
+}
+
+TEST(GgufLlama, QwenIsLlamaCppsQwen2ArchitectureWithRowsAsTheyAre) {
+  EXPECT_STREQ(GgufArchitectureOf(LlamaFamily::kLlama).name, "llama");
+  EXPECT_STREQ(GgufArchitectureOf(LlamaFamily::kMistral).name, "llama");
+  EXPECT_STREQ(GgufArchitectureOf(LlamaFamily::kQwen2).name, "qwen2");
+  EXPECT_TRUE(GgufArchitectureOf(LlamaFamily::kLlama).reorders_rotary_rows);
+  EXPECT_TRUE(GgufArchitectureOf(LlamaFamily::kMistral).reorders_rotary_rows);
+  // llama.cpp's qwen2 rope is NEOX style: halves, as transformers rotates.
+  EXPECT_FALSE(GgufArchitectureOf(LlamaFamily::kQwen2).reorders_rotary_rows);
+  EXPECT_EQ(*GgufTensorName("model.layers.2.self_attn.v_proj.bias"), "blk.2.attn_v.bias");
 }
 
 // Rotary embedding of one head's vector at `position`, two conventions.
@@ -117,6 +129,59 @@ TEST(GgufVocabulary, TheTrainedModelsTokenizerAsConvertHfToGgufWritesIt) {
   const absl::Status refused = ReadGgufVocabulary(dir / "tokenizer.json", 1024).status();
   EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(refused.message().find("pre-tokenizer"), std::string::npos) << refused;
+}
+
+// Qwen2's tokenizer (byte-level BPE, NFC, its split) as convert_hf_to_gguf.py
+// writes it: gpt2 with the qwen2 pre-tokenizer, no BOS added, EOS and
+// padding from tokenizer_config.json, the chat template.
+TEST(GgufVocabulary, Qwen2TokenizersAreGpt2WithTheQwen2PreTokenizer) {
+  const std::string path =
+      std::string(FIXTURES_DIR) + "/../engine/fixtures/tokenizer/qwen2_tiny/tokenizer.json";
+  absl::StatusOr<GgufVocabulary> vocabulary = ReadGgufVocabulary(path, 272);
+  ASSERT_TRUE(vocabulary.ok()) << vocabulary.status();
+  const nlohmann::json json = nlohmann::json::parse(testing::ReadBytes(path));
+  EXPECT_EQ(vocabulary->model, "gpt2");
+  EXPECT_EQ(vocabulary->pre, "qwen2");
+  ASSERT_EQ(vocabulary->tokens.size(), 272u);
+  for (const auto& [token, id] : json["model"]["vocab"].items()) {
+    ASSERT_EQ(vocabulary->tokens[id.get<int>()], token);
+    ASSERT_EQ(vocabulary->token_types[id.get<int>()], static_cast<int32_t>(GgufTokenType::kNormal));
+  }
+  EXPECT_EQ(vocabulary->merges,
+            json["model"]["merges"].get<std::vector<std::string>>());
+  EXPECT_EQ(vocabulary->tokens[267], "<|im_end|>");
+  for (int id : {265, 266, 267}) {
+    EXPECT_EQ(vocabulary->token_types[id], static_cast<int32_t>(GgufTokenType::kControl)) << id;
+  }
+  EXPECT_EQ(vocabulary->token_types[271], static_cast<int32_t>(GgufTokenType::kUnused));
+  EXPECT_EQ(vocabulary->bos_id, std::nullopt) << "bos_token is null";
+  EXPECT_EQ(vocabulary->eos_id, 267);
+  EXPECT_EQ(vocabulary->padding_id, 265);
+  EXPECT_FALSE(vocabulary->add_bos);
+  const nlohmann::json config = nlohmann::json::parse(
+      testing::ReadBytes(std::filesystem::path(path).parent_path() / "tokenizer_config.json"));
+  EXPECT_EQ(vocabulary->chat_template, config["chat_template"].get<std::string>());
+
+  testing::TempDir dir;
+  // Added tokens that look special are control tokens even when not marked
+  // so (Qwen2.5's <|box_start|>); others are user-defined (<tool_call>).
+  nlohmann::json added = json;
+  added["added_tokens"].push_back({{"id", 268}, {"content", "<|box_start|>"}, {"special", false}});
+  added["added_tokens"].push_back({{"id", 269}, {"content", "<tool_call>"}, {"special", false}});
+  testing::WriteBytes(dir / "tokenizer.json", added.dump());
+  vocabulary = ReadGgufVocabulary(dir / "tokenizer.json", 272);
+  ASSERT_TRUE(vocabulary.ok()) << vocabulary.status();
+  EXPECT_EQ(vocabulary->token_types[268], static_cast<int32_t>(GgufTokenType::kControl));
+  EXPECT_EQ(vocabulary->token_types[269], static_cast<int32_t>(GgufTokenType::kUserDefined));
+  EXPECT_TRUE(vocabulary->chat_template.empty()) << "no tokenizer_config.json here";
+
+  // llama.cpp applies no normalizer: one other than NFC is refused.
+  nlohmann::json replaced = json;
+  replaced["normalizer"] = {{"type", "Replace"}, {"pattern", {{"String", "x"}}}, {"content", "y"}};
+  testing::WriteBytes(dir / "tokenizer.json", replaced.dump());
+  const absl::Status refused = ReadGgufVocabulary(dir / "tokenizer.json", 272).status();
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.message().find("normalizer"), std::string::npos) << refused;
 }
 
 // SentencePiece-style BPE (Llama-2, Mistral) as llama.cpp's "llama"

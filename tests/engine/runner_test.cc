@@ -23,6 +23,7 @@
 #include "worker/engine/quant/awq.h"
 #include "worker/engine/quant/gptq.h"
 #include "worker/engine/quant/packing.h"
+#include "worker/engine/recipe/block_checkpoint.h"
 #include "worker/engine/recipe/calibration.h"
 #include "worker/engine/quant/quantized_tensor.h"
 #include "worker/engine/tokenizer/bpe_trainer.h"
@@ -865,6 +866,222 @@ TEST_F(EvaluateStageTest, GptqRefusesTensorsOutsideTheBlocksAndMissingCalibratio
   spec.mutable_calibration()->set_sequence_length(100000);
   ExpectInvalidArgument(Run(spec).status(), {"eval.txt", "sequence_length 100000"});
   ExpectNothingWritten();
+}
+
+// ------------------------------------------------------------------ block ranges
+
+// Relative path -> bytes of every file under `dir`, report.json aside (it
+// holds timings).
+std::map<std::string, std::string> OutputFiles(const std::string& dir) {
+  std::map<std::string, std::string> files;
+  for (const auto& entry : fs::recursive_directory_iterator(dir)) {
+    if (!entry.is_regular_file()) continue;
+    const std::string name = fs::relative(entry.path(), dir).string();
+    if (name == kReportFileName) continue;
+    files[name] = testing::ReadBytes(entry.path().string());
+  }
+  return files;
+}
+
+class BlockRangeTest : public EvaluateStageTest {
+ protected:
+  // GPTQ 3-bit on every block, every output kind, GGUF with importance.
+  v1::JobSpec GptqSpec(v1::Propagation propagation) const {
+    v1::JobSpec spec = Spec(3, {v1::DEQUANTIZED_SAFETENSORS, v1::PACKED_SAFETENSORS});
+    v1::GptqStage* stage = spec.mutable_stages(0)->mutable_gptq();
+    stage->set_bits(3);
+    stage->set_group_size(32);
+    spec.mutable_calibration()->set_path(text_path_);
+    spec.mutable_calibration()->set_num_samples(8);
+    spec.mutable_calibration()->set_sequence_length(32);
+    spec.mutable_calibration()->set_propagation(propagation);
+    v1::GgufOutput* gguf = spec.add_gguf();
+    gguf->set_preset("Q4_K_M");
+    gguf->set_importance(true);
+    return spec;
+  }
+
+  absl::StatusOr<RunResult> RunPart(const v1::JobSpec& spec, RunOptions::Part part,
+                                    const std::string& out, int64_t first, int64_t end,
+                                    const RunCallbacks& callbacks = {},
+                                    std::set<int64_t> finished = {},
+                                    const std::string& checkpoints = "") {
+    RunOptions options;
+    options.model_path = model_dir_;
+    options.output_dir = out;
+    options.part = part;
+    options.first_layer = first;
+    options.end_layer = end;
+    options.finished_layers = std::move(finished);
+    options.checkpoint_dir = checkpoints;
+    return RunJob(spec, options, callbacks);
+  }
+
+  // Copies every block checkpoint under `from` into `to`.
+  static void GatherCheckpoints(const std::string& from, const std::string& to) {
+    fs::create_directories(fs::path(to) / kBlockCheckpointDir);
+    for (const auto& entry : fs::directory_iterator(fs::path(from) / kBlockCheckpointDir)) {
+      fs::copy_file(entry.path(), fs::path(to) / kBlockCheckpointDir / entry.path().filename(),
+                    fs::copy_options::overwrite_existing);
+    }
+  }
+
+  static void ExpectSameReports(const v1::JobReport& a, const v1::JobReport& b) {
+    ASSERT_EQ(a.stages_size(), b.stages_size());
+    for (int s = 0; s < a.stages_size(); ++s) {
+      ASSERT_EQ(a.stages(s).tensors_size(), b.stages(s).tensors_size());
+      for (int t = 0; t < a.stages(s).tensors_size(); ++t) {
+        EXPECT_TRUE(google::protobuf::util::MessageDifferencer::Equals(a.stages(s).tensors(t),
+                                                                       b.stages(s).tensors(t)))
+            << a.stages(s).tensors(t).name();
+      }
+      EXPECT_EQ(a.stages(s).bytes_in(), b.stages(s).bytes_in());
+      EXPECT_EQ(a.stages(s).bytes_out(), b.stages(s).bytes_out());
+    }
+    EXPECT_EQ(a.evaluation().after().perplexity(), b.evaluation().after().perplexity());
+    EXPECT_EQ(a.evaluation().mean_kl_divergence(), b.evaluation().mean_kl_divergence());
+    ASSERT_EQ(a.gguf_size(), b.gguf_size());
+    for (int g = 0; g < a.gguf_size(); ++g) {
+      EXPECT_TRUE(google::protobuf::util::MessageDifferencer::Equals(a.gguf(g), b.gguf(g)));
+    }
+  }
+};
+
+TEST_F(BlockRangeTest, RangesOnSeparateRunsAssembleToTheWholeRunsBytes) {
+  const v1::JobSpec spec = GptqSpec(v1::PROPAGATION_PARALLEL);
+  const std::string whole_dir = dir_ / "whole";
+  absl::StatusOr<RunResult> whole = RunPart(spec, RunOptions::Part::kWhole, whole_dir, 0, -1);
+  ASSERT_TRUE(whole.ok()) << whole.status();
+
+  // Each range on its own, as two workers would; layer 1's run still brings
+  // the activations through layer 0 (original weights).
+  const std::string ranges[] = {dir_ / "range0", dir_ / "range1"};
+  std::vector<std::string> announced;
+  RunCallbacks callbacks;
+  callbacks.on_checkpoint = [&](const ProducedArtifact& a) {
+    announced.push_back(a.name);
+    return absl::OkStatus();
+  };
+  for (int64_t layer = 0; layer < 2; ++layer) {
+    absl::StatusOr<RunResult> part =
+        RunPart(spec, RunOptions::Part::kBlocks, ranges[layer], layer, layer + 1, callbacks);
+    ASSERT_TRUE(part.ok()) << part.status();
+    ASSERT_EQ(part->artifacts.size(), 1u);
+    EXPECT_EQ(part->artifacts[0].name, BlockCheckpointName(layer));
+    EXPECT_EQ(*Sha256OfFile(ranges[layer] + "/" + part->artifacts[0].name), part->artifacts[0].sha256);
+    // Only the checkpoint: no outputs from a range.
+    std::map<std::string, std::string> files = OutputFiles(ranges[layer]);
+    ASSERT_EQ(files.size(), 1u);
+    EXPECT_EQ(files.begin()->first, BlockCheckpointName(layer));
+  }
+  EXPECT_EQ(announced, (std::vector<std::string>{BlockCheckpointName(0), BlockCheckpointName(1)}));
+
+  const std::string gathered = dir_ / "checkpoints";
+  for (const std::string& range : ranges) GatherCheckpoints(range, gathered);
+  const std::string assembled_dir = dir_ / "assembled";
+  Recorded recorded;
+  absl::StatusOr<RunResult> assembled = RunPart(spec, RunOptions::Part::kAssemble, assembled_dir,
+                                                0, -1, recorded.callbacks, {}, gathered);
+  ASSERT_TRUE(assembled.ok()) << assembled.status();
+  EXPECT_TRUE(ExpectProgressOrdered(recorded));
+
+  const std::map<std::string, std::string> expected = OutputFiles(whole_dir);
+  const std::map<std::string, std::string> got = OutputFiles(assembled_dir);
+  ASSERT_EQ(expected.size(), got.size());
+  for (const auto& [name, bytes] : expected) {
+    auto found = got.find(name);
+    ASSERT_NE(found, got.end()) << name;
+    EXPECT_TRUE(found->second == bytes) << name << " differs";
+  }
+  EXPECT_GT(expected.count("gguf/model-Q4_K_M-imatrix.gguf"), 0u);
+  ExpectSameReports(whole->report, assembled->report);
+  // The whole run's artifacts, listed the same way.
+  ASSERT_EQ(whole->artifacts.size(), assembled->artifacts.size());
+  for (size_t i = 0; i < whole->artifacts.size(); ++i) {
+    EXPECT_EQ(whole->artifacts[i].name, assembled->artifacts[i].name);
+    if (whole->artifacts[i].name != kReportFileName) {
+      EXPECT_EQ(whole->artifacts[i].sha256, assembled->artifacts[i].sha256);
+    }
+  }
+}
+
+TEST_F(BlockRangeTest, SequentialRunResumesAfterItsLastCheckpoint) {
+  const v1::JobSpec spec = GptqSpec(v1::PROPAGATION_SEQUENTIAL);
+  const std::string whole_dir = dir_ / "whole";
+  ASSERT_TRUE(RunPart(spec, RunOptions::Part::kWhole, whole_dir, 0, -1).ok());
+
+  // The first attempt dies right after checkpointing layer 0.
+  const std::string first = dir_ / "first";
+  bool stop = false;
+  RunCallbacks dying;
+  dying.on_checkpoint = [&](const ProducedArtifact&) {
+    stop = true;
+    return absl::OkStatus();
+  };
+  dying.is_cancelled = [&] { return stop; };
+  absl::StatusOr<RunResult> died = RunPart(spec, RunOptions::Part::kBlocks, first, 0, -1, dying);
+  EXPECT_EQ(died.status().code(), absl::StatusCode::kCancelled);
+  ASSERT_TRUE(fs::exists(first + "/" + BlockCheckpointName(0)));
+  EXPECT_FALSE(fs::exists(first + "/" + BlockCheckpointName(1)));
+
+  // The retry is given layer 0's checkpoint: it quantizes layer 1 only, with
+  // activations run through layer 0's finished weights.
+  const std::string second = dir_ / "second";
+  Recorded recorded;
+  absl::StatusOr<RunResult> resumed =
+      RunPart(spec, RunOptions::Part::kBlocks, second, 0, -1, recorded.callbacks, {0}, first);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  ASSERT_EQ(resumed->artifacts.size(), 1u);
+  EXPECT_EQ(resumed->artifacts[0].name, BlockCheckpointName(1));
+  for (const auto& [fraction, stage, message] : recorded.progress) {
+    EXPECT_FALSE(absl::StrContains(message, "model.layers.0.")) << message;
+  }
+  EXPECT_TRUE(ExpectProgressOrdered(recorded));
+
+  const std::string gathered = dir_ / "checkpoints";
+  GatherCheckpoints(first, gathered);
+  GatherCheckpoints(second, gathered);
+  const std::string assembled_dir = dir_ / "assembled";
+  ASSERT_TRUE(
+      RunPart(spec, RunOptions::Part::kAssemble, assembled_dir, 0, -1, {}, {}, gathered).ok());
+  const std::map<std::string, std::string> expected = OutputFiles(whole_dir);
+  const std::map<std::string, std::string> got = OutputFiles(assembled_dir);
+  ASSERT_EQ(expected.size(), got.size());
+  for (const auto& [name, bytes] : expected) {
+    EXPECT_TRUE(got.count(name) > 0 && got.at(name) == bytes) << name << " differs";
+  }
+
+  // Without layer 0's checkpoint a sequential retry cannot resume.
+  absl::StatusOr<RunResult> missing =
+      RunPart(spec, RunOptions::Part::kBlocks, dir_ / "third", 0, -1, {}, {0}, dir_ / "nowhere");
+  EXPECT_FALSE(missing.ok());
+  EXPECT_TRUE(absl::StrContains(missing.status().message(), "layer-00000")) << missing.status();
+}
+
+TEST_F(BlockRangeTest, PartsNeedACalibratedJobAndEveryCheckpoint) {
+  // RTN alone has no block ranges.
+  absl::StatusOr<RunResult> rtn =
+      RunPart(Spec(3, {v1::DEQUANTIZED_SAFETENSORS}), RunOptions::Part::kBlocks, out_dir_, 0, 1);
+  EXPECT_EQ(rtn.status().code(), absl::StatusCode::kInvalidArgument);
+
+  const v1::JobSpec spec = GptqSpec(v1::PROPAGATION_PARALLEL);
+  absl::StatusOr<RunResult> out_of_range =
+      RunPart(spec, RunOptions::Part::kBlocks, out_dir_, 1, 5);
+  EXPECT_EQ(out_of_range.status().code(), absl::StatusCode::kInvalidArgument);
+
+  const std::string only_first = dir_ / "range0";
+  ASSERT_TRUE(RunPart(spec, RunOptions::Part::kBlocks, only_first, 0, 1).ok());
+  absl::StatusOr<RunResult> assembled =
+      RunPart(spec, RunOptions::Part::kAssemble, out_dir_, 0, -1, {}, {}, only_first);
+  EXPECT_FALSE(assembled.ok());
+  EXPECT_TRUE(absl::StrContains(assembled.status().message(), "layer-00001")) << assembled.status();
+  ExpectNothingWritten();
+
+  // A checkpoint of another layer is refused by name.
+  fs::copy_file(only_first + "/" + BlockCheckpointName(0), only_first + "/" + BlockCheckpointName(1));
+  assembled = RunPart(spec, RunOptions::Part::kAssemble, out_dir_, 0, -1, {}, {}, only_first);
+  EXPECT_EQ(assembled.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(assembled.status().message(), "holds layer 0")) << assembled.status();
 }
 
 }  // namespace

@@ -355,6 +355,142 @@ TEST(TokenizerSentencePiece, UnknownCharactersWithoutByteFallbackFuseIntoOneUnk)
   EXPECT_EQ(tokenizer->Encode("hé😀"), (Ids{267, 0}));
 }
 
+// ---- Qwen2 (byte-level BPE, an NFC normalizer, its own split) -------------
+//
+// qwen2_tiny/tokenizer.json: the 256 byte characters with GPT-2's ids (as in
+// byte_level_tiny.json: a printable ASCII c is c - 33, ' ' = 'Ġ' = 220,
+// '\n' = 'Ċ' = 198), then nine merges making ids 256..264:
+//   0 Ã © -> Ã© (é) 256     3 caf Ã© -> café 259   6 Ġcaf Ã© -> Ġcafé 262
+//   1 c a -> ca 257         4 2 0 -> 20 260        7 ' s -> 's 263
+//   2 ca f -> caf 258       5 Ġ caf -> Ġcaf 261    8 Ċ Ċ -> ĊĊ 264
+// and the special <|endoftext|> 265, <|im_start|> 266, <|im_end|> 267. As in
+// Qwen2's file: normalizer NFC; pre-tokenizer Split on Qwen2's pattern
+// (Llama-3's with one digit per piece), then ByteLevel. Its
+// tokenizer_config.json is Qwen2-Instruct's: bos_token null, eos_token
+// <|im_end|>, pad_token <|endoftext|>.
+
+constexpr char kQwen2Fixture[] = "qwen2_tiny/tokenizer.json";
+
+// The fixture without its normalizer.
+absl::StatusOr<Tokenizer> LoadQwen2WithoutNfc() {
+  return LoadEdited(kQwen2Fixture, [](nlohmann::json& j) { j["normalizer"] = nullptr; });
+}
+
+TEST(Utf8, NfcComposesAsUnicodeSays) {
+  EXPECT_EQ(NormalizeNfc("cafe\u0301"), "caf\u00e9");
+  // A singleton (Angstrom sign -> A with ring) and Hangul jamo -> a syllable.
+  EXPECT_EQ(NormalizeNfc("\u212b"), "\u00c5");
+  EXPECT_EQ(NormalizeNfc("\u1100\u1161"), "\uac00");
+  // Combining marks are put in canonical order first: both orders of dot
+  // below (class 220) and circumflex (230) compose to U+1EAD.
+  EXPECT_EQ(NormalizeNfc("a\u0323\u0302"), "\u1ead");
+  EXPECT_EQ(NormalizeNfc("a\u0302\u0323"), "\u1ead");
+  // A composition exclusion stays decomposed: U+0958 -> U+0915 U+093C.
+  EXPECT_EQ(NormalizeNfc("\u0958"), "\u0915\u093c");
+  // Text already in NFC is unchanged, ASCII above all.
+  for (const char* text : {"", "plain ASCII\t\n~", "caf\u00e9 \u4e2d\u6587 \U0001F600"}) {
+    EXPECT_EQ(NormalizeNfc(text), text);
+  }
+  // An invalid byte stays, and cuts the text: the mark after it has no base.
+  EXPECT_EQ(NormalizeNfc("e\xFF\u0301"), "e\xFF\u0301");
+  EXPECT_EQ(NormalizeNfc("\xC3\xFF" "e\u0301"), "\xC3\xFF\u00e9");
+}
+
+TEST(TokenizerQwen2, LoadsItsSpecialTokensAndConfig) {
+  LOAD_FIXTURE(tokenizer, kQwen2Fixture);
+  EXPECT_EQ(tokenizer.vocab_size(), 268);
+  EXPECT_EQ(tokenizer.bos_id(), std::nullopt);  // Qwen2 has no BOS
+  EXPECT_EQ(tokenizer.eos_id(), 267);           // <|im_end|>
+  EXPECT_EQ(tokenizer.TokenToId("<|endoftext|>"), 265);
+  EXPECT_EQ(tokenizer.Encode("caf\u00e9", /*add_bos=*/true), (Ids{259}));
+}
+
+TEST(TokenizerQwen2, NfcComposesBeforeTheSplitAndTheMerges) {
+  LOAD_FIXTURE(tokenizer, kQwen2Fixture);
+  // "café": é is C3 A9 = Ã ©; (Ã,©)#0, (c,a)#1, (ca,f)#2, (caf,é)#3 -> 259.
+  EXPECT_EQ(tokenizer.Encode("caf\u00e9"), (Ids{259}));
+  // Decomposed (e, U+0301 = CC 81), NFC makes it the same word.
+  EXPECT_EQ(tokenizer.Encode("cafe\u0301"), (Ids{259}));
+  // Without NFC the mark (a \p{Mn}, not a \p{L}) is a piece of its own:
+  // "cafe" -> caf 258, e 68; CC 81 -> Ì 136 and 0x81's character 223.
+  const absl::StatusOr<Tokenizer> raw = LoadQwen2WithoutNfc();
+  ASSERT_TRUE(raw.ok()) << raw.status();
+  EXPECT_EQ(raw->Encode("cafe\u0301"), (Ids{258, 68, 136, 223}));
+  // " café" is one piece, but (caf,é)#3 outranks (Ġ,caf)#5: Ġ stays alone.
+  EXPECT_EQ(tokenizer.Encode(" cafe\u0301 caf\u00e9"), (Ids{220, 259, 220, 259}));
+  // The Angstrom sign becomes Å (C3 85): Ã 127, 0x85's character 227.
+  EXPECT_EQ(tokenizer.Encode("\u212b"), (Ids{127, 227}));
+  // Either order of the marks: the same ids.
+  EXPECT_EQ(tokenizer.Encode("a\u0323\u0302"), tokenizer.Encode("a\u0302\u0323"));
+  EXPECT_NE(raw->Encode("a\u0323\u0302"), raw->Encode("a\u0302\u0323"));
+  // Between special tokens each piece is normalized.
+  EXPECT_EQ(tokenizer.Encode("<|im_start|>user\ncafe\u0301<|im_end|>"),
+            (Ids{266, 84, 82, 68, 81, 198, 259, 267}));
+}
+
+TEST(TokenizerQwen2, NfcTextIsEncodedAsWithoutTheNormalizer) {
+  LOAD_FIXTURE(tokenizer, kQwen2Fixture);
+  const absl::StatusOr<Tokenizer> raw = LoadQwen2WithoutNfc();
+  ASSERT_TRUE(raw.ok()) << raw.status();
+  std::mt19937 rng(2468);
+  for (int i = 0; i < 300; ++i) {
+    // Random text with combining marks between, and its ASCII alone.
+    const std::string text = RandomUtf8(rng, 10) + "e\u0301" + RandomUtf8(rng, 10) + "\u0323" +
+                             RandomUtf8(rng, 10) + "A\u030a" + RandomUtf8(rng, 10);
+    std::string ascii;
+    for (char c : text) {
+      if (static_cast<unsigned char>(c) < 0x80) ascii.push_back(c);
+    }
+    const std::string nfc = NormalizeNfc(text);
+    EXPECT_EQ(NormalizeNfc(nfc), nfc) << "NFC is idempotent";
+    EXPECT_EQ(tokenizer.Encode(text), raw->Encode(nfc));
+    EXPECT_EQ(tokenizer.Encode(nfc), raw->Encode(nfc));
+    EXPECT_EQ(tokenizer.Encode(ascii), raw->Encode(ascii));
+    // Decoding gives the text back composed.
+    EXPECT_EQ(tokenizer.Decode(tokenizer.Encode(text)), nfc);
+  }
+  // Invalid bytes still round-trip (NFC leaves them alone).
+  for (int i = 0; i < 300; ++i) {
+    const std::string bytes = RandomBytes(rng, 40);
+    EXPECT_EQ(tokenizer.Decode(tokenizer.Encode(bytes)), NormalizeNfc(bytes));
+  }
+}
+
+TEST(TokenizerQwen2, SplitsDigitsOneByOneAndContractionsInAnyCase) {
+  LOAD_FIXTURE(tokenizer, kQwen2Fixture);
+  // Each digit is a piece, so the merge (2,0)#4 never applies: 2=17 0=15 4=19.
+  EXPECT_EQ(tokenizer.Encode("2024"), (Ids{17, 15, 17, 19}));
+  // Llama-3's \p{N}{1,3} instead takes "202" and "4": 20 260, 2, 4.
+  const absl::StatusOr<Tokenizer> llama3 = LoadEdited(kQwen2Fixture, [](nlohmann::json& j) {
+    std::string regex = j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"];
+    regex.replace(regex.find(R"(\p{N}|)"), 6, R"(\p{N}{1,3}|)");
+    j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = regex;
+  });
+  ASSERT_TRUE(llama3.ok()) << llama3.status();
+  EXPECT_EQ(llama3->Encode("2024"), (Ids{260, 17, 19}));
+  // (?i:'s): "'s" and "'S" are pieces; only the first has a merge (#7).
+  // I=40 t=83 's=263 Ġ=220 I=40 T=51 '=6 S=50.
+  EXPECT_EQ(tokenizer.Encode("It's IT'S"), (Ids{40, 83, 263, 220, 40, 51, 6, 50}));
+  // \s*[\r\n]+ keeps a newline run together: (Ċ,Ċ)#8 -> 264.
+  EXPECT_EQ(tokenizer.Encode("a\n\nb"), (Ids{64, 264, 65}));
+}
+
+// The ids Hugging Face tokenizers (0.23.2, its Node binding) gives for the
+// fixture, strings with accents composed and not, emoji and newlines.
+TEST(TokenizerQwen2, SameIdsAsHuggingFaceTokenizers) {
+  LOAD_FIXTURE(tokenizer, kQwen2Fixture);
+  const std::vector<std::pair<std::string, Ids>> cases = {
+      {"Ame\u0301lie\n", {32, 76, 256, 75, 72, 68, 198}},
+      {"e\u0301\u0301", {256, 136, 223}},
+      {"(caf\u00e9)", {7, 259, 8}},
+      {"x  \n  y", {87, 220, 220, 198, 220, 220, 88}},
+      {"hello world", {71, 68, 75, 75, 78, 220, 86, 78, 81, 75, 67}},
+      {"\U0001F44B\U0001F3FD e\u0327", {172, 253, 239, 233, 172, 253, 237, 121, 220, 132, 102}},
+      {"\u0958", {156, 97, 243, 156, 97, 120}},
+  };
+  for (const auto& [text, ids] : cases) EXPECT_EQ(tokenizer.Encode(text), ids) << text;
+}
+
 // ---- Loading errors ------------------------------------------------------
 
 TEST(TokenizerLoad, RejectsUnsupportedTypesByName) {
@@ -366,9 +502,9 @@ TEST(TokenizerLoad, RejectsUnsupportedTypesByName) {
       {[](nlohmann::json& j) { j["model"]["type"] = "Unigram"; },
        {"edited.json", "model", "Unigram"}},
       {[](nlohmann::json& j) {
-         j["normalizer"] = {{"type", "NFC"}};
+         j["normalizer"] = {{"type", "NFKC"}};
        },
-       {"normalizer", "NFC"}},
+       {"normalizer", "NFKC"}},
       {[](nlohmann::json& j) {
          j["pre_tokenizer"] = {{"type", "Digits"}, {"individual_digits", true}};
        },

@@ -36,17 +36,43 @@ void WriteTinySafetensors(const std::string& path) {
   std::ofstream(path, std::ios::binary) << *bytes << std::string(2 * 128 * 4, '\0');
 }
 
+// A four-block checkpoint (one linear per block) whose config.json claims
+// `hidden` wide layers: the planner sizes its tasks from the config.
+void WriteDeepModel(const std::string& folder, int64_t hidden) {
+  fs::create_directories(folder);
+  std::vector<SafetensorsTensorSpec> specs;
+  for (int layer = 0; layer < 4; ++layer) {
+    specs.push_back({absl::StrCat("model.layers.", layer, ".mlp.up_proj.weight"),
+                     SafetensorsDtype::kF32, {2, 128}});
+  }
+  absl::StatusOr<SafetensorsHeader> header = LayoutSafetensors(specs, {});
+  ASSERT_TRUE(header.ok());
+  absl::StatusOr<std::string> bytes = SerializeSafetensorsHeader(&*header);
+  ASSERT_TRUE(bytes.ok());
+  std::ofstream(folder + "/model.safetensors", std::ios::binary)
+      << *bytes << std::string(4 * 2 * 128 * 4, '\0');
+  std::ofstream(folder + "/config.json")
+      << absl::StrCat("{\"num_hidden_layers\": 4, \"hidden_size\": ", hidden,
+                      ", \"intermediate_size\": ", 4 * hidden,
+                      ", \"num_attention_heads\": 32, \"vocab_size\": 32000}");
+}
+
 class ServerTest : public ::testing::Test {
  protected:
   void SetUp() override {
     fs::create_directories(models_.Sub("tiny"));
     WriteTinySafetensors(models_.Sub("tiny/model.safetensors"));
     WriteTinySafetensors(outside_.Sub("model.safetensors"));
+    WriteDeepModel(models_.Sub("deep"), 128);
+    WriteDeepModel(models_.Sub("wide"), 8192);
+    std::ofstream(models_.Sub("calibration.txt")) << std::string(600, 'x');
     StartServer(/*lease_seconds=*/30);
   }
 
-  void StartServer(int lease_seconds, const std::string& auth_tokens_file = "") {
+  void StartServer(int lease_seconds, const std::string& auth_tokens_file = "",
+                   int max_task_memory_gib = 256) {
     ServerConfig config;
+    config.max_task_memory_gib = max_task_memory_gib;
     config.auth_tokens_file = auth_tokens_file;
     config.listen = "127.0.0.1:0";
     config.metrics_listen = "127.0.0.1:0";
@@ -61,10 +87,63 @@ class ServerTest : public ::testing::Test {
     workers_ = WorkerService::NewStub(channel);
   }
 
-  void RestartServer(int lease_seconds) {
+  void RestartServer(int lease_seconds, int max_task_memory_gib = 256) {
     server_->Shutdown();
     server_.reset();
-    StartServer(lease_seconds);
+    StartServer(lease_seconds, "", max_task_memory_gib);
+  }
+
+  // GPTQ on `model` with calibration: planned as block tasks and an assemble task.
+  compress::v1::SubmitJobRequest GptqRequest(const std::string& model, bool parallel) {
+    compress::v1::SubmitJobRequest request;
+    compress::v1::JobSpec& spec = *request.mutable_spec();
+    spec.mutable_model()->set_path(model);
+    spec.add_stages()->mutable_gptq()->set_bits(4);
+    spec.mutable_calibration()->set_path("calibration.txt");
+    spec.mutable_calibration()->set_sequence_length(64);
+    spec.mutable_calibration()->set_num_samples(8);
+    spec.mutable_calibration()->set_propagation(parallel ? compress::v1::PROPAGATION_PARALLEL
+                                                         : compress::v1::PROPAGATION_SEQUENTIAL);
+    return request;
+  }
+
+  static std::string CheckpointName(int layer) {
+    char name[64];
+    std::snprintf(name, sizeof(name), "blocks/layer-%05d.safetensors", layer);
+    return name;
+  }
+
+  grpc::Status UploadCheckpoint(const std::string& worker, const std::string& task_id, int layer) {
+    const std::string data = absl::StrCat("checkpoint of block ", layer);
+    return Upload(worker, task_id, CheckpointName(layer), data, Sha256Hex(data));
+  }
+
+  // The checkpoint's bytes as FetchCheckpoint serves them.
+  grpc::Status Fetch(const std::string& worker, const std::string& task_id,
+                     const std::string& name, std::string* data) {
+    grpc::ClientContext context;
+    compress::v1::FetchCheckpointRequest request;
+    request.set_worker_id(worker);
+    request.set_task_id(task_id);
+    request.set_name(name);
+    auto reader = workers_->FetchCheckpoint(&context, request);
+    compress::v1::ArtifactChunk chunk;
+    while (reader->Read(&chunk)) *data += chunk.data();
+    return reader->Finish();
+  }
+
+  grpc::Status Pause(const std::string& id, compress::v1::Job* job) {
+    grpc::ClientContext context;
+    compress::v1::PauseJobRequest request;
+    request.set_job_id(id);
+    return jobs_->PauseJob(&context, request, job);
+  }
+
+  grpc::Status Resume(const std::string& id, compress::v1::Job* job) {
+    grpc::ClientContext context;
+    compress::v1::ResumeJobRequest request;
+    request.set_job_id(id);
+    return jobs_->ResumeJob(&context, request, job);
   }
 
   compress::v1::SubmitJobRequest RtnRequest(const std::string& model = "tiny", int bits = 4) {
@@ -99,11 +178,12 @@ class ServerTest : public ::testing::Test {
     return job;
   }
 
-  std::string Register(const std::string& worker_id) {
+  std::string Register(const std::string& worker_id, int64_t memory_bytes = 0) {
     grpc::ClientContext context;
     compress::v1::RegisterWorkerRequest request;
     request.set_worker_id(worker_id);
     request.set_device("cpu");
+    request.set_memory_bytes(memory_bytes);
     compress::v1::RegisterWorkerResponse response;
     EXPECT_TRUE(workers_->RegisterWorker(&context, request, &response).ok());
     return response.worker_id();
@@ -447,6 +527,207 @@ TEST_F(ServerTest, RetryableFailuresRetryElsewhereAndTheThirdFailsTheJob) {
   EXPECT_EQ(Get(bad).state(), compress::v1::FAILED);
 }
 
+TEST_F(ServerTest, BlockRangesRunOnSeveralWorkersAtOnceThenOneTaskAssembles) {
+  const std::string id = SubmitOk(GptqRequest("deep", /*parallel=*/true));
+  const compress::v1::Job planned = Get(id);
+  ASSERT_EQ(planned.tasks_size(), 5);  // one block each, then the assemble task
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(planned.tasks(i).kind(), compress::v1::TASK_BLOCKS);
+    EXPECT_EQ(planned.tasks(i).first_layer(), i);
+    EXPECT_EQ(planned.tasks(i).end_layer(), i + 1);
+    EXPECT_GT(planned.tasks(i).memory_bytes(), 0);
+  }
+  EXPECT_EQ(planned.tasks(4).kind(), compress::v1::TASK_ASSEMBLE);
+
+  // Four workers take the four ranges at once.
+  std::vector<std::string> workers;
+  std::vector<compress::v1::Task> tasks;
+  for (int i = 0; i < 4; ++i) {
+    workers.push_back(Register(absl::StrCat("w", i)));
+    tasks.push_back(Acquire(workers[i]).task());
+    ASSERT_EQ(tasks[i].job_id(), id);
+    EXPECT_EQ(tasks[i].kind(), compress::v1::TASK_BLOCKS);
+    EXPECT_EQ(tasks[i].first_layer(), i);
+    EXPECT_EQ(tasks[i].inputs_size(), 0) << "parallel blocks need no one else's checkpoint";
+  }
+  EXPECT_EQ(Get(id).state(), compress::v1::RUNNING);
+  // Nothing else to hand out: the assemble task waits for every block.
+  const std::string assembler = Register("assembler");
+  EXPECT_FALSE(Acquire(assembler, 300).has_task());
+
+  // A block task uploads its own checkpoints and nothing else.
+  EXPECT_EQ(UploadCheckpoint(workers[0], tasks[0].task_id(), 1).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Upload(workers[0], tasks[0].task_id(), "packed/model.safetensors", "x", Sha256Hex("x"))
+                .error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  // Progress is the task's, weighed into the job's: a quarter of the blocks' share, half done.
+  ASSERT_TRUE(Report(workers[0], tasks[0].task_id(), 0.5).ok());
+  EXPECT_NEAR(Get(id).progress(), 0.8 * 0.25 * 0.5, 1e-9);
+  // Claiming success without the checkpoint is a failure, retried.
+  ASSERT_TRUE(Complete(workers[3], tasks[3].task_id(), true).ok());
+  EXPECT_EQ(Get(id).tasks(3).state(), compress::v1::TASK_PENDING);
+  EXPECT_NE(Get(id).tasks(3).message().find("without a checkpoint for block 3"), std::string::npos)
+      << Get(id).tasks(3).message();
+  tasks[3] = Acquire(workers[3]).task();
+  EXPECT_EQ(tasks[3].first_layer(), 3);
+  EXPECT_EQ(tasks[3].attempt(), 2);
+
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(UploadCheckpoint(workers[i], tasks[i].task_id(), i).ok());
+    ASSERT_TRUE(Complete(workers[i], tasks[i].task_id(), true).ok());
+    EXPECT_EQ(Get(id).state(), i < 3 ? compress::v1::RUNNING : compress::v1::QUEUED);
+  }
+  const compress::v1::Task assemble = Acquire(assembler).task();
+  ASSERT_EQ(assemble.kind(), compress::v1::TASK_ASSEMBLE);
+  ASSERT_EQ(assemble.inputs_size(), 4);
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(assemble.inputs(i).name(), CheckpointName(i));
+    std::string data;
+    ASSERT_TRUE(Fetch(assembler, assemble.task_id(), assemble.inputs(i).name(), &data).ok());
+    EXPECT_EQ(data, absl::StrCat("checkpoint of block ", i));
+    EXPECT_EQ(Sha256Hex(data), assemble.inputs(i).sha256());
+  }
+  // Only the lease holder fetches, and only checkpoints.
+  std::string data;
+  EXPECT_EQ(Fetch(workers[0], assemble.task_id(), CheckpointName(0), &data).error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(Fetch(assembler, assemble.task_id(), "report.json", &data).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  ASSERT_TRUE(Complete(assembler, assemble.task_id(), true).ok());
+  const compress::v1::Job done = Get(id);
+  EXPECT_EQ(done.state(), compress::v1::SUCCEEDED);
+  EXPECT_DOUBLE_EQ(done.report().bits_per_weight(), 4.25);
+  EXPECT_EQ(done.progress(), 1.0);
+  EXPECT_TRUE(done.artifacts().empty()) << "checkpoints are not the job's outputs";
+  const std::vector<JobEvent> events = WatchAll(id);
+  testing::ExpectGapFree(events);
+  int checkpoint_logs = 0;
+  for (const JobEvent& e : events) {
+    if (e.has_log() && e.log().text().find("checkpointed") != std::string::npos) ++checkpoint_logs;
+  }
+  EXPECT_EQ(checkpoint_logs, 4);
+}
+
+TEST_F(ServerTest, ARetriedBlockTaskResumesAfterItsLastCheckpoint) {
+  RestartServer(/*lease_seconds=*/1);
+  // Sequential propagation: one task runs the blocks in order.
+  const std::string id = SubmitOk(GptqRequest("deep", /*parallel=*/false));
+  ASSERT_EQ(Get(id).tasks_size(), 2);
+  const std::string first = Register("first");
+  const compress::v1::Task killed = Acquire(first).task();
+  EXPECT_EQ(killed.first_layer(), 0);
+  EXPECT_EQ(killed.end_layer(), 4);
+  ASSERT_TRUE(UploadCheckpoint(first, killed.task_id(), 0).ok());
+  ASSERT_TRUE(UploadCheckpoint(first, killed.task_id(), 1).ok());
+  // The worker dies: its lease lapses and the task returns to the queue.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1600));
+  EXPECT_EQ(Get(id).state(), compress::v1::QUEUED);
+  EXPECT_NEAR(Get(id).tasks(0).progress(), 0.0, 1e-9);
+
+  const std::string second = Register("second");
+  const compress::v1::Task resumed = Acquire(second).task();
+  EXPECT_EQ(resumed.attempt(), 2);
+  EXPECT_EQ(std::vector<int>(resumed.finished_layers().begin(), resumed.finished_layers().end()),
+            (std::vector<int>{0, 1}));
+  // Sequential: the finished blocks' weights carry the activations on.
+  ASSERT_EQ(resumed.inputs_size(), 2);
+  EXPECT_EQ(resumed.inputs(1).name(), CheckpointName(1));
+  EXPECT_NEAR(Get(id).tasks(0).progress(), 0.5, 1e-9) << "half of its blocks are done";
+  // The dead worker's late checkpoint is refused, not merged.
+  EXPECT_EQ(UploadCheckpoint(first, killed.task_id(), 2).error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);
+  ASSERT_TRUE(UploadCheckpoint(second, resumed.task_id(), 2).ok());
+  ASSERT_TRUE(UploadCheckpoint(second, resumed.task_id(), 3).ok());
+  ASSERT_TRUE(Complete(second, resumed.task_id(), true).ok());
+  const compress::v1::Task assemble = Acquire(second).task();
+  EXPECT_EQ(assemble.kind(), compress::v1::TASK_ASSEMBLE);
+  EXPECT_EQ(assemble.inputs_size(), 4);
+}
+
+TEST_F(ServerTest, ABlockTaskFailingThreeTimesFailsTheJobWithTheLastError) {
+  const std::string id = SubmitOk(GptqRequest("deep", /*parallel=*/true));
+  for (int attempt = 1; attempt <= 3; ++attempt) {
+    const std::string worker = Register(absl::StrCat("w", attempt));
+    compress::v1::Task task = Acquire(worker).task();
+    // Other ranges are handed out too; fail range 2 each time it comes.
+    while (task.first_layer() != 2) {
+      ASSERT_TRUE(task.task_id().size() > 0);
+      ASSERT_TRUE(UploadCheckpoint(worker, task.task_id(), task.first_layer()).ok());
+      ASSERT_TRUE(Complete(worker, task.task_id(), true).ok());
+      task = Acquire(worker).task();
+    }
+    ASSERT_TRUE(Complete(worker, task.task_id(), false, absl::StrCat("out of memory ", attempt),
+                         grpc::StatusCode::RESOURCE_EXHAUSTED)
+                    .ok());
+  }
+  const compress::v1::Job failed = Get(id);
+  EXPECT_EQ(failed.state(), compress::v1::FAILED);
+  EXPECT_NE(failed.message().find("out of memory 3"), std::string::npos) << failed.message();
+  EXPECT_NE(failed.message().find("blocks 2-2"), std::string::npos) << failed.message();
+}
+
+TEST_F(ServerTest, TasksGoOnlyToWorkersWithRoomAndImpossibleJobsAreRefused) {
+  // A block task of the wide model needs several GiB.
+  RestartServer(/*lease_seconds=*/30, /*max_task_memory_gib=*/2);
+  compress::v1::SubmitJobResponse response;
+  grpc::Status refused = Submit(GptqRequest("wide", true), &response);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(refused.error_message().find("needs an estimated"), std::string::npos)
+      << refused.error_message();
+  EXPECT_NE(refused.error_message().find("TASK_BLOCKS"), std::string::npos) << refused.error_message();
+
+  RestartServer(/*lease_seconds=*/30);
+  const std::string id = SubmitOk(GptqRequest("wide", true));
+  const int64_t needed = Get(id).tasks(0).memory_bytes();
+  EXPECT_GT(needed, int64_t{2} << 30);
+  const std::string small = Register("small", int64_t{1} << 30);
+  EXPECT_FALSE(Acquire(small, 1500).has_task());
+  // The job says why it waits, in get and as an event.
+  const compress::v1::Job waiting = Get(id);
+  EXPECT_EQ(waiting.state(), compress::v1::QUEUED);
+  EXPECT_NE(waiting.message().find("needs an estimated"), std::string::npos) << waiting.message();
+  EXPECT_NE(waiting.message().find("largest connected worker has 1.00 GiB"), std::string::npos)
+      << waiting.message();
+  const std::string big = Register("big", int64_t{64} << 30);
+  const compress::v1::Task task = Acquire(big).task();
+  EXPECT_EQ(task.job_id(), id);
+}
+
+TEST_F(ServerTest, PauseStopsRunningTasksAndResumeContinuesAfterTheirCheckpoints) {
+  const std::string id = SubmitOk(GptqRequest("deep", /*parallel=*/false));
+  const std::string worker = Register("w");
+  const compress::v1::Task first = Acquire(worker).task();
+  ASSERT_TRUE(UploadCheckpoint(worker, first.task_id(), 0).ok());
+
+  compress::v1::Job job;
+  ASSERT_TRUE(Pause(id, &job).ok());
+  EXPECT_EQ(job.state(), compress::v1::PAUSED);
+  EXPECT_EQ(job.tasks(0).state(), compress::v1::TASK_PENDING);
+  // The running worker loses its lease at its next report and stops.
+  EXPECT_EQ(Report(worker, first.task_id(), 0.6).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_FALSE(Acquire(worker, 300).has_task()) << "a paused job hands out nothing";
+  EXPECT_EQ(Pause(id, &job).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+
+  ASSERT_TRUE(Resume(id, &job).ok());
+  EXPECT_EQ(job.state(), compress::v1::QUEUED);
+  EXPECT_EQ(Resume(id, &job).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  const compress::v1::Task resumed = Acquire(worker).task();
+  EXPECT_EQ(resumed.job_id(), id);
+  EXPECT_EQ(std::vector<int>(resumed.finished_layers().begin(), resumed.finished_layers().end()),
+            std::vector<int>{0});
+  ASSERT_TRUE(
+      Complete(worker, resumed.task_id(), false, "stop", grpc::StatusCode::INVALID_ARGUMENT).ok());
+  const std::vector<JobEvent> events = WatchAll(id);
+  std::vector<compress::v1::JobState> states;
+  for (const JobEvent& e : events) {
+    if (e.has_state()) states.push_back(e.state().state());
+  }
+  EXPECT_EQ(states, (std::vector<compress::v1::JobState>{
+                        compress::v1::QUEUED, compress::v1::RUNNING, compress::v1::PAUSED,
+                        compress::v1::QUEUED, compress::v1::RUNNING, compress::v1::FAILED}));
+}
+
 TEST_F(ServerTest, HigherPriorityRunsFirst) {
   std::string low = SubmitOk(RtnRequest());
   auto urgent_request = RtnRequest();
@@ -617,6 +898,20 @@ TEST_F(AuthTest, TenantsSeeOnlyTheirOwnJobs) {
     cancel.set_job_id(id);
     compress::v1::Job job;
     EXPECT_EQ(jobs_->CancelJob(&context, cancel, &job).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  for (bool pause : {true, false}) {
+    grpc::ClientContext context;
+    As(&context, "beta-token-00000000000");
+    compress::v1::Job job;
+    if (pause) {
+      compress::v1::PauseJobRequest request;
+      request.set_job_id(id);
+      EXPECT_EQ(jobs_->PauseJob(&context, request, &job).error_code(), grpc::StatusCode::NOT_FOUND);
+    } else {
+      compress::v1::ResumeJobRequest request;
+      request.set_job_id(id);
+      EXPECT_EQ(jobs_->ResumeJob(&context, request, &job).error_code(), grpc::StatusCode::NOT_FOUND);
+    }
   }
   {
     grpc::ClientContext context;

@@ -1,7 +1,11 @@
 // A Llama-family checkpoint as a GGUF file llama.cpp loads without a
-// conversion step: llama.* hyper-parameters, the tokenizer, llama.cpp's
-// tensor names and query/key row order, each matrix in its preset's type.
-// Tensors stream through: declared up front, written one at a time.
+// conversion step: Llama and Mistral as its "llama" architecture (q/k rows
+// reordered for its rope), Qwen2 as its "qwen2" architecture (q/k/v biases,
+// rows as they are); the <arch>.* hyper-parameters, the tokenizer,
+// llama.cpp's tensor names, each matrix in its preset's type. A tied
+// checkpoint (no lm_head.weight) has no output.weight: llama.cpp then uses
+// token_embd for the output too. Tensors stream through: declared up
+// front, written one at a time.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -33,9 +37,11 @@ struct GgufSourceTensor {
 class GgufModelWriter {
  public:
   // llama3 rope scaling is written as llama.cpp's rope_freqs tensor (first).
-  // INVALID_ARGUMENT for a model llama.cpp's "llama" architecture does not
-  // describe (Qwen2), a tensor it has no name for that is not a rotary
-  // buffer, or anything LayoutGguf refuses.
+  // BOS/EOS ids the vocabulary lacks are taken from the config. INVALID_ARGUMENT
+  // for a model the architecture cannot describe (Qwen2 with
+  // num_attention_heads * head_dim != hidden_size, or llama3 rope scaling),
+  // a tensor it has no name for that is not a rotary buffer, or anything
+  // GgufWriter::Open refuses.
   static absl::StatusOr<GgufModelWriter> Open(const std::string& path, const LlamaConfig& config,
                                               const GgufVocabulary& vocabulary,
                                               const std::vector<GgufSourceTensor>& tensors,
@@ -67,6 +73,8 @@ class GgufModelWriter {
 // The checkpoint an exported GGUF file holds, back in Hugging Face names,
 // shapes and row order, as float32 CPU tensors (what llama.cpp computes
 // with). For measuring an export with the project's own runtime.
+// INVALID_ARGUMENT when the file's general.architecture is not the one
+// `config`'s family is written as.
 absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadGgufAsLlamaTensors(
     const std::string& path, const LlamaConfig& config);
 

@@ -36,7 +36,23 @@ constexpr std::pair<const char*, const char*> kModelNames[] = {
     {"lm_head.weight", "output.weight"},
 };
 
+// llama.cpp runs LLM_ARCH_LLAMA with LLAMA_ROPE_TYPE_NORM (adjacent pairs)
+// and LLM_ARCH_QWEN2 with LLAMA_ROPE_TYPE_NEOX (halves, as transformers);
+// convert_hf_to_gguf.py permutes q/k for the first and not the second.
+constexpr GgufArchitecture kArchitectures[] = {
+    {LlamaFamily::kLlama, "llama", true},
+    {LlamaFamily::kMistral, "llama", true},
+    {LlamaFamily::kQwen2, "qwen2", false},
+};
+
 }  // namespace
+
+const GgufArchitecture& GgufArchitectureOf(LlamaFamily family) {
+  for (const GgufArchitecture& architecture : kArchitectures) {
+    if (architecture.family == family) return architecture;
+  }
+  return kArchitectures[0];  // unreachable: every family has a row
+}
 
 std::optional<std::string> GgufTensorName(absl::string_view hf_name) {
   for (const auto& [hf, gguf] : kModelNames) {

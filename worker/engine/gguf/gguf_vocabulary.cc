@@ -3,10 +3,12 @@
 #include <filesystem>
 #include <map>
 #include <optional>
+#include <utility>
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "common/files.h"
 #include "common/status_macros.h"
 #include "worker/engine/tokenizer/tokenizer.h"
@@ -16,9 +18,15 @@ namespace {
 
 using Json = nlohmann::json;
 
-// Llama-3's split pattern, as its tokenizer.json spells it.
-constexpr char kLlama3Pattern[] =
-    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+// The split patterns llama.cpp has a pre-tokenizer for, as tokenizer.json
+// spells them, and its name for each. Qwen2's differs from Llama-3's only
+// in taking digits one at a time.
+constexpr std::pair<const char*, const char*> kSplitPatterns[] = {
+    {R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)",
+     "llama-bpe"},
+    {R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)",
+     "qwen2"},
+};
 
 // llama.cpp's name for the pre-tokenizer, or empty when it has none.
 std::string PreTokenizerName(const Json& pre) {
@@ -27,13 +35,30 @@ std::string PreTokenizerName(const Json& pre) {
   if (type == "ByteLevel" && pre.value("use_regex", true)) return "gpt-2";
   if (type != "Sequence" || !pre.contains("pretokenizers")) return "";
   const Json& steps = pre["pretokenizers"];
-  if (steps.size() != 2 || steps[0].value("type", "") != "Split" ||
+  if (!steps.is_array() || steps.size() != 2 || !steps[0].is_object() || !steps[1].is_object() ||
+      steps[0].value("type", "") != "Split" ||
       steps[1].value("type", "") != "ByteLevel" || steps[1].value("use_regex", true)) {
     return "";
   }
   const Json& pattern = steps[0]["pattern"];
-  if (pattern.is_object() && pattern.value("Regex", "") == kLlama3Pattern) return "llama-bpe";
+  if (!pattern.is_object()) return "";
+  for (const auto& [regex, name] : kSplitPatterns) {
+    if (pattern.value("Regex", "") == regex) return name;
+  }
   return "";
+}
+
+// convert_hf_to_gguf.py's does_token_look_special: added tokens that are
+// control tokens even where tokenizer.json does not mark them special
+// (Qwen2.5's "<|box_start|>" and the like).
+bool LooksSpecial(absl::string_view token) {
+  auto between = [&](absl::string_view open, absl::string_view close) {
+    return absl::StartsWith(token, open) && absl::EndsWith(token, close);
+  };
+  // "<｜" and "｜>" (U+FF5C, DeepSeek's) in UTF-8.
+  return token == "<pad>" || token == "<mask>" || token == "<2mass>" || token == "[@BOS@]" ||
+         between("<|", "|>") || between("<\xEF\xBD\x9C", "\xEF\xBD\x9C>") ||
+         between("<unused", ">");
 }
 
 // Whether a SentencePiece-style normalizer prepends "▁" (it must otherwise
@@ -76,8 +101,8 @@ absl::StatusOr<GgufVocabulary> ReadGgufVocabulary(const std::string& tokenizer_j
   }
   auto unsupported = [&](const std::string& what) {
     return absl::InvalidArgumentError(absl::StrCat(
-        tokenizer_json, ": GGUF export handles byte-level BPE tokenizers (GPT-2 and Llama-3 "
-                        "style); this one has ",
+        tokenizer_json, ": GGUF export handles byte-level BPE tokenizers (GPT-2, Llama-3 and "
+                        "Qwen2 style); this one has ",
         what));
   };
   if (!json.is_object() || !json.contains("model") || !json["model"].is_object()) {
@@ -108,7 +133,15 @@ absl::StatusOr<GgufVocabulary> ReadGgufVocabulary(const std::string& tokenizer_j
     vocabulary.model = "gpt2";
     vocabulary.pre = PreTokenizerName(json.value("pre_tokenizer", Json()));
     if (vocabulary.pre.empty()) {
-      return unsupported("a pre-tokenizer that is neither GPT-2's ByteLevel nor Llama-3's split");
+      return unsupported(
+          "a pre-tokenizer that is neither GPT-2's ByteLevel nor Llama-3's or Qwen2's split");
+    }
+    // llama.cpp normalizes nothing. NFC (Qwen2's) changes only text that is
+    // not in NFC already, and convert_hf_to_gguf.py exports it the same way;
+    // any other normalizer would change what llama.cpp tokenizes.
+    const Json normalizer = json.value("normalizer", Json());
+    if (!normalizer.is_null() && !(normalizer.is_object() && normalizer.value("type", "") == "NFC")) {
+      return unsupported("a normalizer other than NFC");
     }
   }
   if (vocab_size < 1 || vocab_size > (int64_t{1} << 24)) {
@@ -132,9 +165,11 @@ absl::StatusOr<GgufVocabulary> ReadGgufVocabulary(const std::string& tokenizer_j
     }
     if (json.contains("added_tokens")) {
       for (const Json& added : json["added_tokens"]) {
-        RETURN_IF_ERROR(place(added.at("id").get<int64_t>(), added.at("content").get<std::string>(),
-                              added.value("special", false) ? GgufTokenType::kControl
-                                                            : GgufTokenType::kUserDefined));
+        const std::string content = added.at("content").get<std::string>();
+        RETURN_IF_ERROR(place(added.at("id").get<int64_t>(), content,
+                              added.value("special", false) || LooksSpecial(content)
+                                  ? GgufTokenType::kControl
+                                  : GgufTokenType::kUserDefined));
       }
     }
     for (const Json& merge : model.at("merges")) {
@@ -200,6 +235,9 @@ absl::StatusOr<GgufVocabulary> ReadGgufVocabulary(const std::string& tokenizer_j
   }
   if (config.is_object() && config.contains("pad_token") && config["pad_token"].is_string()) {
     vocabulary.padding_id = tokenizer.TokenToId(config["pad_token"].get<std::string>());
+  }
+  if (config.is_object() && config.contains("chat_template") && config["chat_template"].is_string()) {
+    vocabulary.chat_template = config["chat_template"].get<std::string>();
   }
   return vocabulary;
 }

@@ -56,7 +56,8 @@ absl::Status ValidateGptqOptions(const GptqOptions& options) {
 }
 
 absl::StatusOr<GptqResult> QuantizeGptq(const at::Tensor& weight, const at::Tensor& hessian,
-                                        const GptqOptions& options, absl::string_view name) {
+                                        const GptqOptions& options, absl::string_view name,
+                                        const at::Tensor& keep) {
   RETURN_IF_ERROR(ValidateGptqOptions(options));
   ASSIGN_OR_RETURN(const int64_t group_size,
                    RtnGroupSize(options.grid, weight.sizes().vec(), name));
@@ -70,6 +71,11 @@ absl::StatusOr<GptqResult> QuantizeGptq(const at::Tensor& weight, const at::Tens
                                                                       hessian.size(1), "]")
                                                        : "not 2-D"));
   }
+  const bool masked = keep.defined();
+  if (masked && (keep.scalar_type() != at::kBool || keep.sizes() != weight.sizes())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "gptq: tensor '", name, "': the pruning mask is not bool [", rows, ", ", columns, "]"));
+  }
   return CatchTorchErrors(absl::StrCat("gptq: tensor '", name, "'"), [&]()
                                                                          -> absl::StatusOr<GptqResult> {
     at::Tensor w = weight.to(at::kFloat).clone();
@@ -78,6 +84,8 @@ absl::StatusOr<GptqResult> QuantizeGptq(const at::Tensor& weight, const at::Tens
       return absl::InvalidArgumentError(
           absl::StrCat("gptq: tensor '", name, "' or its Hessian contains NaN or Inf"));
     }
+    // Pruned weights start at 0 (they should already be).
+    if (masked) w.mul_(keep.to(w.device()));
     GptqResult result;
     // An input that was always zero carries no information: its weights
     // cannot change the output, so they are zeroed and H[i, i] set to 1.
@@ -115,6 +123,9 @@ absl::StatusOr<GptqResult> QuantizeGptq(const at::Tensor& weight, const at::Tens
     const at::Tensor upper = upper_factor.to(at::kFloat);
     const std::vector<int64_t> original_column(order.data_ptr<int64_t>(),
                                                order.data_ptr<int64_t>() + columns);
+    // The mask in processing order, as rows like the weights below.
+    at::Tensor keep_t;
+    if (masked) keep_t = keep.to(w.device()).index_select(1, order).t().contiguous();
 
     // Dynamic groups must not straddle a lazy block: round it up to whole groups.
     const int64_t block =
@@ -144,8 +155,10 @@ absl::StatusOr<GptqResult> QuantizeGptq(const at::Tensor& weight, const at::Tens
         if (!static_groups && (begin + i) % group_size == 0) {
           RtnOptions grid = options.grid;
           grid.group_size = group_size;
+          at::Tensor group_columns = w1t.narrow(0, i, group_size);
+          if (masked) group_columns = group_columns.mul(keep_t.narrow(0, begin + i, group_size));
           ASSIGN_OR_RETURN(QuantizedTensor params,
-                           QuantizeRtn(w1t.narrow(0, i, group_size).t().contiguous(), grid, name));
+                           QuantizeRtn(group_columns.t().contiguous(), grid, name));
           q.scales.narrow(1, group, 1).copy_(params.scales);
           q.zeros.narrow(1, group, 1).copy_(params.zeros);
           scales_t.select(0, group).copy_(params.scales.select(1, 0));
@@ -156,6 +169,7 @@ absl::StatusOr<GptqResult> QuantizeGptq(const at::Tensor& weight, const at::Tens
         const at::Tensor x = w1t.select(0, i);
         // RTN's rounding exactly (rtn.h): codes from x / scale, values (q - zero) * scale.
         at::Tensor codes = x.div(scale).round_().add_(zero).clamp_(0, qmax);
+        if (masked) codes = at::where(keep_t.select(0, begin + i), codes, zero);
         codes_t.select(0, column).copy_(codes);
         at::Tensor error = errors_t.select(0, i);
         at::sub_out(error, x, codes.sub_(zero).mul_(scale)).div_(u1_values[i][i]);

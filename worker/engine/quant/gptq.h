@@ -55,8 +55,18 @@ absl::Status ValidateGptqOptions(const GptqOptions& options);
 // INVALID_ARGUMENT naming the tensor for mismatched shapes, NaN/Inf in the
 // weight or the Hessian, or a group size that does not divide in;
 // FAILED_PRECONDITION when the Cholesky still fails after every retry.
+//
+// `keep` (bool [out, in], optional): a pruning mask (worker/engine/prune/),
+// false where the weight was pruned. Those weights stay exactly 0: the
+// weight is masked first, each column's pruned entries are quantized to 0
+// (their code is the group's zero point, which every grid holds) whatever
+// the earlier columns' updates put there, and the difference is
+// compensated on the later columns like a rounding error (SparseGPT's joint
+// prune-and-quantize step with the mask fixed); dynamic groups take their
+// range from the kept weights only.
 absl::StatusOr<GptqResult> QuantizeGptq(const at::Tensor& weight, const at::Tensor& hessian,
-                                        const GptqOptions& options, absl::string_view name);
+                                        const GptqOptions& options, absl::string_view name,
+                                        const at::Tensor& keep = at::Tensor());
 
 // tr((W - Q) H (W - Q)^T) / tr(W H W^T): the layer's relative squared output
 // error on the calibration inputs whose X^T X is `hessian` (float64).

@@ -120,10 +120,21 @@ absl::Status RunLayerwise(const SafetensorsCheckpoint& checkpoint, const LlamaCo
       }
       continue;
     }
+    const bool parallel = calibrating && options.propagation == PropagationMode::kParallel;
+    if (callbacks.checkpointed && callbacks.checkpointed(layer)) {
+      if (calibrating && !parallel) {
+        if (!callbacks.restore) {
+          return absl::InvalidArgumentError("layer-wise runner: checkpointed needs restore");
+        }
+        RETURN_IF_ERROR(callbacks.restore(block));
+        RETURN_IF_ERROR(ValidateBlockWeights(config, block));
+      }
+      if (calibrating) RETURN_IF_ERROR(RunBlock(config, block, hidden, rope, options, nullptr, &hidden));
+      continue;
+    }
     // Parallel: the original block's outputs, from the block's first pass,
     // kept apart until the block is done when later passes still need the
     // block's inputs (else written over them).
-    const bool parallel = calibrating && options.propagation == PropagationMode::kParallel;
     const bool single_pass = !callbacks.prepare && !options.sequential_linears;
     at::Tensor original_outputs;
     bool first_pass = true;

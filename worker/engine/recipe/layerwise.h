@@ -109,6 +109,14 @@ struct LayerwiseCallbacks {
   // Receives the finished block (the weights the next block's activations
   // were propagated through, in sequential mode). Required.
   std::function<absl::Status(const DecoderBlockWeights& block)> finished;
+  // Optional: whether a layer of the range is already done (a checkpoint
+  // from an earlier attempt). Such a layer gets no statistics, no transform
+  // and no `finished`; its activations still reach the next block: in
+  // parallel mode through the block as loaded, in sequential mode through
+  // the block as `restore` leaves it (required then: it puts the finished
+  // weights into the block).
+  std::function<bool(int64_t layer)> checkpointed;
+  std::function<absl::Status(DecoderBlockWeights& block)> restore;
 };
 
 // Runs the blocks of the checkpoint in order. `config` must describe the

@@ -36,6 +36,7 @@
 #include "worker/engine/model/safetensors_reader.h"
 #include "worker/engine/model/safetensors_writer.h"
 #include "worker/engine/model/tensor_dtype.h"
+#include "worker/engine/prune/prune.h"
 #include "worker/engine/quant/awq.h"
 #include "worker/engine/quant/bnb4bit.h"
 #include "worker/engine/quant/gptq.h"
@@ -44,6 +45,7 @@
 #include "worker/engine/quant/quantized_tensor.h"
 #include "worker/engine/quant/rtn.h"
 #include "worker/engine/recipe/awq_scaling.h"
+#include "worker/engine/recipe/block_checkpoint.h"
 #include "worker/engine/recipe/calibration.h"
 #include "worker/engine/recipe/device.h"
 #include "worker/engine/recipe/layerwise.h"
@@ -108,7 +110,7 @@ absl::Status CancelledStatus() { return absl::CancelledError("job cancelled"); }
 
 // ------------------------------------------------------------------ plan
 
-enum class Method { kRtn, kGptq, kAwq, kHqq, kBnb4Bit, kSleep };
+enum class Method { kRtn, kGptq, kAwq, kHqq, kBnb4Bit, kMagnitude, kWanda, kSparseGpt, kSleep };
 
 struct StagePlan {
   std::string label;  // shown in progress, metrics and the report
@@ -120,6 +122,7 @@ struct StagePlan {
   bool awq_with_gptq = false;
   HqqOptions hqq;
   Bnb4BitOptions bnb;
+  PruneOptions prune;  // magnitude, Wanda, SparseGPT
   int sleep_millis = 0;
   std::set<std::string> targets;
 
@@ -137,9 +140,17 @@ const char* MethodName(Method m) {
     case Method::kAwq: return "awq";
     case Method::kHqq: return "hqq";
     case Method::kBnb4Bit: return "bnb_4bit";
+    case Method::kMagnitude: return "magnitude";
+    case Method::kWanda: return "wanda";
+    case Method::kSparseGpt: return "sparsegpt";
     case Method::kSleep: return "sleep";
   }
   return "?";
+}
+
+// Methods that zero weights (worker/engine/prune/); later stages keep the zeros.
+bool Prunes(Method m) {
+  return m == Method::kMagnitude || m == Method::kWanda || m == Method::kSparseGpt;
 }
 
 // Methods whose result is a QuantizedTensor (packed in the GPTQ layout).
@@ -268,6 +279,25 @@ absl::StatusOr<std::vector<StagePlan>> PlanStages(const v1::JobSpec& spec,
         }
         break;
       }
+      case v1::Stage::kPrune: {
+        const v1::PruneStage& prune = stage.prune();
+        plan.method = prune.method() == v1::WANDA       ? Method::kWanda
+                      : prune.method() == v1::SPARSEGPT ? Method::kSparseGpt
+                                                        : Method::kMagnitude;
+        plan.prune.method = plan.method == Method::kWanda       ? PruneMethod::kWanda
+                            : plan.method == Method::kSparseGpt ? PruneMethod::kSparseGpt
+                                                                : PruneMethod::kMagnitude;
+        plan.prune.sparsity = prune.sparsity();
+        plan.prune.n = prune.n();
+        plan.prune.m = prune.m();
+        if (prune.dampening() > 0) plan.prune.dampening = prune.dampening();
+        if (prune.block_size() > 0) plan.prune.block_size = prune.block_size();
+        SetTargets(prune, &include, &exclude);
+        if (absl::Status valid = ValidatePruneOptions(plan.prune); !valid.ok()) {
+          return absl::InvalidArgumentError(absl::StrCat("stages[", i, "]: ", valid.message()));
+        }
+        break;
+      }
       case v1::Stage::kSleep:
         plan.method = Method::kSleep;
         plan.sleep_millis = stage.sleep().millis_per_tensor();
@@ -297,6 +327,20 @@ absl::StatusOr<std::vector<StagePlan>> PlanStages(const v1::JobSpec& spec,
       for (const std::string& name : targets) {
         const CheckpointTensor* t = checkpoint.Find(name);
         RETURN_IF_ERROR(RtnGroupSize(plan.rtn, t->info.shape, name).status());
+      }
+    }
+    if (Prunes(plan.method)) {
+      // N:M's m divides each target's inputs; a quantized weight is not
+      // pruned afterwards (its packed codes would no longer match).
+      for (const std::string& name : targets) {
+        RETURN_IF_ERROR(CheckPrunable(plan.prune, checkpoint.Find(name)->info.shape, name));
+        for (const StagePlan& earlier : plans) {
+          if (Packs(earlier.method) && earlier.targets.count(name) > 0) {
+            return absl::InvalidArgumentError(absl::StrCat(
+                "stages[", i, "] (", plan.label, "): tensor '", name, "' is quantized by the "
+                "earlier stage '", earlier.label, "'; prune before quantizing"));
+          }
+        }
       }
     }
     plans.push_back(std::move(plan));
@@ -710,7 +754,11 @@ struct TensorResult {
   at::Tensor dequantized;  // in the stored dtype; undefined when unchanged
   std::optional<QuantizedTensor> packing_source;
   std::optional<Bnb4BitTensor> bnb_source;  // a bitsandbytes 4-bit result
+  // The packed output's tensors, when already made (read from a block checkpoint).
+  std::vector<std::pair<std::string, at::Tensor>> packed_parts;
 };
+
+using Part = RunOptions::Part;
 
 absl::Status SleepPolling(int millis, Events& events) {
   const auto deadline = Clock::now() + std::chrono::milliseconds(millis);
@@ -744,7 +792,9 @@ std::string BlockLinearOf(absl::string_view name) {
 }
 
 // Whether a method needs per-linear input statistics from calibration.
-bool NeedsCalibration(Method m) { return m == Method::kGptq || m == Method::kAwq; }
+bool NeedsCalibration(Method m) {
+  return m == Method::kGptq || m == Method::kAwq || m == Method::kWanda || m == Method::kSparseGpt;
+}
 
 // Evaluation weights: models whose two F32 copies fit this are kept
 // resident; larger ones are read block by block on every forward pass.
@@ -755,14 +805,16 @@ constexpr int64_t kDefaultSampleTokens = 48;
 
 class JobRunner {
  public:
-  JobRunner(const v1::JobSpec& spec, const RunOptions& options, Events& events)
-      : spec_(spec), options_(options), events_(events) {}
+  JobRunner(const v1::JobSpec& spec, const RunOptions& options, Events& events,
+            std::function<absl::Status(const ProducedArtifact&)> on_checkpoint)
+      : spec_(spec), options_(options), events_(events), on_checkpoint_(std::move(on_checkpoint)) {}
 
   absl::StatusOr<RunResult> Run() {
     const Clock::time_point start = Clock::now();
     ASSIGN_OR_RETURN(device_, ParseDevice(options_.device));
     if (options_.output_dir.empty()) return absl::InvalidArgumentError("output_dir is empty");
-    ASSIGN_OR_RETURN(const Outputs outputs, PlanOutputs(spec_));
+    ASSIGN_OR_RETURN(outputs_, PlanOutputs(spec_));
+    const Outputs& outputs = outputs_;
     ASSIGN_OR_RETURN(checkpoint_, SafetensorsCheckpoint::Open(options_.model_path));
     ASSIGN_OR_RETURN(stages_, PlanStages(spec_, checkpoint_, &evaluate_));
     ASSIGN_OR_RETURN(tensor_plans_, PlanTensors(checkpoint_, stages_, outputs));
@@ -780,6 +832,11 @@ class JobRunner {
       ASSIGN_OR_RETURN(config_, ReadLlamaConfig(checkpoint_.folder()));
       RETURN_IF_ERROR(ValidateLlamaCheckpoint(*config_, checkpoint_));
     }
+    if (options_.part != Part::kWhole && !calibrate_) {
+      return absl::InvalidArgumentError(
+          "a block-range or assemble run needs a job whose stages calibrate (gptq, awq, or a "
+          "GGUF output with importance)");
+    }
     PlanProductionOrder();
     for (size_t i : rest_) {
       for (int s : tensor_plans_[i].stages) {
@@ -790,14 +847,15 @@ class JobRunner {
             " needs a block linear's calibration inputs (exclude it, or use rtn for it)"));
       }
     }
-    at::Tensor calibration_ids;
-    if (calibrate_) {
-      ASSIGN_OR_RETURN(calibration_ids, LoadCalibration());
-    }
     events_.Log("INFO",
                 absl::StrCat("model ", options_.model_path, ": ", checkpoint_.tensors().size(),
                              " tensors in ", checkpoint_.shards().size(), " file(s); device ",
                              device_.str()));
+    if (options_.part == Part::kBlocks) return RunBlockRange();
+    at::Tensor calibration_ids;
+    if (calibrate_ && options_.part == Part::kWhole) {
+      ASSIGN_OR_RETURN(calibration_ids, LoadCalibration());
+    }
 
     ASSIGN_OR_RETURN(StagingFolder staging, StagingFolder::Create(options_.output_dir));
     // Evaluation reads the compressed model back from the dequantized
@@ -819,7 +877,11 @@ class JobRunner {
     RETURN_IF_ERROR(OpenWriters(staging.path(), write_dequantized, outputs.packed));
     RETURN_IF_ERROR(OpenGgufWriters(staging.path(), outputs.gguf));
     for (size_t i : rest_) RETURN_IF_ERROR(StreamTensor(i));
-    if (calibrate_) RETURN_IF_ERROR(RunBlocksLayerwise(calibration_ids));
+    if (options_.part == Part::kAssemble) {
+      RETURN_IF_ERROR(AssembleBlocks());
+    } else if (calibrate_) {
+      RETURN_IF_ERROR(RunBlocksLayerwise(calibration_ids));
+    }
     if (events_.Cancelled()) return CancelledStatus();
     RETURN_IF_ERROR(CommitWriters());
 
@@ -888,6 +950,196 @@ class JobRunner {
   }
 
  private:
+  // Part::kBlocks: the range's blocks, each committed as a checkpoint
+  // (and handed to on_checkpoint) as soon as it is finished.
+  absl::StatusOr<RunResult> RunBlockRange() {
+    const int64_t end =
+        options_.end_layer < 0 ? config_->num_hidden_layers : options_.end_layer;
+    if (options_.first_layer < 0 || options_.first_layer >= end ||
+        end > config_->num_hidden_layers) {
+      return absl::InvalidArgumentError(absl::StrCat("layer range [", options_.first_layer, ", ",
+                                                     end, ") is not within [0, ",
+                                                     config_->num_hidden_layers, ")"));
+    }
+    ASSIGN_OR_RETURN(const at::Tensor calibration_ids, LoadCalibration());
+    for (const auto& [layer, members] : blocks_) {
+      if (layer < options_.first_layer || layer >= end || options_.finished_layers.count(layer)) {
+        continue;
+      }
+      for (size_t i : members) total_units_ += static_cast<int64_t>(tensor_plans_[i].stages.size());
+    }
+    tensor_share_ = 1.0;
+    RETURN_IF_ERROR(MakeDirs((fs::path(options_.output_dir) / kBlockCheckpointDir).string()));
+    if (!options_.finished_layers.empty()) {
+      events_.Log("INFO", absl::StrCat("resuming: ", options_.finished_layers.size(),
+                                       " block(s) already checkpointed"));
+    }
+    RETURN_IF_ERROR(RunBlocksLayerwise(calibration_ids));
+    if (events_.Cancelled()) return CancelledStatus();
+    RunResult result;
+    result.artifacts = written_checkpoints_;
+    events_.Progress(1.0, "", absl::StrCat("blocks ", options_.first_layer, "-", end - 1, " done"));
+    return result;
+  }
+
+  // The counters of every stage now, to take a block's share from.
+  std::vector<CheckpointedStage> StageCounters() const {
+    std::vector<CheckpointedStage> counters(stages_.size());
+    for (size_t s = 0; s < stages_.size(); ++s) {
+      counters[s].seconds = stages_[s].seconds;
+      counters[s].bytes_in = stages_[s].bytes_in;
+      counters[s].bytes_out = stages_[s].bytes_out;
+    }
+    return counters;
+  }
+
+  // A finished block's results: written to the outputs, or (Part::kBlocks)
+  // committed as its checkpoint.
+  absl::Status FinishBlock(int64_t layer, std::map<size_t, TensorResult>& results) {
+    if (options_.part != Part::kBlocks) {
+      for (size_t i : blocks_[layer]) {
+        if (events_.Cancelled()) return CancelledStatus();
+        auto found = results.find(i);
+        RETURN_IF_ERROR(WriteTensor(i, found == results.end() ? TensorResult() : found->second));
+      }
+      return absl::OkStatus();
+    }
+    BlockCheckpoint checkpoint;
+    checkpoint.layer = layer;
+    for (size_t i : blocks_[layer]) {
+      auto found = results.find(i);
+      auto importance = importance_.find(i);
+      if (found == results.end() && importance == importance_.end()) continue;
+      CheckpointedTensor& t = checkpoint.tensors.emplace_back();
+      t.name = checkpoint_.tensors()[i].info.name;
+      if (found != results.end()) {
+        t.values = found->second.dequantized;
+        if (outputs_.packed) {
+          ASSIGN_OR_RETURN(t.packed_parts, PackedParts(i, found->second));
+        }
+      }
+      if (importance != importance_.end()) {
+        t.importance = importance->second;
+        importance_.erase(importance);
+      }
+    }
+    const std::vector<CheckpointedStage> now = StageCounters();
+    checkpoint.stages = now;
+    for (size_t s = 0; s < stages_.size(); ++s) {
+      CheckpointedStage& share = checkpoint.stages[s];
+      share.seconds -= block_start_[s].seconds;
+      share.bytes_in -= block_start_[s].bytes_in;
+      share.bytes_out -= block_start_[s].bytes_out;
+      const std::vector<v1::TensorReport>& reports = stages_[s].tensor_reports;
+      share.tensor_reports.assign(reports.begin() + static_cast<std::ptrdiff_t>(block_reports_[s]),
+                                  reports.end());
+      block_reports_[s] = reports.size();
+    }
+    block_start_ = now;
+    checkpoint.units = done_units_ - block_units_;
+    block_units_ = done_units_;
+    const std::string name = BlockCheckpointName(layer);
+    const std::string path = (fs::path(options_.output_dir) / name).string();
+    RETURN_IF_ERROR(WriteBlockCheckpoint(path, checkpoint));
+    ASSIGN_OR_RETURN(const std::string sha256, Sha256OfFile(path));
+    std::error_code ec;
+    ProducedArtifact artifact{name, v1::OUTPUT_FORMAT_UNSPECIFIED,
+                              static_cast<int64_t>(fs::file_size(path, ec)), sha256};
+    written_checkpoints_.push_back(artifact);
+    if (on_checkpoint_) RETURN_IF_ERROR(on_checkpoint_(artifact));
+    events_.Log("INFO", absl::StrCat("layer ", layer, ": checkpoint ", name, " (",
+                                     artifact.size_bytes, " bytes)"));
+    return absl::OkStatus();
+  }
+
+  // The block's checkpoint, for a sequential run resuming after it: its
+  // finished weights put into the block the activations run through.
+  absl::Status RestoreBlock(DecoderBlockWeights& block) {
+    ASSIGN_OR_RETURN(const BlockCheckpoint checkpoint, ReadCheckpoint(block.layer));
+    std::map<std::string, at::Tensor*> by_name;
+    for (auto& [suffix, tensor] : block.NamedTensors()) {
+      by_name[BlockTensorName(block.layer, suffix)] = tensor;
+    }
+    for (const CheckpointedTensor& t : checkpoint.tensors) {
+      if (!t.values.defined()) continue;
+      auto found = by_name.find(t.name);
+      if (found == by_name.end()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "block checkpoint for layer ", block.layer, ": tensor '", t.name, "' is not in the block"));
+      }
+      at::Tensor& weight = *found->second;
+      RETURN_IF_ERROR(CatchTorchErrors(t.name, [&]() -> absl::Status {
+        if (t.values.sizes() != weight.sizes()) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "block checkpoint: tensor '", t.name, "' has another shape than the model's"));
+        }
+        weight = t.values.to(weight.device(), weight.scalar_type());
+        return absl::OkStatus();
+      }));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<BlockCheckpoint> ReadCheckpoint(int64_t layer) const {
+    if (options_.checkpoint_dir.empty()) {
+      return absl::InvalidArgumentError("checkpoint_dir: needed to read block checkpoints");
+    }
+    return ReadBlockCheckpoint((fs::path(options_.checkpoint_dir) / BlockCheckpointName(layer)).string(),
+                               layer, stages_.size());
+  }
+
+  // Part::kAssemble: every block's results from its checkpoint, written to
+  // the outputs in the order a whole run writes them.
+  absl::Status AssembleBlocks() {
+    for (const auto& [layer, members] : blocks_) {
+      if (events_.Cancelled()) return CancelledStatus();
+      ASSIGN_OR_RETURN(BlockCheckpoint checkpoint, ReadCheckpoint(layer));
+      for (size_t s = 0; s < stages_.size(); ++s) {
+        CheckpointedStage& share = checkpoint.stages[s];
+        stages_[s].seconds += share.seconds;
+        stages_[s].bytes_in += share.bytes_in;
+        stages_[s].bytes_out += share.bytes_out;
+        for (v1::TensorReport& report : share.tensor_reports) {
+          stages_[s].tensor_reports.push_back(std::move(report));
+        }
+      }
+      std::map<std::string, CheckpointedTensor*> by_name;
+      for (CheckpointedTensor& t : checkpoint.tensors) by_name[t.name] = &t;
+      std::map<size_t, TensorResult> results;
+      for (size_t i : members) {
+        const std::string& name = checkpoint_.tensors()[i].info.name;
+        auto found = by_name.find(name);
+        if (found == by_name.end()) continue;
+        CheckpointedTensor& t = *found->second;
+        by_name.erase(found);
+        if (t.importance.defined()) importance_[i] = t.importance;
+        if (!t.values.defined()) continue;
+        if (t.values.sizes() != at::IntArrayRef(checkpoint_.tensors()[i].info.shape)) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "block checkpoint for layer ", layer, ": tensor '", name, "' has another shape than the model's"));
+        }
+        if (outputs_.packed && tensor_plans_[i].packing_stage >= 0 && t.packed_parts.empty()) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "block checkpoint for layer ", layer, ": tensor '", name, "' lacks its packed form"));
+        }
+        TensorResult& result = results[i];
+        result.dequantized = t.values;
+        result.packed_parts = std::move(t.packed_parts);
+      }
+      if (!by_name.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat("block checkpoint for layer ", layer,
+                                                       ": tensor '", by_name.begin()->first,
+                                                       "' is not in the block"));
+      }
+      done_units_ += checkpoint.units;
+      RETURN_IF_ERROR(FinishBlock(layer, results));
+      events_.Progress(tensor_share_ * static_cast<double>(done_units_) /
+                           static_cast<double>(std::max<int64_t>(total_units_, 1)),
+                       "", absl::StrCat("layer ", layer, " assembled"));
+    }
+    return absl::OkStatus();
+  }
+
   // The order tensors are produced in; each output shard declares its
   // tensors in that order, so every tensor is written as soon as it is
   // final. Without calibration tensors stream one at a time in the
@@ -1064,14 +1316,8 @@ class JobRunner {
     ASSIGN_OR_RETURN(absl::string_view raw, checkpoint_.RawBytes(name));
     // The packed form's tensors, named, when this tensor is packed.
     std::vector<std::pair<std::string, at::Tensor>> packed;
-    if (writers.packed && result.packing_source) {
-      ASSIGN_OR_RETURN(const PackedLinear linear, PackLinear(*result.packing_source, name));
-      packed = {{plan.packed_prefix + kQweightSuffix, linear.qweight},
-                {plan.packed_prefix + kQzerosSuffix, linear.qzeros},
-                {plan.packed_prefix + kScalesSuffix, linear.scales},
-                {plan.packed_prefix + kGidxSuffix, linear.g_idx}};
-    } else if (writers.packed && result.bnb_source) {
-      ASSIGN_OR_RETURN(packed, SerializeBnb4Bit(*result.bnb_source, name));
+    if (writers.packed) {
+      ASSIGN_OR_RETURN(packed, PackedParts(i, result));
     }
     // The tensor whole: changed values, else its bytes as stored.
     auto write_whole = [&](SafetensorsWriter& writer, OutputTree& tree) -> absl::Status {
@@ -1107,6 +1353,24 @@ class JobRunner {
     }
     checkpoint_.ReleasePages(name);
     return absl::OkStatus();
+  }
+
+  // The packed output's tensors for a result, named; empty when it is not packed.
+  absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> PackedParts(
+      size_t i, const TensorResult& result) const {
+    if (!result.packed_parts.empty()) return result.packed_parts;
+    const std::string& name = checkpoint_.tensors()[i].info.name;
+    if (result.packing_source) {
+      const std::string& prefix = tensor_plans_[i].packed_prefix;
+      ASSIGN_OR_RETURN(const PackedLinear linear, PackLinear(*result.packing_source, name));
+      return std::vector<std::pair<std::string, at::Tensor>>{
+          {prefix + kQweightSuffix, linear.qweight},
+          {prefix + kQzerosSuffix, linear.qzeros},
+          {prefix + kScalesSuffix, linear.scales},
+          {prefix + kGidxSuffix, linear.g_idx}};
+    }
+    if (result.bnb_source) return SerializeBnb4Bit(*result.bnb_source, name);
+    return std::vector<std::pair<std::string, at::Tensor>>{};
   }
 
   // The model folder's tokenizer.json; nullopt when there is none.
@@ -1149,6 +1413,14 @@ class JobRunner {
                                 ? PropagationMode::kParallel
                                 : PropagationMode::kSequential;
     layerwise.is_cancelled = [this] { return events_.Cancelled(); };
+    if (options_.part == Part::kBlocks) {
+      layerwise.first_layer = options_.first_layer;
+      layerwise.end_layer = options_.end_layer;
+    }
+    block_start_ = StageCounters();
+    block_reports_.assign(stages_.size(), 0);
+    for (size_t s = 0; s < stages_.size(); ++s) block_reports_[s] = stages_[s].tensor_reports.size();
+    block_units_ = done_units_;
     for (size_t i = 0; i < tensor_plans_.size(); ++i) {
       for (int s : tensor_plans_[i].stages) {
         if (!NeedsCalibration(stages_[s].method)) continue;
@@ -1217,23 +1489,21 @@ class JobRunner {
       for (const auto& [suffix, tensor] : block.NamedTensors()) {
         by_name[BlockTensorName(block.layer, suffix)] = tensor;
       }
-      for (size_t i : blocks_[block.layer]) {
-        if (events_.Cancelled()) return CancelledStatus();
-        auto found = pending.find(i);
-        TensorResult result;
-        if (found != pending.end()) {
-          result = std::move(found->second);
-        } else if (prepared.count(i) > 0) {
-          // Rescaled but not quantized (a norm, an excluded linear): written as it is now.
-          const CheckpointTensor& tensor = checkpoint_.tensors()[i];
-          result.dequantized = by_name.at(tensor.info.name)->to(*ToScalarType(tensor.info.dtype));
-        }
-        RETURN_IF_ERROR(WriteTensor(i, result));
+      for (size_t i : prepared) {
+        if (pending.count(i) > 0) continue;
+        // Rescaled but not quantized (a norm, an excluded linear): written as it is now.
+        const CheckpointTensor& tensor = checkpoint_.tensors()[i];
+        pending[i].dequantized = by_name.at(tensor.info.name)->to(*ToScalarType(tensor.info.dtype));
       }
+      absl::Status finished = FinishBlock(block.layer, pending);
       pending.clear();
       prepared.clear();
-      return absl::OkStatus();
+      return finished;
     };
+    callbacks.checkpointed = [this](int64_t layer) {
+      return options_.finished_layers.count(layer) > 0;
+    };
+    callbacks.restore = [this](DecoderBlockWeights& block) { return RestoreBlock(block); };
     return RunLayerwise(checkpoint_, *config_, layerwise, callbacks);
   }
 
@@ -1241,14 +1511,14 @@ class JobRunner {
   // calibrated methods).
   absl::StatusOr<QuantizedTensor> Quantize(const StagePlan& stage, const at::Tensor& weight,
                                            const LinearInputStatistics* statistics,
-                                           const std::string& name) {
+                                           const std::string& name, const at::Tensor& keep) {
     const bool calibrated = NeedsCalibration(stage.method);
     if (calibrated && (statistics == nullptr || !statistics->hessian.defined())) {
       return absl::InternalError(absl::StrCat(MethodName(stage.method), ": tensor '", name,
                                               "': no calibration statistics"));
     }
     switch (stage.method) {
-      case Method::kGptq: return RunGptq(weight, stage.gptq, *statistics, name);
+      case Method::kGptq: return RunGptq(weight, stage.gptq, *statistics, name, keep);
       case Method::kAwq: {
         at::Tensor scaled = weight;
         // AutoAWQ leaves q/k unclipped: their errors meet in the attention scores.
@@ -1256,7 +1526,7 @@ class JobRunner {
             !absl::StrContains(name, "k_proj")) {
           ASSIGN_OR_RETURN(scaled, SearchAwqClip(weight, statistics->hessian, stage.awq, name));
         }
-        if (stage.awq_with_gptq) return RunGptq(scaled, stage.gptq, *statistics, name);
+        if (stage.awq_with_gptq) return RunGptq(scaled, stage.gptq, *statistics, name, keep);
         return QuantizeRtn(scaled, stage.rtn, name);
       }
       case Method::kHqq: return QuantizeHqq(weight, stage.hqq, name);
@@ -1266,8 +1536,9 @@ class JobRunner {
 
   absl::StatusOr<QuantizedTensor> RunGptq(const at::Tensor& weight, const GptqOptions& options,
                                           const LinearInputStatistics& statistics,
-                                          const std::string& name) {
-    ASSIGN_OR_RETURN(GptqResult gptq, QuantizeGptq(weight, statistics.hessian, options, name));
+                                          const std::string& name, const at::Tensor& keep) {
+    ASSIGN_OR_RETURN(GptqResult gptq,
+                     QuantizeGptq(weight, statistics.hessian, options, name, keep));
     if (gptq.retries > 0) {
       events_.Log("WARNING",
                   absl::StrFormat("gptq: tensor '%s': the Hessian was not positive definite; "
@@ -1347,6 +1618,62 @@ class JobRunner {
     return absl::OkStatus();
   }
 
+  // A prune stage on one weight: `current` becomes the pruned weight (in
+  // `dtype`) and the stage's mask joins `keep`, the weights later stages must
+  // leave at zero. Returns the progress message.
+  absl::StatusOr<std::string> PruneWeight(StagePlan& stage, size_t index, at::ScalarType dtype,
+                                          const LinearInputStatistics* statistics,
+                                          at::Tensor& current, at::Tensor& keep) {
+    const SafetensorsTensorInfo& info = checkpoint_.tensors()[index].info;
+    const std::string& name = info.name;
+    if (NeedsCalibration(stage.method) &&
+        (statistics == nullptr || !statistics->hessian.defined() || statistics->tokens == 0)) {
+      return absl::InternalError(absl::StrCat(MethodName(stage.method), ": tensor '", name,
+                                              "': no calibration statistics"));
+    }
+    const at::Tensor no_statistics;
+    ASSIGN_OR_RETURN(PruneResult pruned,
+                     Prune(current, statistics ? statistics->sum_square : no_statistics,
+                           statistics ? statistics->hessian : no_statistics, stage.prune, name));
+    if (pruned.retries > 0) {
+      events_.Log("WARNING",
+                  absl::StrFormat("sparsegpt: tensor '%s': the Hessian was not positive definite; "
+                                  "retried %d time(s), dampening %.3g of its mean diagonal",
+                                  name, pruned.retries, pruned.dampening_used));
+    }
+    ASSIGN_OR_RETURN(const at::Tensor values,
+                     CatchTorchErrors(name, [&]() -> absl::StatusOr<at::Tensor> {
+                       return pruned.pruned.to(dtype);
+                     }));
+    const int64_t bytes = static_cast<int64_t>(info.NumBytes());
+    v1::TensorReport& report = stage.tensor_reports.emplace_back();
+    report.set_name(name);
+    for (int64_t d : info.shape) report.add_shape(d);
+    ASSIGN_OR_RETURN(const double error, CatchTorchErrors(name, [&]() -> absl::StatusOr<double> {
+                       return RelativeError(current, values);
+                     }));
+    report.set_relative_error(error);
+    if (statistics != nullptr && statistics->hessian.defined()) {
+      ASSIGN_OR_RETURN(const double output_error,
+                       CatchTorchErrors(name, [&]() -> absl::StatusOr<double> {
+                         return RelativeOutputError(current, values, statistics->hessian);
+                       }));
+      report.set_output_error(output_error);
+    }
+    report.set_sparsity(pruned.sparsity);
+    report.set_bytes_before(bytes);
+    report.set_bytes_after(bytes);  // stored dense
+    stage.bytes_in += bytes;
+    stage.bytes_out += bytes;
+    keep = keep.defined() ? keep.logical_and(pruned.mask) : pruned.mask;
+    current = values;
+    const PruneOptions& o = stage.prune;
+    return absl::StrFormat("%s: %s %s %s, sparsity %.4g, relative error %.4g",
+                           MethodName(stage.method), name, ShapeString(info.shape),
+                           o.semi_structured() ? absl::StrCat(o.n, ":", o.m) : "unstructured",
+                           pruned.sparsity, error);
+  }
+
   // Passes one tensor through every stage that targets it, in stage order.
   // `current` is the weight as loaded (any dtype); results are in the dtype
   // the checkpoint stores. `statistics`: its input's, when calibrated.
@@ -1357,6 +1684,7 @@ class JobRunner {
     const std::string& name = tensor.info.name;
     const at::ScalarType dtype = *ToScalarType(tensor.info.dtype);
     TensorResult result;
+    at::Tensor keep;  // after a prune stage: false where weights must stay zero
     for (int s : plan.stages) {
       if (events_.Cancelled()) return CancelledStatus();
       StagePlan& stage = stages_[s];
@@ -1368,6 +1696,9 @@ class JobRunner {
         stage.bytes_in += bytes_in;
         stage.bytes_out += bytes_in;
         message = absl::StrCat("sleep: ", name);
+      } else if (Prunes(stage.method)) {
+        ASSIGN_OR_RETURN(message, PruneWeight(stage, index, dtype, statistics, current, keep));
+        result.dequantized = current;
       } else {
         // Quantized to either form, dequantized, checked finite.
         std::optional<QuantizedTensor> q;
@@ -1376,7 +1707,8 @@ class JobRunner {
           ASSIGN_OR_RETURN(bnb, QuantizeBnb4Bit(current, stage.bnb, name));
           RETURN_IF_ERROR(ValidateBnb4Bit(*bnb, name));
         } else {
-          ASSIGN_OR_RETURN(q, Quantize(stage, current, statistics, name));
+          ASSIGN_OR_RETURN(q, Quantize(stage, current, statistics, name, keep));
+          if (keep.defined()) RETURN_IF_ERROR(KeepPrunedZeros(keep, &*q, name));
           RETURN_IF_ERROR(ValidateQuantized(*q, name));
         }
         ASSIGN_OR_RETURN(
@@ -1385,6 +1717,10 @@ class JobRunner {
               if (!at::isfinite(d).all().item<bool>()) {
                 return absl::InternalError(
                     absl::StrCat("tensor '", name, "': dequantized values are not finite"));
+              }
+              if (keep.defined() && d.masked_select(keep.logical_not()).ne(0).any().item<bool>()) {
+                return absl::InternalError(absl::StrCat(
+                    MethodName(stage.method), ": tensor '", name, "': pruned weights became nonzero"));
               }
               return d;
             }));
@@ -1598,6 +1934,8 @@ class JobRunner {
   const v1::JobSpec& spec_;
   const RunOptions& options_;
   Events& events_;
+  const std::function<absl::Status(const ProducedArtifact&)> on_checkpoint_;
+  Outputs outputs_;
   c10::Device device_ = c10::Device(c10::kCPU);
   SafetensorsCheckpoint checkpoint_;
   std::optional<LlamaConfig> config_;  // when calibrating or evaluating
@@ -1626,6 +1964,12 @@ class JobRunner {
   std::map<size_t, at::Tensor> importance_;
   int64_t total_units_ = 0;
   int64_t done_units_ = 0;
+  // Part::kBlocks: the counters when the current block began, and the
+  // checkpoints committed so far.
+  std::vector<CheckpointedStage> block_start_;
+  std::vector<size_t> block_reports_;
+  int64_t block_units_ = 0;
+  std::vector<ProducedArtifact> written_checkpoints_;
   double tensor_share_ = kWorkFraction;  // of the progress, for the tensors
 };
 
@@ -1638,7 +1982,7 @@ absl::StatusOr<RunResult> RunJob(const compress::v1::JobSpec& spec, const RunOpt
   // The boundary: nothing thrown inside the engine gets past here.
   return CatchTorchErrors("engine", [&]() -> absl::StatusOr<RunResult> {
     c10::InferenceMode inference_mode;
-    JobRunner runner(spec, options, events);
+    JobRunner runner(spec, options, events, callbacks.on_checkpoint);
     return runner.Run();
   });
 }

@@ -2,10 +2,13 @@
 // No gRPC here: the worker agent and the local mode both call RunJob.
 #pragma once
 
+#include <cstdint>
 #include <functional>
+#include <set>
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "compress/v1/compress.pb.h"
 
@@ -34,19 +37,22 @@ struct RunOptions {
   // stage's text (the worker does not resolve spec paths itself).
   std::string calibration_path;
   std::string evaluation_path;
-};
 
-// Callbacks the engine calls while it runs; any may be empty.
-struct RunCallbacks {
-  // fraction of the whole job in [0, 1], nondecreasing.
-  std::function<void(double fraction, const std::string& stage, const std::string& message)>
-      on_progress;
-  std::function<void(const std::string& stage, const std::string& name, double value,
-                     const std::string& unit)>
-      on_metric;
-  std::function<void(const std::string& level, const std::string& text)> on_log;
-  // Polled between tensors; true stops the run with CANCELLED.
-  std::function<bool()> is_cancelled;
+  // Which part of the job to run (the planner's tasks). A job whose stages
+  // calibrate can run as block ranges on several workers, each writing one
+  // checkpoint per finished block (BlockCheckpointName) under output_dir,
+  // then one assemble run that writes every output from the checkpoints,
+  // byte for byte what kWhole writes.
+  enum class Part { kWhole, kBlocks, kAssemble };
+  Part part = Part::kWhole;
+  int64_t first_layer = 0;   // kBlocks: decoder blocks [first_layer, end_layer)
+  int64_t end_layer = -1;    // -1: to the last
+  // kBlocks: layers already checkpointed by an earlier attempt, skipped (in
+  // sequential propagation their checkpoints must be under checkpoint_dir).
+  std::set<int64_t> finished_layers;
+  // Where BlockCheckpointName(layer) files are read from (kAssemble: every
+  // layer's; kBlocks: the finished ones).
+  std::string checkpoint_dir;
 };
 
 struct ProducedArtifact {
@@ -56,9 +62,27 @@ struct ProducedArtifact {
   std::string sha256;
 };
 
+// Callbacks the engine calls while it runs; any may be empty.
+struct RunCallbacks {
+  // fraction of this run (the part asked for) in [0, 1], nondecreasing.
+  std::function<void(double fraction, const std::string& stage, const std::string& message)>
+      on_progress;
+  std::function<void(const std::string& stage, const std::string& name, double value,
+                     const std::string& unit)>
+      on_metric;
+  std::function<void(const std::string& level, const std::string& text)> on_log;
+  // Polled between tensors; true stops the run with CANCELLED.
+  std::function<bool()> is_cancelled;
+  // kBlocks: a block's checkpoint was committed (name relative to
+  // output_dir); an error stops the run with it.
+  std::function<absl::Status(const ProducedArtifact& checkpoint)> on_checkpoint;
+};
+
 struct RunResult {
+  // kBlocks: empty (the checkpoints carry the block's reports).
   compress::v1::JobReport report;
-  std::vector<ProducedArtifact> artifacts;  // every file written, report.json included
+  // Every file written, report.json included (kBlocks: the checkpoints).
+  std::vector<ProducedArtifact> artifacts;
 };
 
 // Sets how many CPU threads LibTorch uses inside one operation; 0 means one

@@ -40,7 +40,7 @@ struct MetaspaceConfig {
 };
 
 struct NormalizerStep {
-  enum class Kind { kPrepend, kReplace } kind;
+  enum class Kind { kNfc, kPrepend, kReplace } kind;
   std::string text;     // Prepend: what is prepended; Replace: what is replaced
   std::string content;  // Replace: the replacement
 };
@@ -259,6 +259,13 @@ absl::Status ReadNormalizer(const Reader& reader, const json& normalizer, const 
     }
     return absl::OkStatus();
   }
+  if (type == "NFC") {
+    if (absl::Status available = CheckNfcAvailable(); !available.ok()) {
+      return absl::Status(available.code(), absl::StrCat(field, ": ", available.message()));
+    }
+    steps->push_back({NormalizerStep::Kind::kNfc, "", ""});
+    return absl::OkStatus();
+  }
   if (type == "Prepend") {
     ASSIGN_OR_RETURN(std::string prepend, reader.String(normalizer, "prepend", field));
     steps->push_back({NormalizerStep::Kind::kPrepend, std::move(prepend), ""});
@@ -276,7 +283,7 @@ absl::Status ReadNormalizer(const Reader& reader, const json& normalizer, const 
     steps->push_back({NormalizerStep::Kind::kReplace, pattern.second, std::move(content)});
     return absl::OkStatus();
   }
-  return reader.UnsupportedType(field, type, "Prepend, Replace, Sequence");
+  return reader.UnsupportedType(field, type, "NFC, Prepend, Replace, Sequence");
 }
 
 absl::StatusOr<MetaspaceConfig> ReadMetaspace(const Reader& reader, const json& object,
@@ -571,10 +578,16 @@ absl::StatusOr<std::optional<std::string>> ReadConfigToken(const json& config, c
 std::string Tokenizer::Impl::Transform(std::string_view text, bool at_start) const {
   std::string s(text);
   for (const NormalizerStep& step : normalizers) {
-    if (step.kind == NormalizerStep::Kind::kPrepend) {
-      if (!s.empty()) s.insert(0, step.text);
-    } else {
-      s = absl::StrReplaceAll(s, {{step.text, step.content}});
+    switch (step.kind) {
+      case NormalizerStep::Kind::kNfc:
+        s = NormalizeNfc(s);
+        break;
+      case NormalizerStep::Kind::kPrepend:
+        if (!s.empty()) s.insert(0, step.text);
+        break;
+      case NormalizerStep::Kind::kReplace:
+        s = absl::StrReplaceAll(s, {{step.text, step.content}});
+        break;
     }
   }
   if (metaspace) {

@@ -1,6 +1,7 @@
 // A tokenizer loaded from a Hugging Face tokenizer.json: byte-level BPE
-// (GPT-2, Llama-3) and SentencePiece-style BPE with byte fallback (Llama-2,
-// Mistral). Encode gives the ids HF tokenizers gives for the same file.
+// (GPT-2, Llama-3, Qwen2) and SentencePiece-style BPE with byte fallback
+// (Llama-2, Mistral). Encode gives the ids HF tokenizers gives for the same
+// file.
 //
 // Supported subset of tokenizer.json; anything else is INVALID_ARGUMENT
 // naming the file, the field and the type, never a silent wrong answer:
@@ -11,7 +12,8 @@
 //                  only); matched in the raw text, before normalization, even
 //                  those marked normalized (same result unless the
 //                  normalizer would change the token's own text).
-//   normalizer     null, Prepend, Replace (String pattern), Sequence of them.
+//   normalizer     null, NFC (Qwen2; by ICU, see NormalizeNfc in unicode.h),
+//                  Prepend, Replace (String pattern), Sequence of them.
 //   pre_tokenizer  null; Split (Regex or String pattern, behavior Isolated,
 //                  invert false; the regex subset is in split_regex.h);
 //                  ByteLevel (use_regex: GPT-2's pattern; add_prefix_space
@@ -36,7 +38,8 @@
 // add_prefix_space (the added space stays); Metaspace on text that starts
 // with a space (no '▁' is prepended, yet one space is stripped); and for
 // SentencePiece, text holding '▁' itself or an added token (the text after
-// it gets its own prepended '▁').
+// it gets its own prepended '▁'); and an NFC normalizer on text that is not
+// in NFC (it decodes composed: "e" U+0301 comes back as U+00E9).
 #pragma once
 
 #include <cstdint>

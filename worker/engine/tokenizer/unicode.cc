@@ -1,5 +1,12 @@
 #include "worker/engine/tokenizer/unicode.h"
 
+#include <unicode/bytestream.h>
+#include <unicode/normalizer2.h>
+#include <unicode/stringpiece.h>
+#include <unicode/utypes.h>
+
+#include "absl/strings/str_cat.h"
+
 namespace compress::engine {
 
 Utf8Char DecodeUtf8(std::string_view text, size_t pos) {
@@ -74,6 +81,57 @@ ByteLevelAlphabet::ByteLevelAlphabet() {
     AppendUtf8(cp, &texts_[b]);
     inverse_[cp] = static_cast<int16_t>(b);
   }
+}
+
+absl::Status CheckNfcAvailable() {
+  UErrorCode status = U_ZERO_ERROR;
+  icu::Normalizer2::getNFCInstance(status);
+  if (U_FAILURE(status)) {
+    return absl::InternalError(
+        absl::StrCat("ICU's NFC normalization data is unavailable: ", u_errorName(status)));
+  }
+  return absl::OkStatus();
+}
+
+std::string NormalizeNfc(std::string_view text) {
+  UErrorCode status = U_ZERO_ERROR;
+  const icu::Normalizer2* nfc = icu::Normalizer2::getNFCInstance(status);
+  if (U_FAILURE(status)) return std::string(text);  // see CheckNfcAvailable
+  std::string out;
+  out.reserve(text.size());
+  // Each run of valid UTF-8 goes to ICU (pure ASCII is already in NFC and
+  // is copied); each invalid byte is copied alone. ICU takes int32_t
+  // lengths: a longer run is cut before a character that NFC never joins
+  // to what precedes it.
+  constexpr size_t kMaxRun = size_t{1} << 30;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    const size_t start = pos;
+    bool ascii = true;
+    bool invalid = false;
+    while (pos < text.size()) {
+      const Utf8Char c = DecodeUtf8(text, pos);
+      if (!c.valid) {
+        invalid = true;
+        break;
+      }
+      if (pos - start >= kMaxRun && nfc->hasBoundaryBefore(static_cast<UChar32>(c.code_point))) break;
+      ascii = ascii && c.code_point < 0x80;
+      pos += static_cast<size_t>(c.length);
+    }
+    const std::string_view run = text.substr(start, pos - start);
+    if (ascii) {
+      out.append(run);
+    } else {
+      icu::StringByteSink<std::string> sink(&out);
+      status = U_ZERO_ERROR;
+      nfc->normalizeUTF8(0, icu::StringPiece(run.data(), static_cast<int32_t>(run.size())), sink,
+                         nullptr, status);
+      if (U_FAILURE(status)) out.append(run);  // only on allocation failure
+    }
+    if (invalid) out.push_back(text[pos++]);
+  }
+  return out;
 }
 
 std::string ToValidUtf8(std::string_view text) {

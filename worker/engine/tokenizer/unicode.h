@@ -1,12 +1,15 @@
 // The byte- and character-level helpers the tokenizer is built on: a UTF-8
 // decoder that never fails (an invalid byte stands alone), Unicode whitespace
-// as the HF tokenizers regexes see it, and GPT-2's byte-to-unicode table.
+// as the HF tokenizers regexes see it, NFC normalization (ICU), and GPT-2's
+// byte-to-unicode table.
 #pragma once
 
 #include <array>
 #include <cstdint>
 #include <string>
 #include <string_view>
+
+#include "absl/status/status.h"
 
 namespace compress::engine {
 
@@ -37,6 +40,18 @@ bool IsUnicodeWhitespace(char32_t code_point);
 // rewriting \s, whose RE2 meaning is ASCII only.
 inline constexpr char kWhitespaceClassBody[] =
     R"(\t\n\x0B\f\r \x{85}\x{A0}\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000})";
+
+// Unicode Normalization Form C (canonical decomposition, then canonical
+// composition: "e" U+0301 becomes U+00E9), what HF tokenizers' NFC
+// normalizer does, computed by ICU. Invalid bytes are kept as they are and
+// cut the text into runs that are normalized separately (HF only sees valid
+// UTF-8), so ASCII and other text already in NFC come back unchanged.
+std::string NormalizeNfc(std::string_view text);
+// OK when ICU's normalization data loads; INTERNAL naming ICU's error
+// otherwise. A tokenizer with an NFC normalizer checks this when it loads,
+// so NormalizeNfc, which returns its input unchanged in that case, never
+// runs without it.
+absl::Status CheckNfcAvailable();
 
 // GPT-2's bytes_to_unicode(): printable Latin-1 bytes ('!'..'~', U+00A1..U+00AC,
 // U+00AE..U+00FF) map to themselves, the other 68 bytes, in byte order, to
