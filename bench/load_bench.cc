@@ -179,7 +179,7 @@ std::shared_ptr<grpc::Channel> NewChannel(int port) {
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 10);
-  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 10);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 1000);  // also the shortest connect timeout
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 100);
   args.SetMaxReceiveMessageSize(64 << 20);
   return grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port),
@@ -868,8 +868,18 @@ class LoadBench {
     }
     server_peak_kb_ = std::max(server_peak_kb_, ProcKb(server_->pid(), "status", "VmHWM"));
 
+    if (getenv("LB_DEBUG")) {
+      if (getenv("LB_KILLW")) for (auto& w : workers_) w->Kill();
+      if (getenv("LB_DROP")) stub.reset();
+      std::this_thread::sleep_for(std::chrono::seconds(2));
+      std::system(absl::StrCat("ss -tnpi state established '( sport = :", port_, " )' | head -40").c_str());
+    }
     const Clock::time_point signalled = Clock::now();
     server_->Signal(signal);
+    if (getenv("LB_DEBUG") && signal == SIGTERM) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(700));
+      std::system(absl::StrCat("gdb -p ", server_->pid(), " -batch -ex 'thread apply all bt' > /tmp/lb-gdb.txt 2>&1").c_str());
+    }
     server_->Wait();
     result->shutdown_s = SecondsSince(signalled);
     ++server_starts_;
@@ -879,9 +889,11 @@ class LoadBench {
                                  "127.0.0.1:0", "--data-dir", dir_ + "/data", "--model-root",
                                  dir_ + "/models"},
         absl::StrCat(dir_, "/server-", server_starts_, ".log"));
-    auto fresh = v1::JobService::NewStub(NewChannel(port_));
+    // A new channel per try: what a client connecting now sees, without
+    // gRPC's reconnect backoff from the tries before.
     std::string problem = "no answer in 60 s";
     while (SecondsSince(started) < 60) {
+      auto fresh = v1::JobService::NewStub(NewChannel(port_));
       problem = Verify(fresh.get(), sample, first_page);
       if (getenv("LB_DEBUG")) std::printf("  %.3f %s\n", SecondsSince(started), problem.c_str());
       if (problem.empty()) break;

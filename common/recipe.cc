@@ -6,6 +6,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <cerrno>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <nlohmann/json.hpp>
@@ -77,7 +78,9 @@ Json TypePlainScalar(const std::string& text) {
   }
   if (RE2::FullMatch(text, kFloat)) {
     double value;
-    if (absl::SimpleAtod(text, &value)) return value;
+    // 1e999 overflows to infinity, which JSON would print as null (the
+    // field's default): kept as text, so that protobuf names the bad value.
+    if (absl::SimpleAtod(text, &value) && std::isfinite(value)) return value;
   }
   // JSON has no infinities or NaN; protobuf's JSON mapping spells them so.
   std::string sign;
@@ -477,6 +480,13 @@ absl::StatusOr<v1::JobSpec> ParseRecipe(const std::string& text, const std::stri
       json_syntax_error = absl::InvalidArgumentError(
           absl::StrCat(source, ":", LineColumnOf(text, e.byte == 0 ? 0 : e.byte - 1), ": ",
                        JsonErrorDetail(e.what())));
+    } catch (const Json::exception& e) {
+      // Valid JSON that nlohmann still refuses: a number beyond a double's
+      // range (1e999) is out_of_range.406, "... number overflow parsing '1e999'".
+      const std::string what = e.what();
+      const size_t tag_end = what.find("] ");
+      return absl::InvalidArgumentError(absl::StrCat(
+          source, ": ", tag_end == std::string::npos ? what : what.substr(tag_end + 2)));
     }
   }
   if (json_text.empty()) {

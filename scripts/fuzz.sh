@@ -33,6 +33,8 @@ for name in "${targets[@]}"; do
   rm -rf "$corpus"
   mkdir -p "$corpus" "$crashes"
   cp fuzz/corpus/"$name"/* "$corpus"/
+  # Inputs that once crashed it run first, with the corpus.
+  find fuzz/regressions -name "$name-*" -exec cp {} "$corpus"/ \;
   dict=()
   if [ -f "fuzz/$name.dict" ]; then dict=(-dict="fuzz/$name.dict"); fi
   echo "== fuzz_$name: ${seconds}s from $(ls "$corpus" | wc -l) inputs"

@@ -14,6 +14,8 @@ void OnSignal(int) { g_stop = 1; }
 
 int main(int argc, char** argv) {
   compress::SetLogComponent("server");
+  // A file size limit makes writes fail (EFBIG, a clear error), not the process.
+  std::signal(SIGXFSZ, SIG_IGN);
   compress::server::ServerConfig config;
   compress::FlagSet flags("compress-server");
   flags.Add("listen", &config.listen, "gRPC address host:port (port 0 picks one)");

@@ -206,6 +206,8 @@ int Serve(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   compress::SetLogComponent("worker");
+  // A file size limit makes writes fail (EFBIG, a clear error), not the process.
+  std::signal(SIGXFSZ, SIG_IGN);
   std::string verb = argc > 1 ? argv[1] : "";
   if (verb == "run") return RunLocal(argc, argv);
   if (verb == "make-random-model") return MakeRandomModel(argc, argv);

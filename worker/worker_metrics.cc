@@ -44,12 +44,14 @@ WorkerMetrics::WorkerMetrics(metrics::Registry& registry)
       device_memory_used_bytes(
           metrics::BuildGauge()
               .Name("compress_worker_device_memory_used_bytes")
-              .Help("Memory of the worker's device in use (for cpu: the process's resident memory).")
+              .Help(
+                  "Memory of the worker's device in use (for cpu: the process's resident memory).")
               .Register(registry)
               .Add({})),
       info(metrics::BuildGauge()
                .Name("compress_worker_info")
-               .Help("1, labelled with the worker id the server knows this worker by and its device.")
+               .Help(
+                   "1, labelled with the worker id the server knows this worker by and its device.")
                .Register(registry)),
       task_progress(metrics::BuildGauge()
                         .Name("compress_worker_task_progress_ratio")
@@ -75,8 +77,8 @@ void WorkerMetrics::SetDeviceMemoryProbe(std::function<int64_t()> probe) {
 }
 
 metrics::Histogram::BucketBoundaries LongDurationBuckets() {
-  return {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,   2.5,  5,    10,  30,
-          60,   120,   300,  600, 1200, 1800, 3600, 7200};
+  return {0.01, 0.025, 0.05, 0.1, 0.25, 0.5,  1,    2.5,  5,   10,
+          30,   60,    120,  300, 600,  1200, 1800, 3600, 7200};
 }
 
 namespace {

@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <string>
 
 #include "tests/testing/temp_dir.h"
@@ -166,6 +167,44 @@ TEST(RecipeTest, WrongTypesNameTheField) {
   absl::StatusOr<v1::JobSpec> spec = ParseRecipe("priority: high\n", "types.yaml");
   EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(spec.status().message()), HasSubstr("priority"));
+}
+
+// Found by fuzz/recipe_fuzzer.cc (fuzz/regressions/recipe-json-number-overflow):
+// nlohmann refuses a JSON number beyond a double's range by throwing
+// out_of_range, which escaped ParseRecipe and ended the process. In YAML the
+// same number overflowed to infinity, which JSON prints as null, so the
+// field silently kept its default.
+TEST(RecipeTest, NumbersBeyondADoubleAreRefusedNamingTheValue) {
+  absl::StatusOr<v1::JobSpec> json = ParseRecipe(R"({"priority": 1e999})", "big.json");
+  EXPECT_EQ(json.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(json.status().message()),
+              AllOf(HasSubstr("big.json"), HasSubstr("number overflow parsing '1e999'")));
+
+  absl::StatusOr<v1::JobSpec> yaml = ParseRecipe(
+      "model: {path: m}\nstages: [{gptq: {bits: 4, dampening: -1e999}}]\n", "big.yaml");
+  EXPECT_EQ(yaml.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(yaml.status().message()),
+              AllOf(HasSubstr("big.yaml"), HasSubstr("dampening"), HasSubstr("\"-1e999\"")));
+  absl::StatusOr<v1::JobSpec> priority = ParseRecipe("priority: 1e999\n", "big.yaml");
+  EXPECT_THAT(std::string(priority.status().message()),
+              AllOf(HasSubstr("priority"), HasSubstr("\"1e999\"")));
+}
+
+// Every input under fuzz/regressions/ that once crashed the recipe parser
+// is now a plain INVALID_ARGUMENT.
+TEST(RecipeTest, FuzzerRegressionsAreRefused) {
+  const std::filesystem::path dir =
+      std::filesystem::path(__FILE__).parent_path() / ".." / ".." / "fuzz" / "regressions";
+  int inputs = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    if (entry.path().filename().string().rfind("recipe-", 0) != 0) continue;
+    std::ifstream in(entry.path(), std::ios::binary);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    EXPECT_EQ(ParseRecipe(text, "fuzz").status().code(), absl::StatusCode::kInvalidArgument)
+        << entry.path();
+    ++inputs;
+  }
+  EXPECT_GE(inputs, 1) << dir;
 }
 
 TEST(YamlToJsonTest, TypesPlainScalarsAndKeepsQuotedOnesAsStrings) {

@@ -67,8 +67,8 @@ class ManifestsTest : public ::testing::Test {
         if (doc.IsNull()) continue;
         ASSERT_TRUE(doc.IsMap()) << file;
         ASSERT_TRUE(doc["kind"] && doc["apiVersion"] && doc["metadata"]["name"]) << file;
-        std::string key = doc["kind"].as<std::string>() + "/" +
-                          doc["metadata"]["name"].as<std::string>();
+        std::string key =
+            doc["kind"].as<std::string>() + "/" + doc["metadata"]["name"].as<std::string>();
         ASSERT_EQ(by_key_.count(key), 0u) << key << " defined twice";
         by_key_[key] = {fs::path(file).filename().string(), doc};
       }
@@ -99,7 +99,8 @@ class ManifestsTest : public ::testing::Test {
 std::map<std::string, std::string> Labels(const YAML::Node& node) {
   std::map<std::string, std::string> labels;
   if (!node) return labels;
-  for (const auto& label : node) labels[label.first.as<std::string>()] = label.second.as<std::string>();
+  for (const auto& label : node)
+    labels[label.first.as<std::string>()] = label.second.as<std::string>();
   return labels;
 }
 
@@ -280,7 +281,8 @@ TEST_F(ManifestsTest, TheServerServiceReachesItsPorts) {
   const YAML::Node service = Get("Service", "compress-server");
   ASSERT_TRUE(set && service);
   const YAML::Node server = set["spec"]["template"]["spec"]["containers"][0];
-  EXPECT_TRUE(Selects(Labels(service["spec"]["selector"]), Labels(set["spec"]["template"]["metadata"]["labels"])));
+  EXPECT_TRUE(Selects(Labels(service["spec"]["selector"]),
+                      Labels(set["spec"]["template"]["metadata"]["labels"])));
   std::map<std::string, int> ports;
   for (const auto& port : service["spec"]["ports"]) {
     ports[port["name"].as<std::string>()] = port["port"].as<int>();
@@ -368,7 +370,8 @@ TEST_F(ManifestsTest, OnlyWorkersAndClientsReachTheServer) {
       Labels(Get("StatefulSet", "compress-server")["spec"]["template"]["metadata"]["labels"]);
   EXPECT_TRUE(Selects(Labels(policy["spec"]["podSelector"]["matchLabels"]), server_labels));
   bool ingress = false;
-  for (const auto& type : policy["spec"]["policyTypes"]) ingress |= type.as<std::string>() == "Ingress";
+  for (const auto& type : policy["spec"]["policyTypes"])
+    ingress |= type.as<std::string>() == "Ingress";
   EXPECT_TRUE(ingress);
 
   std::vector<std::map<std::string, std::string>> grpc_peers;  // pod selectors allowed on grpc
@@ -407,7 +410,8 @@ TEST_F(ManifestsTest, ThePrometheusRuleIsTheRulesFile) {
   ASSERT_TRUE(rule);
   YAML::Node file = YAML::LoadFile(kDeployDir + "/prometheus/rules/compress-alerts.yml");
   // Compared as JSON-like trees: formatting and comments may differ.
-  std::function<nlohmann::json(const YAML::Node&)> to_json = [&](const YAML::Node& n) -> nlohmann::json {
+  std::function<nlohmann::json(const YAML::Node&)> to_json =
+      [&](const YAML::Node& n) -> nlohmann::json {
     if (n.IsMap()) {
       nlohmann::json j = nlohmann::json::object();
       for (const auto& kv : n) j[kv.first.as<std::string>()] = to_json(kv.second);
@@ -498,11 +502,13 @@ TEST(DashboardsTest, TheJobDashboardIsChosenByAJobIdVariable) {
   for (const nlohmann::json& dashboard : Dashboards()) {
     if (dashboard.at("uid") != "compress-job") continue;
     bool variable = false;
-    for (const auto& v : dashboard.at("templating").at("list")) variable |= v.at("name") == "job_id";
+    for (const auto& v : dashboard.at("templating").at("list"))
+      variable |= v.at("name") == "job_id";
     EXPECT_TRUE(variable);
     for (const auto& panel : dashboard.at("panels")) {
       for (const auto& target : panel.value("targets", nlohmann::json::array())) {
-        EXPECT_NE(target.at("expr").get<std::string>().find("job_id=\"$job_id\""), std::string::npos)
+        EXPECT_NE(target.at("expr").get<std::string>().find("job_id=\"$job_id\""),
+                  std::string::npos)
             << panel.at("title");
       }
     }
@@ -520,7 +526,8 @@ TEST(DashboardsTest, UseOnlyMetricsTheProcessesDeclare) {
                                       testing::kMetricsNotYetExported.end());
   for (const std::string& name : pending) {
     EXPECT_EQ(declared.count(name), 0u)
-        << name << " is declared now: remove it from kMetricsNotYetExported (tests/deploy/deploy_paths.h)";
+        << name
+        << " is declared now: remove it from kMetricsNotYetExported (tests/deploy/deploy_paths.h)";
   }
   auto check = [&](const std::string& where, const std::string& expr) {
     for (std::string name : MetricsUsedIn(expr)) {
@@ -541,19 +548,21 @@ TEST(DashboardsTest, UseOnlyMetricsTheProcessesDeclare) {
     for (const auto& panel : dashboard.at("panels")) {
       for (const auto& target : panel.value("targets", nlohmann::json::array())) {
         const std::string expr = target.at("expr");
-        check(dashboard.at("uid").get<std::string>() + " / " + panel.at("title").get<std::string>(), expr);
+        check(dashboard.at("uid").get<std::string>() + " / " + panel.at("title").get<std::string>(),
+              expr);
         for (const std::string& name : MetricsUsedIn(expr)) {
           if (pending.count(name)) used_pending.insert(name);
         }
       }
     }
     for (const auto& variable : dashboard.at("templating").at("list")) {
-      if (variable.contains("definition")) check("variable " + variable.at("name").get<std::string>(),
-                                                 variable.at("definition"));
+      if (variable.contains("definition"))
+        check("variable " + variable.at("name").get<std::string>(), variable.at("definition"));
     }
   }
   EXPECT_EQ(used_pending, pending) << "a pending metric no panel uses: drop it from the list";
-  for (const auto& group : YAML::LoadFile(kDeployDir + "/prometheus/rules/compress-alerts.yml")["groups"]) {
+  for (const auto& group :
+       YAML::LoadFile(kDeployDir + "/prometheus/rules/compress-alerts.yml")["groups"]) {
     for (const auto& rule : group["rules"]) {
       check("alert " + rule["alert"].as<std::string>(), rule["expr"].as<std::string>());
       for (const std::string& name : MetricsUsedIn(rule["expr"].as<std::string>())) {
@@ -564,7 +573,8 @@ TEST(DashboardsTest, UseOnlyMetricsTheProcessesDeclare) {
 }
 
 TEST(DashboardsTest, GrafanaProvisioningLoadsThem) {
-  const YAML::Node providers = YAML::LoadFile(kDeployDir + "/grafana/provisioning/dashboards/compress.yaml");
+  const YAML::Node providers =
+      YAML::LoadFile(kDeployDir + "/grafana/provisioning/dashboards/compress.yaml");
   const std::string path = providers["providers"][0]["options"]["path"].as<std::string>();
   const YAML::Node datasources =
       YAML::LoadFile(kDeployDir + "/grafana/provisioning/datasources/prometheus.yaml");
@@ -573,7 +583,8 @@ TEST(DashboardsTest, GrafanaProvisioningLoadsThem) {
   // the provisioning folder where Grafana reads it.
   const YAML::Node compose = YAML::LoadFile(kDockerDir + "/compose.yaml");
   std::set<std::string> mounts;
-  for (const auto& volume : compose["services"]["grafana"]["volumes"]) mounts.insert(volume.as<std::string>());
+  for (const auto& volume : compose["services"]["grafana"]["volumes"])
+    mounts.insert(volume.as<std::string>());
   EXPECT_EQ(mounts.count("../deploy/grafana/dashboards:" + path + ":ro"), 1u) << path;
   EXPECT_EQ(mounts.count("../deploy/grafana/provisioning:/etc/grafana/provisioning:ro"), 1u);
   for (const char* service : {"server", "worker-1", "worker-2", "prometheus", "grafana"}) {
@@ -608,7 +619,8 @@ TEST(ImagesTest, AreMultiStageNonRootAndHealthChecked) {
     EXPECT_NE(user.rfind("root", 0), 0u);
     EXPECT_NE(user.rfind("0", 0), 0u);
     EXPECT_TRUE(healthcheck) << "the runtime stage has a HEALTHCHECK";
-    EXPECT_TRUE(fs::exists(entry.path().string() + ".dockerignore")) << "keeps build/ out of the context";
+    EXPECT_TRUE(fs::exists(entry.path().string() + ".dockerignore"))
+        << "keeps build/ out of the context";
   }
   EXPECT_EQ(images, 3) << "server, CPU worker, CUDA worker";
 }

@@ -148,10 +148,10 @@ class PrometheusTest : public ::testing::Test {
         grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
     for (const char* id : {"worker-a", "worker-b"}) {
       workers_.push_back(std::make_unique<Subprocess>(
-          std::vector<std::string>{COMPRESS_WORKER_BIN, "--server", absl::StrCat("127.0.0.1:", port),
-                                   "--worker-id", id, "--work-dir", dir_.Sub(std::string("work-") + id),
-                                   "--poll-millis", "500", "--metrics-listen", "127.0.0.1:0",
-                                   "--threads", "1"},
+          std::vector<std::string>{
+              COMPRESS_WORKER_BIN, "--server", absl::StrCat("127.0.0.1:", port), "--worker-id", id,
+              "--work-dir", dir_.Sub(std::string("work-") + id), "--poll-millis", "500",
+              "--metrics-listen", "127.0.0.1:0", "--threads", "1"},
           dir_.Sub(std::string(id) + ".log")));
       const int metrics_port = workers_.back()->WaitForNumber("metrics_port");
       ASSERT_GT(metrics_port, 0) << workers_.back()->Log();
@@ -350,9 +350,9 @@ TEST_F(PrometheusTest, EveryDashboardPanelReturnsDataWhileJobsRun) {
       ASSERT_TRUE(std::regex_match(definition, m,
                                    std::regex(R"(label_values\(\s*([^,]+?)\s*,\s*(\w+)\s*\))")))
           << definition;
-      json answer = Api("/api/v1/label/" + m[2].str() + "/values",
-                        {{"match[]", m[1].str()}, {"start", Timestamp(start_)},
-                         {"end", Timestamp(end_)}});
+      json answer =
+          Api("/api/v1/label/" + m[2].str() + "/values",
+              {{"match[]", m[1].str()}, {"start", Timestamp(start_)}, {"end", Timestamp(end_)}});
       ASSERT_EQ(answer.value("status", ""), "success") << answer.dump();
       std::set<std::string> values = answer.at("data").get<std::set<std::string>>();
       EXPECT_FALSE(values.empty()) << uid << ": variable " << variable.at("name");
@@ -406,8 +406,11 @@ TEST_F(PrometheusTest, EveryDashboardPanelReturnsDataWhileJobsRun) {
     const std::string path = dir_.Sub(who + ".metrics");
     std::ofstream(path) << page;
     std::string output;
-    EXPECT_EQ(testing::RunCommand({"/bin/sh", "-c", promtool_bin_ + " check metrics < " + path}, &output), 0)
-        << who << ": " << output << "\n" << page;
+    EXPECT_EQ(
+        testing::RunCommand({"/bin/sh", "-c", promtool_bin_ + " check metrics < " + path}, &output),
+        0)
+        << who << ": " << output << "\n"
+        << page;
   }
 }
 

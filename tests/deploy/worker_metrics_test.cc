@@ -23,7 +23,8 @@ TEST(BlockTimerTest, TimesEachBlockFromTheEndOfThePreviousOne) {
   BlockTimer timer(&metrics.block_seconds, At(0));
   // Embeddings first (not a block), then block 0 (its calibration capture
   // runs before its first tensor is reported), then block 1.
-  timer.OnProgress("rtn: model.embed_tokens.weight [512x256] 4-bit, relative error 0.1 (1/9)", At(1));
+  timer.OnProgress("rtn: model.embed_tokens.weight [512x256] 4-bit, relative error 0.1 (1/9)",
+                   At(1));
   timer.OnProgress("gptq: model.layers.0.self_attn.q_proj.weight [256x256] 4-bit (2/9)", At(4));
   timer.OnProgress("gptq: model.layers.0.mlp.down_proj.weight [256x512] 4-bit (3/9)", At(5));
   timer.OnProgress("gptq: model.layers.1.self_attn.q_proj.weight [256x256] 4-bit (4/9)", At(7.5));
@@ -35,12 +36,15 @@ TEST(BlockTimerTest, TimesEachBlockFromTheEndOfThePreviousOne) {
   const std::string page = registry.Serialize();
   // Block 0: from the embeddings' event (1 s) to its last tensor (5 s).
   EXPECT_EQ(Sample(page, R"(compress_worker_block_seconds_count{method="gptq"})"),
-            R"(compress_worker_block_seconds_count{method="gptq"} 1)") << page;
+            R"(compress_worker_block_seconds_count{method="gptq"} 1)")
+      << page;
   EXPECT_EQ(Sample(page, R"(compress_worker_block_seconds_sum{method="gptq"})"),
-            R"(compress_worker_block_seconds_sum{method="gptq"} 4)") << page;
+            R"(compress_worker_block_seconds_sum{method="gptq"} 4)")
+      << page;
   // Block 1: 5 s to 8 s, touched by two methods; evaluation is not a block.
   EXPECT_EQ(Sample(page, R"(compress_worker_block_seconds_sum{method="gptq+rtn"})"),
-            R"(compress_worker_block_seconds_sum{method="gptq+rtn"} 3)") << page;
+            R"(compress_worker_block_seconds_sum{method="gptq+rtn"} 3)")
+      << page;
   EXPECT_EQ(page.find("method=\"evaluate\""), std::string::npos);
   EXPECT_EQ(page.find("method=\"rtn\""), std::string::npos);
 }
@@ -75,9 +79,11 @@ TEST(WorkerMetricsTest, ReadsDeviceMemoryAtEveryScrape) {
   WorkerMetrics metrics(registry);
   int64_t used = 100;
   metrics.SetDeviceMemoryProbe([&used] { return used; });
-  EXPECT_NE(registry.Serialize().find("compress_worker_device_memory_used_bytes 100\n"), std::string::npos);
+  EXPECT_NE(registry.Serialize().find("compress_worker_device_memory_used_bytes 100\n"),
+            std::string::npos);
   used = 250;
-  EXPECT_NE(registry.Serialize().find("compress_worker_device_memory_used_bytes 250\n"), std::string::npos);
+  EXPECT_NE(registry.Serialize().find("compress_worker_device_memory_used_bytes 250\n"),
+            std::string::npos);
 }
 
 }  // namespace

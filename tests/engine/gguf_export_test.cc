@@ -276,7 +276,8 @@ class GgufQwen2ExportTest : public ::testing::Test {
     options.extra_config_json = extra.dump();
     const std::string model = dir_ / name;
     EXPECT_TRUE(WriteRandomLlamaModel(options, model).ok());
-    const std::string fixture = std::string(FIXTURES_DIR) + "/../engine/fixtures/tokenizer/qwen2_tiny/";
+    const std::string fixture =
+        std::string(FIXTURES_DIR) + "/../engine/fixtures/tokenizer/qwen2_tiny/";
     for (const char* file : {"tokenizer.json", "tokenizer_config.json"}) {
       fs::copy_file(fixture + file, model + "/" + file);
     }

@@ -140,7 +140,10 @@ TEST(TrainerLoop, AccumulatingTwoHalfBatchesEqualsOneFullBatch) {
   EXPECT_NEAR(a->steps[0].loss, b->steps[0].loss, 1e-6);
   auto pf = full.NamedParameters(), ph = halves.NamedParameters();
   for (size_t i = 0; i < pf.size(); ++i) {
-    EXPECT_TRUE(at::allclose(pf[i].second, ph[i].second, 1e-5, 1e-6)) << pf[i].first;
+    // Within 1e-5: a step moves weights by ~3e-3, and where the two sums of
+    // a near-zero gradient round apart, Adam's g / (|g| + eps) moves them
+    // apart by up to a few 1e-6 (seen on some CPUs' BLAS kernels).
+    EXPECT_TRUE(at::allclose(pf[i].second, ph[i].second, 1e-5, 1e-5)) << pf[i].first;
   }
 }
 

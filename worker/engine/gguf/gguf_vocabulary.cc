@@ -140,7 +140,8 @@ absl::StatusOr<GgufVocabulary> ReadGgufVocabulary(const std::string& tokenizer_j
     // not in NFC already, and convert_hf_to_gguf.py exports it the same way;
     // any other normalizer would change what llama.cpp tokenizes.
     const Json normalizer = json.value("normalizer", Json());
-    if (!normalizer.is_null() && !(normalizer.is_object() && normalizer.value("type", "") == "NFC")) {
+    const bool nfc = normalizer.is_object() && normalizer.value("type", "") == "NFC";
+    if (!normalizer.is_null() && !nfc) {
       return unsupported("a normalizer other than NFC");
     }
   }
@@ -236,7 +237,8 @@ absl::StatusOr<GgufVocabulary> ReadGgufVocabulary(const std::string& tokenizer_j
   if (config.is_object() && config.contains("pad_token") && config["pad_token"].is_string()) {
     vocabulary.padding_id = tokenizer.TokenToId(config["pad_token"].get<std::string>());
   }
-  if (config.is_object() && config.contains("chat_template") && config["chat_template"].is_string()) {
+  if (config.is_object() && config.contains("chat_template") &&
+      config["chat_template"].is_string()) {
     vocabulary.chat_template = config["chat_template"].get<std::string>();
   }
   return vocabulary;

@@ -115,7 +115,9 @@ std::string NormalizeNfc(std::string_view text) {
         invalid = true;
         break;
       }
-      if (pos - start >= kMaxRun && nfc->hasBoundaryBefore(static_cast<UChar32>(c.code_point))) break;
+      if (pos - start >= kMaxRun && nfc->hasBoundaryBefore(static_cast<UChar32>(c.code_point))) {
+        break;
+      }
       ascii = ascii && c.code_point < 0x80;
       pos += static_cast<size_t>(c.length);
     }
