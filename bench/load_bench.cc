@@ -33,6 +33,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <csignal>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -76,7 +77,7 @@ struct Flags {
   int watchers = 100;
   int sleep_ms = 0;
   int paced_jobs = 300;
-  int paced_rate = 0;  // jobs/s; 0: a fifth of the burst's measured throughput
+  int paced_rate = 0;  // jobs/s; 0: a quarter of the burst's measured throughput
   int page_size = 100;
   int list_walks = 3;
   std::string dir;     // default: <build>/load-bench
@@ -260,8 +261,9 @@ class LoadBench {
     Paced(static_cast<double>(records_.size()) / burst_seconds);
     ListJobsWalk();
     server_peak_kb_ = std::max(server_peak_kb_, ProcKb(server_->pid(), "status", "VmHWM"));
-    Restart(SIGTERM, &restart_term_);
-    Restart(SIGKILL, &restart_kill_);
+    Restart(SIGTERM, /*idle_client=*/false, &restart_term_);
+    Restart(SIGTERM, /*idle_client=*/true, &restart_term_idle_);
+    Restart(SIGKILL, /*idle_client=*/true, &restart_kill_);
     server_peak_kb_ = std::max(server_peak_kb_, ProcKb(server_->pid(), "status", "VmHWM"));
     WorkerMemoryAtEnd();
     PrintGoals();
@@ -301,6 +303,8 @@ class LoadBench {
     port_ = compress::testing::PickFreePort();
     if (!StartServer()) return false;
     server_cpu_before_ = ProcCpuSeconds(server_->pid());
+    std::printf("server: pid %d, 127.0.0.1:%d, store %s/data\n", static_cast<int>(server_->pid()),
+                port_, dir_.c_str());
 
     // Workers: each a real process that loads LibTorch.
     const int64_t available_before = MemAvailableKb();
@@ -318,7 +322,10 @@ class LoadBench {
     while (ready < static_cast<int>(workers_.size()) && Clock::now() < deadline) {
       for (size_t i = 0; i < workers_.size(); ++i) {
         if (registered[i] || !workers_[i]->Running()) continue;
-        if (workers_[i]->Log().find("msg=registered") != std::string::npos) {
+        // The log is text or JSON lines (--log-format auto).
+        const std::string log = workers_[i]->Log();
+        if (log.find("msg=registered") != std::string::npos ||
+            log.find("\"msg\":\"registered\"") != std::string::npos) {
           registered[i] = true;
           ++ready;
         }
@@ -659,13 +666,34 @@ class LoadBench {
     // A free worker's wait for its next job while jobs were queued: from the
     // end of its job to the start of its next, when that next job was
     // already queued. This is the scheduler's dispatch under backlog.
+    // Also by the queue's length at that moment (jobs queued and not yet
+    // running): a dispatch that costs more the longer the queue shows here.
+    std::vector<int64_t> queued_at, running_at;
+    for (const JobRecord& r : records_) {
+      if (r.running_us == 0) continue;
+      queued_at.push_back(r.queued_us);
+      running_at.push_back(r.running_us);
+    }
+    std::sort(queued_at.begin(), queued_at.end());
+    std::sort(running_at.begin(), running_at.end());
+    auto queue_length = [&](int64_t t) {
+      return (std::upper_bound(queued_at.begin(), queued_at.end(), t) - queued_at.begin()) -
+             (std::upper_bound(running_at.begin(), running_at.end(), t) - running_at.begin());
+    };
+    const int64_t bands[] = {0, 100, 1000, 3000, 6000, INT64_MAX};
+    std::vector<std::vector<double>> gaps_by_band(std::size(bands) - 1);
     std::vector<double> gaps;
     for (auto& [worker, jobs] : by_worker) {
       std::sort(jobs.begin(), jobs.end(),
                 [](const JobRecord* a, const JobRecord* b) { return a->running_us < b->running_us; });
       for (size_t i = 1; i < jobs.size(); ++i) {
         if (jobs[i]->queued_us < jobs[i - 1]->end_us && jobs[i]->running_us >= jobs[i - 1]->end_us) {
-          gaps.push_back((jobs[i]->running_us - jobs[i - 1]->end_us) / 1000.0);
+          const double gap = (jobs[i]->running_us - jobs[i - 1]->end_us) / 1000.0;
+          gaps.push_back(gap);
+          const int64_t length = queue_length(jobs[i - 1]->end_us);
+          for (size_t b = 0; b + 1 < std::size(bands); ++b) {
+            if (length >= bands[b] && length < bands[b + 1]) gaps_by_band[b].push_back(gap);
+          }
         }
       }
     }
@@ -683,6 +711,14 @@ class LoadBench {
                 FormatMs(burst_queue_wait_).c_str());
     std::printf("[dispatch] free worker -> its next job RUNNING, jobs queued: %s\n",
                 FormatMs(backlog_dispatch_).c_str());
+    for (size_t b = 0; b + 1 < std::size(bands); ++b) {
+      if (gaps_by_band[b].empty()) continue;
+      std::printf("[dispatch]   with %s queued: %s\n",
+                  bands[b + 1] == INT64_MAX
+                      ? absl::StrCat(bands[b], "+").c_str()
+                      : absl::StrCat(bands[b], "-", bands[b + 1] - 1).c_str(),
+                  FormatMs(Summarize(gaps_by_band[b])).c_str());
+    }
     std::printf("[dispatch] RUNNING -> SUCCEEDED (a job's time on a worker): %s\n",
                 FormatMs(Summarize(service)).c_str());
 
@@ -758,12 +794,17 @@ class LoadBench {
   // idle worker waiting, so QUEUED -> RUNNING is the scheduler's own latency.
   void Paced(double throughput) {
     if (flags_.paced_jobs <= 0) return;
-    double rate = flags_.paced_rate > 0 ? flags_.paced_rate : std::max(1.0, throughput / 5);
-    std::vector<JobRecord> paced(flags_.paced_jobs);
+    // A quarter of the burst's throughput keeps most workers idle; at most
+    // about 20 s of it unless --paced-rate is given.
+    const double rate = flags_.paced_rate > 0 ? flags_.paced_rate : std::max(1.0, throughput / 4);
+    const int count = flags_.paced_rate > 0
+                          ? flags_.paced_jobs
+                          : std::min(flags_.paced_jobs, std::max(50, static_cast<int>(rate * 20)));
+    std::vector<JobRecord> paced(count);
     int accepted = 0;
     auto stub = v1::JobService::NewStub(NewChannel(port_));
     const Clock::time_point start = Clock::now();
-    for (int i = 0; i < flags_.paced_jobs; ++i) {
+    for (int i = 0; i < count; ++i) {
       std::this_thread::sleep_until(start + std::chrono::microseconds(static_cast<int64_t>(i * 1e6 / rate)));
       grpc::ClientContext context;
       SetDeadline(&context, std::chrono::seconds(30));
@@ -783,9 +824,9 @@ class LoadBench {
       bad += !r.log_ok;
     }
     paced_dispatch_ = Summarize(wait);
-    std::printf("\n[paced] %d jobs at %.1f/s (a fifth of the burst's %.1f jobs/s: idle workers "
-                "wait); %d bad logs\n",
-                flags_.paced_jobs, rate, throughput, bad);
+    std::printf("\n[paced] %d jobs at %.1f/s (the burst ran %.1f jobs/s: idle workers wait); "
+                "%d bad logs\n",
+                count, rate, throughput, bad);
     std::printf("[paced] QUEUED -> RUNNING (dispatch to an idle worker): %s; ratio p50 to GetJob "
                 "p50 %.1f\n",
                 FormatMs(paced_dispatch_).c_str(), paced_dispatch_.p50 / get_latency_.p50);
@@ -845,9 +886,12 @@ class LoadBench {
     std::string problem;
   };
 
-  void Restart(int signal, RestartResult* result) {
+  // With `idle_client`, the connection that read the sample stays open,
+  // idle, through the restart, as a dashboard's or a pipeline's would.
+  void Restart(int signal, bool idle_client, RestartResult* result) {
     // What the server must answer afterwards: a sample of jobs and page one.
-    auto stub = v1::JobService::NewStub(NewChannel(port_));
+    std::shared_ptr<grpc::Channel> channel = NewChannel(port_);
+    auto stub = v1::JobService::NewStub(channel);
     std::vector<v1::Job> sample;
     std::mt19937 rng(signal);
     for (int i = 0; i < 50; ++i) {
@@ -867,19 +911,14 @@ class LoadBench {
       stub->ListJobs(&context, request, &first_page);
     }
     server_peak_kb_ = std::max(server_peak_kb_, ProcKb(server_->pid(), "status", "VmHWM"));
-
-    if (getenv("LB_DEBUG")) {
-      if (getenv("LB_KILLW")) for (auto& w : workers_) w->Kill();
-      if (getenv("LB_DROP")) stub.reset();
-      std::this_thread::sleep_for(std::chrono::seconds(2));
-      std::system(absl::StrCat("ss -tnpi state established '( sport = :", port_, " )' | head -40").c_str());
+    if (!idle_client) {
+      stub.reset();
+      channel.reset();
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));  // the connection closes
     }
+
     const Clock::time_point signalled = Clock::now();
     server_->Signal(signal);
-    if (getenv("LB_DEBUG") && signal == SIGTERM) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(700));
-      std::system(absl::StrCat("gdb -p ", server_->pid(), " -batch -ex 'thread apply all bt' > /tmp/lb-gdb.txt 2>&1").c_str());
-    }
     server_->Wait();
     result->shutdown_s = SecondsSince(signalled);
     ++server_starts_;
@@ -895,7 +934,6 @@ class LoadBench {
     while (SecondsSince(started) < 60) {
       auto fresh = v1::JobService::NewStub(NewChannel(port_));
       problem = Verify(fresh.get(), sample, first_page);
-      if (getenv("LB_DEBUG")) std::printf("  %.3f %s\n", SecondsSince(started), problem.c_str());
       if (problem.empty()) break;
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
@@ -903,9 +941,11 @@ class LoadBench {
     result->total_s = SecondsSince(signalled);
     result->problem = problem;
     metrics_port_ = server_->WaitForNumber("metrics_port", 30000);
-    std::printf("\n[restart] %s: shutdown %.3f s; new process answers GetJob (%d jobs) and ListJobs "
-                "page 1 exactly as before %.3f s after it started; signal -> serving %.3f s%s%s\n",
-                signal == SIGTERM ? "SIGTERM" : "SIGKILL", result->shutdown_s, static_cast<int>(sample.size()),
+    std::printf("\n[restart] %s, %s: shutdown %.3f s; new process answers GetJob (%d jobs) and "
+                "ListJobs page 1 exactly as before %.3f s after it started; signal -> serving %.3f s%s%s\n",
+                signal == SIGTERM ? "SIGTERM" : "SIGKILL",
+                idle_client ? "an idle client connected" : "no client connected", result->shutdown_s,
+                static_cast<int>(sample.size()),
                 result->startup_s, result->total_s, problem.empty() ? "" : "; FAILED: ",
                 problem.c_str());
     std::printf("[restart] restarted server: RSS %.1f MiB after loading %d jobs\n",
@@ -979,9 +1019,11 @@ class LoadBench {
                 std::string(11, '-').c_str(), std::string(6, '-').c_str());
     info("submits/s, aggregate", absl::StrFormat("%.0f", submit_rate_));
     info("jobs/s run to the end (burst)", absl::StrFormat("%.1f", throughput_));
-    row("dispatch p99, QUEUED->RUNNING, idle workers (paced)",
-        absl::StrFormat("%.1f ms", paced_dispatch_.p99), "< 50 ms",
-        paced_dispatch_.n > 0 && paced_dispatch_.p99 < kDispatchGoalMs);
+    if (paced_dispatch_.n > 0) {
+      row("dispatch p99, QUEUED->RUNNING, idle workers (paced)",
+          absl::StrFormat("%.1f ms", paced_dispatch_.p99), "< 50 ms",
+          paced_dispatch_.p99 < kDispatchGoalMs);
+    }
     row("dispatch p99, free worker->next job, jobs queued",
         absl::StrFormat("%.1f ms", backlog_dispatch_.p99), "< 50 ms",
         backlog_dispatch_.n > 0 && backlog_dispatch_.p99 < kDispatchGoalMs);
@@ -993,10 +1035,18 @@ class LoadBench {
         watch_passed_ == static_cast<int>(watch_results_.size()));
     info(absl::StrFormat("ListJobs page p99 (%d per page, %d stored)", flags_.page_size, stored_),
          absl::StrFormat("%.1f ms", list_pages_.p99));
-    row("restart after SIGTERM (signal -> serving)", absl::StrFormat("%.2f s", restart_term_.total_s),
-        "< 2 s", restart_term_.problem.empty() && restart_term_.total_s < kRestartGoalSeconds);
-    row("restart after SIGKILL (signal -> serving)", absl::StrFormat("%.2f s", restart_kill_.total_s),
-        "< 2 s", restart_kill_.problem.empty() && restart_kill_.total_s < kRestartGoalSeconds);
+    const bool restarts_ok = restart_term_.problem.empty() && restart_term_idle_.problem.empty() &&
+                             restart_kill_.problem.empty();
+    const double recovery = std::max(
+        {restart_term_.startup_s, restart_term_idle_.startup_s, restart_kill_.startup_s});
+    row("restart: new process -> serving its state (worst)", absl::StrFormat("%.3f s", recovery),
+        "< 2 s", restarts_ok && recovery < kRestartGoalSeconds);
+    row("restart, SIGTERM: signal -> serving again", absl::StrFormat("%.3f s", restart_term_.total_s),
+        "< 2 s", restarts_ok && restart_term_.total_s < kRestartGoalSeconds);
+    row("restart, SIGTERM, an idle client connected", absl::StrFormat("%.3f s", restart_term_idle_.total_s),
+        "< 2 s", restarts_ok && restart_term_idle_.total_s < kRestartGoalSeconds);
+    row("restart, SIGKILL: signal -> serving again", absl::StrFormat("%.3f s", restart_kill_.total_s),
+        "< 2 s", restarts_ok && restart_kill_.total_s < kRestartGoalSeconds);
     row("server peak RSS (VmHWM)", absl::StrFormat("%.1f MiB", MiB(server_peak_kb_)), "< 200 MB",
         MiB(server_peak_kb_) * 1.048576 < kServerMemoryGoalMiB);
   }
@@ -1036,7 +1086,7 @@ class LoadBench {
   double submit_rate_ = 0, throughput_ = 0, get_rate_ = 0;
   Summary get_latency_, burst_queue_wait_, backlog_dispatch_, paced_dispatch_, list_pages_;
   int watch_passed_ = 0;
-  RestartResult restart_term_, restart_kill_;
+  RestartResult restart_term_, restart_term_idle_, restart_kill_;
 };
 
 }  // namespace
@@ -1050,7 +1100,8 @@ int main(int argc, char** argv) {
   set.Add("watchers", &flags.watchers, "concurrent WatchJob streams, one per job");
   set.Add("sleep-ms", &flags.sleep_ms, "each job's sleep per tensor (7 tensors)");
   set.Add("paced-jobs", &flags.paced_jobs, "jobs submitted slower than the workers finish them");
-  set.Add("paced-rate", &flags.paced_rate, "their rate per second (0: a fifth of the burst's throughput)");
+  set.Add("paced-rate", &flags.paced_rate,
+          "their rate per second (0: a quarter of the burst's throughput, for at most ~20 s)");
   set.Add("page-size", &flags.page_size, "ListJobs page size");
   set.Add("list-walks", &flags.list_walks, "times every ListJobs page is read");
   set.Add("dir", &flags.dir, "scratch folder: store, artifacts, model, logs (default <build>/load-bench)");
@@ -1072,5 +1123,6 @@ int main(int argc, char** argv) {
     flags.dir = (fs::read_symlink("/proc/self/exe").parent_path().parent_path() / "load-bench").string();
   }
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  std::signal(SIGPIPE, SIG_IGN);  // `| head` must not leave the children running
   return LoadBench(std::move(flags)).Run();
 }

@@ -1,7 +1,12 @@
 #include "common/log.h"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdio>
 #include <mutex>
+#include <nlohmann/json.hpp>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
@@ -19,6 +24,16 @@ std::mutex& LogMutex() {
 std::string& Component() {
   static std::string c;
   return c;
+}
+
+std::vector<std::pair<std::string, std::string>>& ProcessFields() {
+  static auto* fields = new std::vector<std::pair<std::string, std::string>>();
+  return *fields;
+}
+
+LogFormat& Format() {
+  static LogFormat format = LogFormat::kText;
+  return format;
 }
 
 const char* LevelName(LogLevel level) {
@@ -56,14 +71,50 @@ void SetLogComponent(absl::string_view component) {
   Component() = std::string(component);
 }
 
-void Log(LogLevel level, absl::string_view message, std::initializer_list<LogField> fields) {
-  std::string line = absl::StrCat(
-      "ts=", absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(), absl::UTCTimeZone()),
-      " level=", LevelName(level));
+void SetLogProcessField(absl::string_view key, absl::string_view value) {
   std::lock_guard<std::mutex> lock(LogMutex());
-  if (!Component().empty()) absl::StrAppend(&line, " component=", Component());
-  absl::StrAppend(&line, " msg=", Quote(message));
-  for (const LogField& f : fields) absl::StrAppend(&line, " ", f.first, "=", Quote(f.second));
+  auto& fields = ProcessFields();
+  fields.erase(std::remove_if(fields.begin(), fields.end(),
+                              [&](const auto& f) { return f.first == key; }),
+               fields.end());
+  if (!value.empty()) fields.emplace_back(std::string(key), std::string(value));
+}
+
+void SetLogFormat(LogFormat format) {
+  std::lock_guard<std::mutex> lock(LogMutex());
+  Format() = format;
+}
+
+absl::StatusOr<LogFormat> ParseLogFormat(absl::string_view name) {
+  if (name == "text") return LogFormat::kText;
+  if (name == "json") return LogFormat::kJson;
+  if (name == "auto") return ::isatty(STDERR_FILENO) ? LogFormat::kText : LogFormat::kJson;
+  return absl::InvalidArgumentError(
+      absl::StrCat("log format '", name, "': expected text, json or auto"));
+}
+
+void Log(LogLevel level, absl::string_view message, std::initializer_list<LogField> fields) {
+  const std::string time =
+      absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(), absl::UTCTimeZone());
+  std::string line;
+  std::lock_guard<std::mutex> lock(LogMutex());
+  if (Format() == LogFormat::kJson) {
+    nlohmann::ordered_json object;
+    object["ts"] = time;
+    object["level"] = LevelName(level);
+    if (!Component().empty()) object["component"] = Component();
+    object["msg"] = std::string(message);
+    for (const auto& [key, value] : ProcessFields()) object[key] = value;
+    for (const LogField& f : fields) object[std::string(f.first)] = f.second;
+    // Invalid UTF-8 becomes U+FFFD: the line stays one valid JSON object.
+    line = object.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
+  } else {
+    line = absl::StrCat("ts=", time, " level=", LevelName(level));
+    if (!Component().empty()) absl::StrAppend(&line, " component=", Component());
+    absl::StrAppend(&line, " msg=", Quote(message));
+    for (const auto& [key, value] : ProcessFields()) absl::StrAppend(&line, " ", key, "=", Quote(value));
+    for (const LogField& f : fields) absl::StrAppend(&line, " ", f.first, "=", Quote(f.second));
+  }
   line.push_back('\n');
   std::fputs(line.c_str(), stderr);
 }

@@ -41,7 +41,7 @@ for name in "${targets[@]}"; do
   # -timeout: one input over 10 s is a hang; -rss_limit_mb: over 2 GiB is
   # a memory blow-up. Both count as failures, like a crash.
   if ! "build-fuzz/fuzz/fuzz_$name" "$corpus" "${dict[@]}" -max_total_time="$seconds" \
-      -timeout=10 -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 \
+      -timeout=10 -rss_limit_mb=2048 -max_len=16384 -print_final_stats=1 \
       -artifact_prefix="$crashes/" 2>"build-fuzz/fuzz_$name.log"; then
     tail -n 60 "build-fuzz/fuzz_$name.log"
     failed+=("$name")

@@ -20,7 +20,10 @@ int main(int argc, char** argv) {
   compress::FlagSet flags("compress-server");
   flags.Add("listen", &config.listen, "gRPC address host:port (port 0 picks one)");
   flags.Add("metrics-listen", &config.metrics_listen, "HTTP address for /metrics and /healthz ('' disables)");
-  flags.Add("data-dir", &config.data_dir, "job store (SQLite) and artifact folder");
+  flags.Add("data-dir", &config.data_dir, "artifact folder, and the job store unless --store");
+  flags.Add("store", &config.store,
+            "job store: '' for SQLite in --data-dir, or postgresql://USER@HOST:PORT/DATABASE "
+            "(password from PGPASSWORD or ~/.pgpass)");
   flags.Add("model-root", &config.model_roots, "folder models may be read from (repeatable)");
   flags.Add("lease-seconds", &config.lease_seconds, "a worker that does not renew for this long loses its task");
   flags.Add("max-attempts", &config.max_attempts, "dispatches of one task before its job fails");
@@ -32,11 +35,19 @@ int main(int argc, char** argv) {
             "file of 'TOKEN TENANT [client|admin|worker]' lines ('' : no authentication)");
   flags.Add("tls-cert", &config.tls_cert_file, "PEM certificate chain for TLS on the gRPC port");
   flags.Add("tls-key", &config.tls_key_file, "PEM private key for --tls-cert");
+  std::string log_format = "auto";
+  flags.Add("log-format", &log_format, "text, json (one object per line) or auto (text on a terminal)");
   absl::Status parsed = flags.Parse(argc, argv);
   if (!parsed.ok()) {
     std::fprintf(stderr, "%s\n", std::string(parsed.message()).c_str());
     return parsed.code() == absl::StatusCode::kFailedPrecondition ? 0 : 1;
   }
+  absl::StatusOr<compress::LogFormat> format = compress::ParseLogFormat(log_format);
+  if (!format.ok()) {
+    std::fprintf(stderr, "compress-server: %s\n", std::string(format.status().message()).c_str());
+    return 1;
+  }
+  compress::SetLogFormat(*format);
   if (config.model_roots.empty()) {
     std::fprintf(stderr, "compress-server: at least one --model-root is required\n");
     return 1;

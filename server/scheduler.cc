@@ -770,6 +770,11 @@ absl::Status Scheduler::DispatchLocked(const std::string& job_id, int index,
   }
   RequeueLocked(jobs_.at(job_id), now);
   workers_[worker_id].task_id = dispatched.lease_id();
+  LOG_INFO("task dispatched", {{"job", job_id},
+                               {"task", dispatched.lease_id()},
+                               {"worker", worker_id},
+                               {"kind", compress::v1::TaskKind_Name(dispatched.kind())},
+                               {"attempt", std::to_string(dispatched.attempts())}});
 
   const Job& stored = jobs_.at(job_id).job;
   compress::v1::Task& out = *response->mutable_task();
@@ -884,6 +889,7 @@ void Scheduler::ExpireLeasesLocked(absl::Time now, std::vector<std::string>* cha
     std::vector<JobEvent> events;
     const std::string worker = task.worker_id();
     metrics_->lease_expirations.Increment();
+    LOG_WARN("lease expired", {{"job", id}, {"task", task.lease_id()}, {"worker", worker}});
     task.set_state(compress::v1::TASK_PENDING);
     task.clear_lease_id();
     const std::string label = updated.job.tasks_size() == 1 ? "" : TaskLabel(task) + ": ";
@@ -1144,6 +1150,11 @@ absl::Status Scheduler::CompleteTask(const compress::v1::CompleteTaskRequest& re
     Job& job = updated.job;
     JobTask& task = *job.mutable_tasks(lease.index);
     const std::string label = job.tasks_size() == 1 ? "" : TaskLabel(task) + ": ";
+    LOG_INFO("task completed", {{"job", job.id()},
+                                {"task", task.lease_id()},
+                                {"worker", request.worker_id()},
+                                {"success", request.success() ? "true" : "false"},
+                                {"error", request.error()}});
     lease_expiry_.erase(task.lease_id());
     task.clear_lease_id();
     std::vector<JobEvent> events;

@@ -6,6 +6,7 @@
 
 #include <filesystem>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/files.h"
 #include "common/log.h"
@@ -23,8 +24,7 @@ absl::Status CompressServer::Start() {
   RETURN_IF_ERROR(MakeDirs(config_.data_dir));
   std::string artifact_dir = (fs::path(config_.data_dir) / "artifacts").string();
   RETURN_IF_ERROR(MakeDirs(artifact_dir));
-  ASSIGN_OR_RETURN(std::unique_ptr<JobStore> store,
-                   OpenSqliteJobStore((fs::path(config_.data_dir) / "jobs.db").string()));
+  ASSIGN_OR_RETURN(std::unique_ptr<JobStore> store, OpenStore());
   SchedulerConfig scheduler_config;
   scheduler_config.model_roots = config_.model_roots;
   scheduler_config.artifact_dir = artifact_dir;
@@ -66,8 +66,24 @@ absl::Status CompressServer::Start() {
   }
   LOG_INFO("serving", {{"grpc_port", std::to_string(grpc_port_)},
                        {"metrics_port", std::to_string(metrics_port_)},
-                       {"data_dir", config_.data_dir}});
+                       {"data_dir", config_.data_dir},
+                       {"store", config_.store.empty() ? "sqlite" : "postgres"}});
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<JobStore>> CompressServer::OpenStore() const {
+  const std::string& store = config_.store;
+  if (store.empty()) {
+    return OpenSqliteJobStore((std::filesystem::path(config_.data_dir) / "jobs.db").string());
+  }
+  if (absl::StartsWith(store, "postgres://") || absl::StartsWith(store, "postgresql://")) {
+    return OpenPostgresJobStore(store);
+  }
+  // Only the scheme is repeated: the rest may hold a password.
+  const size_t colon = store.find(':');
+  return absl::InvalidArgumentError(absl::StrCat(
+      "--store: ", colon == std::string::npos ? "not a URL" : "no store for '" + store.substr(0, colon) + ":'",
+      "; leave it empty for SQLite in --data-dir, or give postgresql://USER@HOST:PORT/DATABASE"));
 }
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> CompressServer::ServerCredentials() const {

@@ -25,7 +25,10 @@ namespace compress::server {
 struct ServerConfig {
   std::string listen = "127.0.0.1:50051";
   std::string metrics_listen = "127.0.0.1:9464";  // empty: no HTTP endpoint
-  std::string data_dir = "./compress-data";
+  std::string data_dir = "./compress-data";  // the artifacts, and the SQLite store by default
+  // The job store: empty for SQLite (jobs.db in data_dir), or a
+  // postgres:// / postgresql:// URL for PostgreSQL.
+  std::string store;
   std::vector<std::string> model_roots;
   int lease_seconds = 15;
   int max_attempts = 5;
@@ -53,6 +56,7 @@ class CompressServer {
   Scheduler* scheduler() { return scheduler_.get(); }
 
  private:
+  absl::StatusOr<std::unique_ptr<JobStore>> OpenStore() const;
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials() const;
 
   ServerConfig config_;

@@ -46,7 +46,7 @@ class Statement {
 class SqliteJobStore : public JobStore {
  public:
   ~SqliteJobStore() override {
-    for (sqlite3_stmt* s : {upsert_job_, insert_event_, read_events_, load_jobs_}) {
+    for (sqlite3_stmt* s : {upsert_job_, insert_event_, read_events_, load_jobs_, last_event_}) {
       sqlite3_finalize(s);
     }
     sqlite3_close(db_);
@@ -75,6 +75,8 @@ class SqliteJobStore : public JobStore {
     RETURN_IF_ERROR(Prepare(
         "SELECT event FROM events WHERE job_id = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
         &read_events_));
+    RETURN_IF_ERROR(Prepare("SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = ?1",
+                            &last_event_));
     RETURN_IF_ERROR(Prepare("SELECT job FROM jobs "
                             "ORDER BY create_micros, id",
                             &load_jobs_));
@@ -154,6 +156,15 @@ class SqliteJobStore : public JobStore {
         return absl::InternalError(absl::StrCat("write job ", job.id(), ": ", Error()));
       }
     }
+    if (!events.empty()) {
+      Statement stmt(last_event_);
+      sqlite3_bind_text(stmt.get(), 1, job.id().data(), static_cast<int>(job.id().size()),
+                        SQLITE_TRANSIENT);
+      if (sqlite3_step(stmt.get()) != SQLITE_ROW) {
+        return absl::InternalError(absl::StrCat("read the last event of ", job.id(), ": ", Error()));
+      }
+      RETURN_IF_ERROR(CheckEventsContinue(job.id(), sqlite3_column_int64(stmt.get(), 0), events));
+    }
     for (const JobEvent& event : events) {
       std::string event_blob = event.SerializeAsString();
       Statement stmt(insert_event_);
@@ -195,6 +206,7 @@ class SqliteJobStore : public JobStore {
   sqlite3_stmt* insert_event_ = nullptr;
   sqlite3_stmt* read_events_ = nullptr;
   sqlite3_stmt* load_jobs_ = nullptr;
+  sqlite3_stmt* last_event_ = nullptr;
 };
 
 }  // namespace

@@ -202,6 +202,7 @@ WorkerAgent::WorkerAgent(WorkerConfig config,
                          WorkerMetrics* metrics)
     : config_(std::move(config)), stub_(std::move(stub)), metrics_(metrics) {
   worker_id_ = config_.worker_id.empty() ? DefaultWorkerId() : config_.worker_id;
+  SetLogProcessField("worker", worker_id_);
   if (config_.memory_bytes == 0) config_.memory_bytes = DetectMemoryBytes();
   metrics_->device_memory_bytes.Set(static_cast<double>(config_.memory_bytes));
   if (config_.device.empty() || config_.device == "cpu") {
@@ -236,6 +237,7 @@ absl::Status WorkerAgent::Register(const std::atomic<bool>* stop) {
         metrics_->info.Add({{"worker_id", worker_id_}, {"device", config_.device}}).Set(0);
       }
       worker_id_ = response.worker_id();
+      SetLogProcessField("worker", worker_id_);
       metrics_->info.Add({{"worker_id", worker_id_}, {"device", config_.device}}).Set(1);
       lease_seconds_ = std::max(1, response.lease_seconds());
       LOG_INFO("registered", {{"worker", worker_id_}, {"server", config_.server},

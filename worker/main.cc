@@ -160,7 +160,12 @@ int Serve(int argc, char** argv) {
   flags.Add("tls-ca", &tls_ca_file, "dial with TLS, trusting this PEM CA bundle");
   int threads = 0;
   flags.Add("threads", &threads, "CPU threads per operation (0: one per core)");
+  std::string log_format = "auto";
+  flags.Add("log-format", &log_format, "text, json (one object per line) or auto (text on a terminal)");
   if (int rc = ParseOrExit(flags, argc, argv, 1); rc >= 0) return rc;
+  absl::StatusOr<compress::LogFormat> format = compress::ParseLogFormat(log_format);
+  if (!format.ok()) return Fail(format.status());
+  compress::SetLogFormat(*format);
   compress::engine::SetCpuThreads(threads);
   if (!token_file.empty()) {
     absl::StatusOr<std::string> token = compress::ReadFile(token_file, 4096);

@@ -9,6 +9,8 @@
 #include <thread>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 namespace compress {
 namespace {
 
@@ -55,6 +57,40 @@ TEST(LogTest, ComponentAppearsOnceSet) {
   SetLogComponent("");
   EXPECT_THAT(line, HasSubstr("level=warning component=worker msg=slow\n"));
   EXPECT_THAT(Captured([] { LOG_WARN("slow"); }), Not(HasSubstr("component=")));
+}
+
+TEST(LogTest, JsonLinesAreOneObjectEachWithProcessAndCallFields) {
+  SetLogFormat(LogFormat::kJson);
+  SetLogComponent("worker");
+  SetLogProcessField("worker", "gpu-7");
+  const std::string line = Captured([] {
+    LOG_ERROR("say \"hi\"\nagain", {{"job", "job-1"}, {"task", "job-1-t2-a1"}, {"bad", "\xff\xfe ok"}});
+  });
+  SetLogProcessField("worker", "");
+  SetLogComponent("");
+  const std::string plain = Captured([] { LOG_INFO("plain"); });
+  SetLogFormat(LogFormat::kText);
+  ASSERT_EQ(std::count(line.begin(), line.end(), '\n'), 1);
+  const nlohmann::json object = nlohmann::json::parse(line);
+  EXPECT_EQ(object["level"], "error");
+  EXPECT_EQ(object["component"], "worker");
+  EXPECT_EQ(object["msg"], "say \"hi\"\nagain");
+  EXPECT_EQ(object["worker"], "gpu-7");
+  EXPECT_EQ(object["job"], "job-1");
+  EXPECT_EQ(object["task"], "job-1-t2-a1");
+  EXPECT_EQ(object["bad"], "\xef\xbf\xbd\xef\xbf\xbd ok") << "invalid UTF-8 is replaced";
+  EXPECT_THAT(object["ts"].get<std::string>(), ContainsRegex("^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]+Z$"));
+  // A removed process field and component are gone.
+  const nlohmann::json second = nlohmann::json::parse(plain);
+  EXPECT_FALSE(second.contains("worker"));
+  EXPECT_FALSE(second.contains("component"));
+}
+
+TEST(LogTest, FormatsByName) {
+  EXPECT_EQ(*ParseLogFormat("json"), LogFormat::kJson);
+  EXPECT_EQ(*ParseLogFormat("text"), LogFormat::kText);
+  EXPECT_TRUE(ParseLogFormat("auto").ok());
+  EXPECT_EQ(ParseLogFormat("xml").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(LogTest, ConcurrentCallsDoNotInterleave) {

@@ -9,6 +9,8 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
 #include <set>
 #include <thread>
 
@@ -21,6 +23,7 @@
 #include "grpc_standard_services.grpc.pb.h"
 #include "tests/testing/subprocess.h"
 #include "tests/testing/job_stream.h"
+#include "tests/testing/postgres.h"
 #include "tests/testing/temp_dir.h"
 
 namespace compress {
@@ -35,6 +38,7 @@ namespace fs = std::filesystem;
 class EndToEndTest : public ::testing::Test {
  protected:
   void SetUp() override {
+    if (!store_.SkipReason().empty()) GTEST_SKIP() << store_.SkipReason();
     std::string output;
     ASSERT_EQ(testing::RunCommand({COMPRESS_WORKER_BIN, "make-random-model", "--out",
                                    dir_.Sub("models/llama"), "--layers", "2", "--hidden", "256",
@@ -53,8 +57,10 @@ class EndToEndTest : public ::testing::Test {
     std::vector<std::string> argv = {
         COMPRESS_SERVER_BIN, "--listen", absl::StrCat("127.0.0.1:", port_), "--metrics-listen",
         "127.0.0.1:0", "--data-dir", dir_.Sub("data"), "--model-root", dir_.Sub("models"),
-        "--lease-seconds", "2"};
+        "--lease-seconds", "2", "--log-format", "json"};
     argv.insert(argv.end(), extra_flags.begin(), extra_flags.end());
+    absl::Status store = store_.AddServerFlags(&argv);  // --store with COMPRESS_TEST_STORE=postgres
+    ASSERT_TRUE(store.ok()) << store;
     // A log per start, so the port line read is this start's.
     server_ = std::make_unique<Subprocess>(argv, dir_.Sub(absl::StrCat("server-", ++server_starts_, ".log")));
     ASSERT_GT(server_->WaitForNumber("grpc_port"), 0) << server_->Log();
@@ -67,7 +73,7 @@ class EndToEndTest : public ::testing::Test {
     std::vector<std::string> argv = {
         COMPRESS_WORKER_BIN, "--server", absl::StrCat("127.0.0.1:", port_), "--worker-id", id,
         "--work-dir", dir_.Sub("work-" + id), "--poll-millis", "500", "--metrics-listen",
-        "127.0.0.1:0"};
+        "127.0.0.1:0", "--log-format", "json"};
     argv.insert(argv.end(), extra_flags.begin(), extra_flags.end());
     workers_[id] = std::make_unique<Subprocess>(argv, dir_.Sub(id + ".log"));
   }
@@ -154,6 +160,7 @@ class EndToEndTest : public ::testing::Test {
   }
 
   testing::TempDir dir_{"e2e"};
+  testing::TestStore store_;  // before server_: the server stops before its schema is dropped
   int port_ = 0;
   int server_starts_ = 0;
   std::unique_ptr<Subprocess> server_;
@@ -318,6 +325,43 @@ TEST_F(EndToEndTest, ASplitJobRunsOnBothWorkersAndWritesTheLocalRunsBytes) {
     ++compared;
   }
   EXPECT_GE(compared, 4);  // both checkpoints' weights and configs
+}
+
+// JSON log lines from every process name the job, its task and the worker,
+// so a log system can follow one job from the server to the worker.
+TEST_F(EndToEndTest, JsonLogsFollowOneJobAcrossProcesses) {
+  const Job job = WaitForEnd(Submit("model: {path: llama}\nstages: [{rtn: {bits: 4}}]\n"));
+  ASSERT_EQ(job.state(), v1::SUCCEEDED);
+  const std::string task = job.tasks(0).lease_id().empty()
+                               ? absl::StrCat(job.id(), "-t0-a", job.tasks(0).attempts())
+                               : job.tasks(0).lease_id();
+  auto lines_about = [&](const std::string& log) {
+    std::vector<nlohmann::json> found;
+    std::istringstream in(log);
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.empty() || line[0] != '{') continue;  // the port lines on stdout
+      nlohmann::json object = nlohmann::json::parse(line, nullptr, false);
+      EXPECT_FALSE(object.is_discarded()) << line;
+      if (!object.is_discarded() && object.value("job", "") == job.id()) found.push_back(object);
+    }
+    return found;
+  };
+  bool server_dispatch = false;
+  for (const nlohmann::json& line : lines_about(server_->Log())) {
+    if (line["msg"] == "task dispatched") {
+      server_dispatch = line["task"] == task && line["worker"] == job.worker_id();
+    }
+  }
+  EXPECT_TRUE(server_dispatch) << server_->Log();
+  bool worker_started = false;
+  for (const nlohmann::json& line : lines_about(workers_.at(job.worker_id())->Log())) {
+    if (line["msg"] == "task started") {
+      worker_started = line["task"] == task && line["worker"] == job.worker_id() &&
+                       line["component"] == "worker";
+    }
+  }
+  EXPECT_TRUE(worker_started) << workers_.at(job.worker_id())->Log();
 }
 
 TEST_F(EndToEndTest, BadRequestsAreRefusedAndTheServerKeepsServing) {

@@ -19,6 +19,7 @@
 #include "common/sha256.h"
 #include "compress/v1/compress.grpc.pb.h"
 #include "tests/testing/job_stream.h"
+#include "tests/testing/postgres.h"
 #include "tests/testing/subprocess.h"
 #include "tests/testing/temp_dir.h"
 
@@ -54,6 +55,7 @@ std::string ReadBytes(const std::string& path) {
 class FaultTest : public ::testing::Test {
  protected:
   void SetUp() override {
+    if (!store_.SkipReason().empty()) GTEST_SKIP() << store_.SkipReason();
     std::string output;
     ASSERT_EQ(testing::RunCommand({COMPRESS_WORKER_BIN, "make-random-model", "--out",
                                    dir_.Sub("models/llama"), "--layers", "2", "--hidden", "128",
@@ -75,6 +77,8 @@ class FaultTest : public ::testing::Test {
           std::string("--lease-seconds"), std::string("2")}) {
       argv.push_back(arg);
     }
+    absl::Status store = store_.AddServerFlags(&argv);  // --store with COMPRESS_TEST_STORE=postgres
+    ASSERT_TRUE(store.ok()) << store;
     server_ = std::make_unique<Subprocess>(argv, dir_.Sub(absl::StrCat("server-", ++server_starts_, ".log")));
     ASSERT_GT(server_->WaitForNumber("grpc_port"), 0) << server_->Log();
     jobs_ = v1::JobService::NewStub(grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_),
@@ -140,6 +144,7 @@ class FaultTest : public ::testing::Test {
   }
 
   testing::TempDir dir_{"faults"};
+  testing::TestStore store_;  // before server_: the server stops before its schema is dropped
   int port_ = 0;
   int server_starts_ = 0;
   int worker_starts_ = 0;

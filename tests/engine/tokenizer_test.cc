@@ -563,6 +563,59 @@ TEST(TokenizerLoad, RejectsMalformedFilesNamingTheProblem) {
       {"model.vocab"});
 }
 
+// Ids index dense tables. Found by fuzz/tokenizer_fuzzer.cc: a vocabulary
+// id of 142949672953 was cut to 32 bits (1,215,752,185) and a table that
+// large allocated (38 GB: out of memory); an id of 2^31 - 1 overflowed
+// `id + 1` (undefined behaviour), and 4294967296 became the id 0.
+TEST(TokenizerLoad, RejectsIdsOutsideTheTableLimitBeforeAllocating) {
+  ExpectInvalidArgument(
+      Tokenizer::FromJson(R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 2147483647}}})",
+                          "big.json")
+          .status(),
+      {"big.json", "model.vocab", "the id 2147483647 of 'b' is outside 0..4194303"});
+  ExpectInvalidArgument(
+      Tokenizer::FromJson(R"({"model": {"type": "BPE", "vocab": {"a": 4294967296}}})", "wrap.json")
+          .status(),
+      {"wrap.json", "the id 4294967296 of 'a' is outside"});
+  ExpectInvalidArgument(
+      Tokenizer::FromJson(R"({"model": {"type": "BPE", "vocab": {"a": 0}},)"
+                          R"( "added_tokens": [{"id": 2147483647, "content": "<x>"}]})",
+                          "added.json")
+          .status(),
+      {"added.json", "added_tokens[0]", "'id' 2147483647 is not an integer in 0..4194303"});
+  ExpectInvalidArgument(
+      Tokenizer::FromJson(R"({"model": {"type": "BPE", "vocab": {"a": 0}},)"
+                          R"( "added_tokens": [{"content": "<x>"}]})",
+                          "added.json")
+          .status(),
+      {"added_tokens[0]", "missing 'id'"});
+  // The largest id allowed still loads (with a table of 2^22 entries).
+  const absl::StatusOr<Tokenizer> largest =
+      Tokenizer::FromJson(R"({"model": {"type": "BPE", "vocab": {"a": 4194303}}})", "ok.json");
+  ASSERT_TRUE(largest.ok()) << largest.status();
+  EXPECT_EQ(largest->vocab_size(), 4194304);
+  EXPECT_EQ(largest->Encode("a"), Ids({4194303}));
+}
+
+// Every input under fuzz/regressions/ that once crashed the loader is now a
+// plain INVALID_ARGUMENT.
+TEST(TokenizerLoad, FuzzerRegressionsAreRefused) {
+  const std::filesystem::path dir =
+      std::filesystem::path(__FILE__).parent_path() / ".." / ".." / "fuzz" / "regressions";
+  int inputs = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    if (entry.path().filename().string().rfind("tokenizer-", 0) != 0) continue;
+    const std::string input = ::compress::engine::testing::ReadBytes(entry.path().string());
+    // As the fuzz target reads it: the JSON ends at the first NUL.
+    const std::string json = input.substr(0, input.find('\0'));
+    EXPECT_EQ(Tokenizer::FromJson(json, "fuzz").status().code(),
+              absl::StatusCode::kInvalidArgument)
+        << entry.path();
+    ++inputs;
+  }
+  EXPECT_GE(inputs, 3) << dir;
+}
+
 TEST(TokenizerLoad, MissingFileIsNotFound) {
   EXPECT_EQ(Tokenizer::FromFile(FixturePath("no_such_tokenizer.json")).status().code(),
             absl::StatusCode::kNotFound);

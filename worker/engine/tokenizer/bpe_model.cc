@@ -41,8 +41,10 @@ absl::StatusOr<BpeModel> BpeModel::Create(BpeModelSpec spec) {
   BpeModel model;
   int32_t max_id = -1;
   for (const auto& [token, id] : spec.vocab) {
-    if (id < 0)
-      return Invalid(absl::StrCat("model.vocab: token '", token, "' has negative id ", id));
+    if (id < 0 || id > kMaxTokenId) {
+      return Invalid(absl::StrCat("model.vocab: token '", token, "' has the id ", id,
+                                  ", outside 0..", kMaxTokenId));
+    }
     max_id = std::max(max_id, id);
   }
   auto id_to_token = std::make_unique<std::vector<std::string>>(max_id + 1);

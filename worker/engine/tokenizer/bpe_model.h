@@ -16,6 +16,11 @@
 
 namespace compress::engine {
 
+// The largest token id a tokenizer may use. Ids index dense tables, so a
+// file that gives one token the id 2^31 must be refused, not allocated
+// for; the largest vocabularies in use have about 2^18 tokens.
+inline constexpr int32_t kMaxTokenId = (1 << 22) - 1;
+
 struct BpeModelSpec {
   std::vector<std::pair<std::string, int32_t>> vocab;
   std::vector<std::pair<std::string, std::string>> merges;  // in rank order

@@ -149,6 +149,16 @@ class Reader {
   std::string source_;
 };
 
+// A token id in 0..kMaxTokenId, checked before it is narrowed to 32 bits
+// (4294967296 would become 0); nullopt for anything else. nlohmann reads
+// every integer written without a '-' as unsigned.
+std::optional<int32_t> ReadTokenId(const json& value) {
+  if (!value.is_number_unsigned() || value.get<uint64_t>() > uint64_t{kMaxTokenId}) {
+    return std::nullopt;
+  }
+  return static_cast<int32_t>(value.get<uint64_t>());
+}
+
 absl::StatusOr<BpeModelSpec> ReadModel(const Reader& reader, const json& root) {
   const json* model = Reader::Find(root, "model");
   if (model == nullptr || !model->is_object()) return reader.Error("model", "missing");
@@ -188,7 +198,12 @@ absl::StatusOr<BpeModelSpec> ReadModel(const Reader& reader, const json& root) {
     if (!id.is_number_integer()) {
       return reader.Error("model.vocab", absl::StrCat("the id of '", token, "' is not an integer"));
     }
-    spec.vocab.emplace_back(token, id.get<int32_t>());
+    const std::optional<int32_t> checked = ReadTokenId(id);
+    if (!checked) {
+      return reader.Error("model.vocab", absl::StrCat("the id ", id.dump(), " of '", token,
+                                                      "' is outside 0..", kMaxTokenId));
+    }
+    spec.vocab.emplace_back(token, *checked);
   }
 
   const json* merges = Reader::Find(*model, "merges");
@@ -228,10 +243,14 @@ absl::StatusOr<std::vector<AddedToken>> ReadAddedTokens(const Reader& reader, co
     const std::string field = absl::StrCat("added_tokens[", i, "]");
     AddedToken token;
     const json* id = Reader::Find(entry, "id");
-    if (id == nullptr || !id->is_number_integer() || id->get<int64_t>() < 0) {
-      return reader.Error(field, "missing or negative 'id'");
+    const std::optional<int32_t> checked = id == nullptr ? std::nullopt : ReadTokenId(*id);
+    if (!checked) {
+      return reader.Error(field, id == nullptr ? std::string("missing 'id'")
+                                               : absl::StrCat("'id' ", id->dump(),
+                                                              " is not an integer in 0..",
+                                                              kMaxTokenId));
     }
-    token.id = id->get<int32_t>();
+    token.id = *checked;
     ASSIGN_OR_RETURN(token.content, reader.String(entry, "content", field));
     if (token.content.empty()) return reader.Error(field, "empty 'content'");
     ASSIGN_OR_RETURN(token.special, reader.Bool(entry, "special", false, field));
