@@ -15,8 +15,9 @@
 //                 and QUEUED -> RUNNING of --paced-jobs jobs submitted slower
 //                 than the workers finish them (idle workers waiting).
 //   3. ListJobs   every page (--page-size) with all jobs stored, --list-walks times.
-//   4. restart    SIGTERM, then SIGKILL: time until a new server process
-//                 answers GetJob and ListJobs exactly as before.
+//   4. restart    SIGTERM with no client connected, SIGTERM with an idle
+//                 client connection open, SIGKILL: time until a new server
+//                 process answers GetJob and ListJobs exactly as before.
 //   5. memory     the server's peak RSS (VmHWM); each worker's RSS and PSS.
 // Baseline in the same run: GetJob by the same clients (calls/s, latency).
 // Prints a table of the goals (dispatch p99 < 50 ms, restart < 2 s, server
@@ -33,10 +34,10 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <csignal>
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -258,7 +259,7 @@ class LoadBench {
     CollectLogs(&records_);
     ReportBurst(burst_seconds, server_cpu);
     GetJobBaseline();
-    Paced(static_cast<double>(records_.size()) / burst_seconds);
+    Paced(throughput_);
     ListJobsWalk();
     server_peak_kb_ = std::max(server_peak_kb_, ProcKb(server_->pid(), "status", "VmHWM"));
     Restart(SIGTERM, /*idle_client=*/false, &restart_term_);
@@ -795,11 +796,11 @@ class LoadBench {
   void Paced(double throughput) {
     if (flags_.paced_jobs <= 0) return;
     // A quarter of the burst's throughput keeps most workers idle; at most
-    // about 20 s of it unless --paced-rate is given.
+    // about 15 s of it unless --paced-rate is given.
     const double rate = flags_.paced_rate > 0 ? flags_.paced_rate : std::max(1.0, throughput / 4);
     const int count = flags_.paced_rate > 0
                           ? flags_.paced_jobs
-                          : std::min(flags_.paced_jobs, std::max(50, static_cast<int>(rate * 20)));
+                          : std::min(flags_.paced_jobs, std::max(50, static_cast<int>(rate * 15)));
     std::vector<JobRecord> paced(count);
     int accepted = 0;
     auto stub = v1::JobService::NewStub(NewChannel(port_));
@@ -1101,7 +1102,7 @@ int main(int argc, char** argv) {
   set.Add("sleep-ms", &flags.sleep_ms, "each job's sleep per tensor (7 tensors)");
   set.Add("paced-jobs", &flags.paced_jobs, "jobs submitted slower than the workers finish them");
   set.Add("paced-rate", &flags.paced_rate,
-          "their rate per second (0: a quarter of the burst's throughput, for at most ~20 s)");
+          "their rate per second (0: a quarter of the burst's throughput, for at most ~15 s)");
   set.Add("page-size", &flags.page_size, "ListJobs page size");
   set.Add("list-walks", &flags.list_walks, "times every ListJobs page is read");
   set.Add("dir", &flags.dir, "scratch folder: store, artifacts, model, logs (default <build>/load-bench)");

@@ -43,7 +43,8 @@ EOF
   end=$(date +%s.%N)
   jq -r --arg name "$name" --arg seconds "$(awk -v a="$start" -v b="$end" 'BEGIN { print b - a }')" '
     ([.stages[] | select(.method == "magnitude" or .method == "wanda" or .method == "sparsegpt")
-      | .tensors[] | .sparsity] | add / length) as $sparsity |
+      | .tensors[] | .sparsity]) as $pruned |
+    (if ($pruned | length) > 0 then ($pruned | add / length) else 0 end) as $sparsity |
     "| \($name) | \($sparsity * 1000 | round / 10)% | " +
     "\(.evaluation.after.perplexity * 1000 | round / 1000) | " +
     "\(.evaluation.mean_kl_divergence * 10000 | round / 10000) | " +

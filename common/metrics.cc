@@ -157,6 +157,11 @@ Histogram::BucketBoundaries DefaultLatencyBuckets() {
   return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
 }
 
+Histogram::BucketBoundaries LongDurationBuckets() {
+  return {0.01, 0.025, 0.05, 0.1, 0.25, 0.5,  1,    2.5,  5,   10,
+          30,   60,    120,  300, 600,  1200, 1800, 3600, 7200};
+}
+
 std::string EscapeLabelValue(const std::string& v) {
   std::string out;
   out.reserve(v.size());

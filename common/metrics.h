@@ -62,6 +62,9 @@ class Histogram {
 
 // Default latency buckets in seconds, 1 ms .. 60 s.
 Histogram::BucketBoundaries DefaultLatencyBuckets();
+// Buckets for task, stage and block durations: 10 ms .. 2 h (a 70B GPTQ
+// stage runs for hours, a block of the test model for milliseconds).
+Histogram::BucketBoundaries LongDurationBuckets();
 
 enum class MetricType { kCounter, kGauge, kHistogram };
 
@@ -89,6 +92,8 @@ class Family : public FamilyBase {
   using FamilyBase::FamilyBase;
   template <typename... Args>
   T& Add(const Labels& labels, Args&&... args);
+  // Drops a label set (a finished job's series); references to it die.
+  void Remove(const Labels& labels);
   void AppendText(std::string* out) const override;
 
  private:

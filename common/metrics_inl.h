@@ -53,6 +53,12 @@ T& Family<T>::Add(const Labels& labels, Args&&... args) {
 }
 
 template <typename T>
+void Family<T>::Remove(const Labels& labels) {
+  std::lock_guard<std::mutex> lock(mu_);
+  metrics_.erase(labels);
+}
+
+template <typename T>
 void Family<T>::AppendText(std::string* out) const {
   std::lock_guard<std::mutex> lock(mu_);
   // A family with no label set yet has no samples; Prometheus clients leave

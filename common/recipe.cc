@@ -42,6 +42,12 @@ constexpr int kMaxSampleTokens = 4096;
 constexpr int kMaxCalibrationSamples = 1 << 16;
 constexpr int kMaxPruneM = 1 << 16;
 constexpr char kYamlStringTag[] = "tag:yaml.org,2002:str";
+// Bounds on the JSON a YAML document expands to. Aliases repeat a subtree
+// wherever they appear, so 400 bytes of aliases of aliases expand to 10^9
+// nodes, and an alias inside its own anchor (`a: &a [*a]`) is a cycle that
+// yaml-cpp builds as such. A recipe has a few hundred nodes, 5 levels deep.
+constexpr int kMaxYamlDepth = 100;
+constexpr int64_t kMaxYamlNodes = 100000;
 
 // ---------------------------------------------------------------- YAML -> JSON
 
@@ -129,8 +135,16 @@ bool WantsString(const SchemaHint& hint) {
          hint.field->cpp_type() == google::protobuf::FieldDescriptor::CPPTYPE_STRING;
 }
 
+// `depth`: of `node` in the document; `nodes_left`: of kMaxYamlNodes.
 absl::StatusOr<Json> YamlNodeToJson(const YAML::Node& node, const std::string& source,
-                                    const SchemaHint& hint) {
+                                    const SchemaHint& hint, int depth, int64_t* nodes_left) {
+  if (depth > kMaxYamlDepth || --*nodes_left < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        PositionOf(source, node.Mark()), "the document expands to more than ",
+        depth > kMaxYamlDepth ? absl::StrCat(kMaxYamlDepth, " levels of nesting")
+                              : absl::StrCat(kMaxYamlNodes, " values"),
+        " (an alias inside its own anchor, or aliases of aliases?)"));
+  }
   switch (node.Type()) {
     case YAML::NodeType::Undefined:
     case YAML::NodeType::Null: return Json(nullptr);
@@ -148,7 +162,8 @@ absl::StatusOr<Json> YamlNodeToJson(const YAML::Node& node, const std::string& s
           is_list_field ? HintFor(hint.field, /*element=*/true) : SchemaHint{};
       Json array = Json::array();
       for (const YAML::Node& item : node) {
-        absl::StatusOr<Json> value = YamlNodeToJson(item, source, item_hint);
+        absl::StatusOr<Json> value =
+            YamlNodeToJson(item, source, item_hint, depth + 1, nodes_left);
         if (!value.ok()) return value.status();
         array.push_back(*std::move(value));
       }
@@ -170,7 +185,8 @@ absl::StatusOr<Json> YamlNodeToJson(const YAML::Node& node, const std::string& s
         const SchemaHint value_hint = is_map_field
                                           ? HintFor(hint.field->message_type()->map_value())
                                           : HintFor(FindField(hint.message, key));
-        absl::StatusOr<Json> value = YamlNodeToJson(entry.second, source, value_hint);
+        absl::StatusOr<Json> value =
+            YamlNodeToJson(entry.second, source, value_hint, depth + 1, nodes_left);
         if (!value.ok()) return value.status();
         object[key] = *std::move(value);
       }
@@ -205,7 +221,9 @@ absl::StatusOr<std::string> ConvertYamlToJson(const std::string& yaml_text,
   } catch (const YAML::Exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(PositionOf(source, e.mark), e.msg));
   }
-  absl::StatusOr<Json> json = YamlNodeToJson(root, source, SchemaHint{schema, nullptr, false});
+  int64_t nodes_left = kMaxYamlNodes;
+  absl::StatusOr<Json> json =
+      YamlNodeToJson(root, source, SchemaHint{schema, nullptr, false}, /*depth=*/0, &nodes_left);
   if (!json.ok()) return json.status();
   try {
     return json->dump();

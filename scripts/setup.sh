@@ -11,7 +11,7 @@ $SUDO apt-get install -y -q --no-install-recommends \
   protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev libgrpc-dev \
   libabsl-dev libre2-dev libicu-dev libssl-dev zlib1g-dev libc-ares-dev \
   libtorch-dev libopenblas0-pthread libopenblas-dev \
-  libsqlite3-dev libgtest-dev libgmock-dev \
+  libsqlite3-dev libpq-dev postgresql libgtest-dev libgmock-dev \
   libcpp-httplib-dev nlohmann-json3-dev libyaml-cpp-dev \
   clang libclang-rt-14-dev llvm-14 \
   bible-kjv prometheus openssl python3 curl jq \

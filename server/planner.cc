@@ -122,6 +122,7 @@ absl::StatusOr<ModelShape> ReadModelShape(const std::vector<SafetensorsTensorInf
 bool JobCalibrates(const compress::v1::JobSpec& spec) {
   for (const compress::v1::Stage& stage : spec.stages()) {
     if (stage.has_gptq() || stage.has_awq()) return true;
+    if (stage.has_prune() && stage.prune().method() != compress::v1::MAGNITUDE) return true;
   }
   for (const compress::v1::GgufOutput& gguf : spec.gguf()) {
     if (gguf.importance()) return true;

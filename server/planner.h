@@ -2,7 +2,7 @@
 // memory, from the model's tensor headers and config.json alone (no
 // weights are read, no LibTorch).
 //
-// A job whose stages calibrate (GPTQ, AWQ, GGUF importance) runs as block
+// A job whose stages calibrate (GPTQ, AWQ, Wanda, SparseGPT, GGUF importance) runs as block
 // tasks plus one assemble task. With parallel propagation every block sees
 // the original model's activations, so contiguous block ranges run on
 // different workers at once; with sequential propagation one block task
@@ -52,7 +52,8 @@ struct TaskPlan {
   double weight = 1.0;        // its share of the job's progress
 };
 
-// Whether the job's stages need calibration statistics.
+// Whether the job's stages need calibration statistics (GPTQ, AWQ, Wanda,
+// SparseGPT, GGUF importance).
 bool JobCalibrates(const compress::v1::JobSpec& spec);
 
 // The tasks, in dispatch order (the assemble task last).

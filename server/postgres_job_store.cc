@@ -67,10 +67,10 @@ Param Null() { return {"", false, true}; }
 std::string Trimmed(const char* message) {
   std::string line;
   for (char c : absl::StripAsciiWhitespace(message ? message : "")) {
-    if (c == '\n' || c == '\t') {
-      if (!line.empty() && line.back() != ' ') line += ' ';
-    } else {
-      line += c;
+    if (c == '\n') {
+      line += line.empty() || line.back() == '.' || line.back() == ':' ? " " : "; ";
+    } else if (c != '\t' || (!line.empty() && line.back() != ' ')) {
+      line += c == '\t' ? ' ' : c;
     }
   }
   return line;
@@ -125,9 +125,10 @@ class PostgresJobStore : public JobStore {
   absl::StatusOr<std::vector<StoredJob>> LoadJobs() override {
     std::lock_guard<std::mutex> lock(mu_);
     return WithReconnect<std::vector<StoredJob>>([&]() -> absl::StatusOr<std::vector<StoredJob>> {
-      ASSIGN_OR_RETURN(Result rows, Run("load jobs",
-                                        "SELECT id, job FROM compress_jobs ORDER BY create_micros, id",
-                                        {}, /*binary_result=*/true));
+      ASSIGN_OR_RETURN(
+          Result rows,
+          Run("load jobs", "SELECT id, job FROM compress_jobs ORDER BY create_micros, id", {},
+              /*binary_result=*/true));
       std::vector<StoredJob> jobs;
       jobs.reserve(PQntuples(rows.get()));
       for (int row = 0; row < PQntuples(rows.get()); ++row) {
@@ -155,8 +156,9 @@ class PostgresJobStore : public JobStore {
       if (status.ok() || !ConnectionLost() || attempt > 0) return status;
       // The connection dropped. The database rolled the transaction back,
       // unless it went after COMMIT was sent: then look whether it landed.
-      LOG_WARN("job store: connection lost in a commit, reconnecting",
-               {{"database", description_}, {"job", stored.job.id()}, {"error", status.ToString()}});
+      LOG_WARN(
+          "job store: connection lost in a commit, reconnecting",
+          {{"database", description_}, {"job", stored.job.id()}, {"error", status.ToString()}});
       if (commit_sent) {
         RETURN_IF_ERROR(EnsureConnected());
         ASSIGN_OR_RETURN(bool landed, Landed(stored.job, blob, events));
@@ -170,20 +172,20 @@ class PostgresJobStore : public JobStore {
     std::lock_guard<std::mutex> lock(mu_);
     return WithReconnect<std::vector<JobEvent>>([&]() -> absl::StatusOr<std::vector<JobEvent>> {
       // LIMIT NULL is no limit (as SQLite's negative one).
-      ASSIGN_OR_RETURN(
-          Result rows,
-          Run(absl::StrCat("read events of ", job_id),
-              "SELECT event FROM compress_events WHERE job_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
-              {Text(job_id), Text(absl::StrCat(from_sequence)),
-               limit < 0 ? Null() : Text(absl::StrCat(limit))},
-              /*binary_result=*/true));
+      ASSIGN_OR_RETURN(Result rows, Run(absl::StrCat("read events of ", job_id),
+                                        "SELECT event FROM compress_events WHERE job_id = $1 AND "
+                                        "seq >= $2 ORDER BY seq LIMIT $3",
+                                        {Text(job_id), Text(absl::StrCat(from_sequence)),
+                                         limit < 0 ? Null() : Text(absl::StrCat(limit))},
+                                        /*binary_result=*/true));
       std::vector<JobEvent> events;
       events.reserve(PQntuples(rows.get()));
       for (int row = 0; row < PQntuples(rows.get()); ++row) {
         JobEvent event;
-        if (!event.ParseFromArray(PQgetvalue(rows.get(), row, 0), PQgetlength(rows.get(), row, 0))) {
-          return absl::DataLossError(
-              absl::StrCat("job store (", description_, "): an event of ", job_id, " does not parse"));
+        if (!event.ParseFromArray(PQgetvalue(rows.get(), row, 0),
+                                  PQgetlength(rows.get(), row, 0))) {
+          return absl::DataLossError(absl::StrCat("job store (", description_, "): an event of ",
+                                                  job_id, " does not parse"));
         }
         events.push_back(std::move(event));
       }
@@ -218,9 +220,10 @@ class PostgresJobStore : public JobStore {
   }
 
   absl::Status Prepare(absl::Duration lock_wait) {
-    ASSIGN_OR_RETURN(Result schema,
-                     Run("find the schema", "SELECT current_schema(), hashtext(current_schema()) & 2147483647",
-                         {}, /*binary_result=*/false));
+    ASSIGN_OR_RETURN(
+        Result schema,
+        Run("find the schema", "SELECT current_schema(), hashtext(current_schema()) & 2147483647",
+            {}, /*binary_result=*/false));
     if (PQgetisnull(schema.get(), 0, 0)) {
       return absl::FailedPreconditionError(absl::StrCat(
           "job store (", description_,
@@ -265,14 +268,17 @@ class PostgresJobStore : public JobStore {
     absl::StatusOr<Result> holder = Run(
         "find the lock's holder",
         "SELECT a.pid, coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'local'), "
-        "coalesce(a.backend_start::text, '') FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "coalesce(a.backend_start::text, '') FROM pg_locks l JOIN pg_stat_activity a ON a.pid = "
+        "l.pid "
         "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1::oid AND l.objid = $2::oid "
-        "AND l.objsubid = 2 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        "AND l.objsubid = 2 AND l.database = (SELECT oid FROM pg_database WHERE datname = "
+        "current_database())",
         {Text(kLockClass), Text(lock_key_)}, false);
     if (!holder.ok() || PQntuples(holder->get()) == 0) return "";
     PGresult* r = holder->get();
-    return absl::StrCat(" (backend pid ", PQgetvalue(r, 0, 0), ", application '", PQgetvalue(r, 0, 1),
-                        "', from ", PQgetvalue(r, 0, 2), " since ", PQgetvalue(r, 0, 3), ")");
+    return absl::StrCat(" (backend pid ", PQgetvalue(r, 0, 0), ", application '",
+                        PQgetvalue(r, 0, 1), "', from ", PQgetvalue(r, 0, 2), " since ",
+                        PQgetvalue(r, 0, 3), ")");
   }
 
   bool ConnectionLost() const { return conn_ == nullptr || PQstatus(conn_) == CONNECTION_BAD; }
@@ -301,8 +307,8 @@ class PostgresJobStore : public JobStore {
     }
   }
 
-  absl::Status CommitOnce(const Job& job, const std::string& blob, const std::vector<JobEvent>& events,
-                          bool* commit_sent) {
+  absl::Status CommitOnce(const Job& job, const std::string& blob,
+                          const std::vector<JobEvent>& events, bool* commit_sent) {
     RETURN_IF_ERROR(Command("begin a transaction", "BEGIN"));
     absl::Status status = WriteJobAndEvents(job, blob, events);
     if (!status.ok()) {
@@ -315,7 +321,8 @@ class PostgresJobStore : public JobStore {
 
   absl::Status WriteJobAndEvents(const Job& job, const std::string& blob,
                                  const std::vector<JobEvent>& events) {
-    const int64_t create_micros = job.create_time().seconds() * 1000000 + job.create_time().nanos() / 1000;
+    const int64_t create_micros =
+        job.create_time().seconds() * 1000000 + job.create_time().nanos() / 1000;
     // The upsert locks the job's row first, so a concurrent writer of the
     // same job waits here and then sees this one's events.
     RETURN_IF_ERROR(Run(absl::StrCat("write job ", job.id()),
@@ -327,11 +334,12 @@ class PostgresJobStore : public JobStore {
                         false)
                         .status());
     if (events.empty()) return absl::OkStatus();
-    ASSIGN_OR_RETURN(Result last, Run(absl::StrCat("read the last event of ", job.id()),
-                                      "SELECT COALESCE(MAX(seq), 0) FROM compress_events WHERE job_id = $1",
-                                      {Text(job.id())}, false));
-    RETURN_IF_ERROR(CheckEventsContinue(job.id(), std::strtoll(PQgetvalue(last.get(), 0, 0), nullptr, 10),
-                                        events));
+    ASSIGN_OR_RETURN(Result last,
+                     Run(absl::StrCat("read the last event of ", job.id()),
+                         "SELECT COALESCE(MAX(seq), 0) FROM compress_events WHERE job_id = $1",
+                         {Text(job.id())}, false));
+    RETURN_IF_ERROR(CheckEventsContinue(
+        job.id(), std::strtoll(PQgetvalue(last.get(), 0, 0), nullptr, 10), events));
     for (size_t begin = 0; begin < events.size(); begin += kEventsPerInsert) {
       const size_t end = std::min(events.size(), begin + kEventsPerInsert);
       std::vector<std::string> rows;
@@ -355,12 +363,13 @@ class PostgresJobStore : public JobStore {
 
   // After a connection lost with COMMIT in flight: did the commit land? It
   // did if the row holds this job and the log ends at its last event.
-  absl::StatusOr<bool> Landed(const Job& job, const std::string& blob, const std::vector<JobEvent>& events) {
-    ASSIGN_OR_RETURN(Result row,
-                     Run(absl::StrCat("check the commit of job ", job.id()),
-                         "SELECT job, (SELECT COALESCE(MAX(seq), 0) FROM compress_events WHERE job_id = $1)::text "
-                         "FROM compress_jobs WHERE id = $1",
-                         {Text(job.id())}, /*binary_result=*/true));
+  absl::StatusOr<bool> Landed(const Job& job, const std::string& blob,
+                              const std::vector<JobEvent>& events) {
+    ASSIGN_OR_RETURN(Result row, Run(absl::StrCat("check the commit of job ", job.id()),
+                                     "SELECT job, (SELECT COALESCE(MAX(seq), 0) FROM "
+                                     "compress_events WHERE job_id = $1)::text "
+                                     "FROM compress_jobs WHERE id = $1",
+                                     {Text(job.id())}, /*binary_result=*/true));
     if (PQntuples(row.get()) == 0) return false;
     std::string stored(PQgetvalue(row.get(), 0, 0), PQgetlength(row.get(), 0, 0));
     std::string last(PQgetvalue(row.get(), 0, 1), PQgetlength(row.get(), 0, 1));
@@ -371,8 +380,8 @@ class PostgresJobStore : public JobStore {
     return Run(what, sql, {}, false).status();
   }
 
-  absl::StatusOr<Result> Run(const std::string& what, const std::string& sql, const std::vector<Param>& params,
-                             bool binary_result) {
+  absl::StatusOr<Result> Run(const std::string& what, const std::string& sql,
+                             const std::vector<Param>& params, bool binary_result) {
     std::vector<const char*> values;
     std::vector<int> lengths, formats;
     for (const Param& p : params) {
@@ -381,7 +390,8 @@ class PostgresJobStore : public JobStore {
       formats.push_back(p.binary ? 1 : 0);
     }
     Result result(PQexecParams(conn_, sql.c_str(), static_cast<int>(params.size()), nullptr,
-                               values.data(), lengths.data(), formats.data(), binary_result ? 1 : 0));
+                               values.data(), lengths.data(), formats.data(),
+                               binary_result ? 1 : 0));
     if (result == nullptr) return Error(what, nullptr);
     ExecStatusType status = PQresultStatus(result.get());
     if (status != PGRES_COMMAND_OK && status != PGRES_TUPLES_OK) return Error(what, result.get());
@@ -418,7 +428,7 @@ const std::vector<std::pair<const char*, const char*>> kDefaultOptions = {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<JobStore>> OpenPostgresJobStore(const std::string& url,
-                                                                absl::Duration lock_wait) {
+                                                               absl::Duration lock_wait) {
   char* parse_error = nullptr;
   PQconninfoOption* options = PQconninfoParse(url.c_str(), &parse_error);
   if (options == nullptr) {
@@ -444,7 +454,8 @@ absl::StatusOr<std::unique_ptr<JobStore>> OpenPostgresJobStore(const std::string
   for (const auto& [key, value] : kDefaultOptions) {
     bool given = false;
     for (const std::string& k : keys) given = given || k == key;
-    if (std::string(key) == "connect_timeout" && std::getenv("PGCONNECT_TIMEOUT") != nullptr) given = true;
+    if (std::string(key) == "connect_timeout" && std::getenv("PGCONNECT_TIMEOUT") != nullptr)
+      given = true;
     if (!given) {
       keys.push_back(key);
       values.push_back(value);
@@ -457,9 +468,9 @@ absl::StatusOr<std::unique_ptr<JobStore>> OpenPostgresJobStore(const std::string
     return !value.empty() ? value : from_env != nullptr ? std::string(from_env) : fallback;
   };
   user = or_env(user, "PGUSER", "");
-  std::string description =
-      absl::StrCat("postgresql://", user, user.empty() ? "" : "@", or_env(host, "PGHOST", "localhost"), ":",
-                   or_env(port, "PGPORT", "5432"), "/", or_env(dbname, "PGDATABASE", user));
+  std::string description = absl::StrCat(
+      "postgresql://", user, user.empty() ? "" : "@", or_env(host, "PGHOST", "localhost"), ":",
+      or_env(port, "PGPORT", "5432"), "/", or_env(dbname, "PGDATABASE", user));
   auto store = std::make_unique<PostgresJobStore>(std::move(keys), std::move(values), description);
   RETURN_IF_ERROR(store->Open(lock_wait));
   return std::unique_ptr<JobStore>(std::move(store));

@@ -222,7 +222,7 @@ void Scheduler::AddStateChange(StoredJob& stored, JobState state, const std::str
   if (state == compress::v1::RUNNING && !job.has_start_time()) *job.mutable_start_time() = ToProto(now);
   if (IsTerminal(state)) {
     *job.mutable_end_time() = ToProto(now);
-    metrics_->jobs_finished.Add({{"state", JobState_Name(state)}}).Increment();
+    metrics_->jobs_finished.Add({{"state", JobState_Name(state)}, {"tenant", job.tenant()}}).Increment();
   }
   JobEvent event;
   event.mutable_state()->set_state(state);
@@ -764,6 +764,7 @@ absl::Status Scheduler::DispatchLocked(const std::string& job_id, int index,
   RETURN_IF_ERROR(CommitLocked(updated, events));
   const JobTask& dispatched = jobs_.at(job_id).job.tasks(index);
   lease_expiry_[dispatched.lease_id()] = now + config_.lease_timeout;
+  dispatched_at_[dispatched.lease_id()] = now;
   auto since = queued_since_.find({job_id, index});
   if (since != queued_since_.end()) {
     metrics_->dispatch_latency_seconds.Observe(absl::ToDoubleSeconds(now - since->second));
@@ -890,6 +891,7 @@ void Scheduler::ExpireLeasesLocked(absl::Time now, std::vector<std::string>* cha
     const std::string worker = task.worker_id();
     metrics_->lease_expirations.Increment();
     LOG_WARN("lease expired", {{"job", id}, {"task", task.lease_id()}, {"worker", worker}});
+    ObserveTaskDuration(task, "expired", now);
     task.set_state(compress::v1::TASK_PENDING);
     task.clear_lease_id();
     const std::string label = updated.job.tasks_size() == 1 ? "" : TaskLabel(task) + ": ";
@@ -933,6 +935,38 @@ void Scheduler::UpdateGaugesLocked(absl::Time now) {
   }
   metrics_->workers_connected.Set(connected);
   metrics_->workers_busy.Set(busy);
+  metrics_->workers_idle.Set(connected - busy);
+  // Per-job series for jobs that have not ended; an ended job's are dropped.
+  for (auto it = exported_states_.begin(); it != exported_states_.end();) {
+    auto job = jobs_.find(it->first);
+    const bool ended = job == jobs_.end() || IsTerminal(job->second.job.state());
+    if (ended || job->second.job.state() != it->second) {
+      metrics_->job_state.Remove({{"job_id", it->first}, {"state", JobState_Name(it->second)}});
+    }
+    if (ended) {
+      metrics_->job_progress.Remove({{"job_id", it->first}});
+      it = exported_states_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (const auto& [id, stored] : jobs_) {
+    const Job& job = stored.job;
+    if (IsTerminal(job.state())) continue;
+    metrics_->job_state.Add({{"job_id", id}, {"state", JobState_Name(job.state())}}).Set(1);
+    metrics_->job_progress.Add({{"job_id", id}}).Set(job.progress());
+    exported_states_[id] = job.state();
+  }
+}
+
+void Scheduler::ObserveTaskDuration(const JobTask& task, const std::string& result, absl::Time now) {
+  auto started = dispatched_at_.find(task.lease_id());
+  if (started == dispatched_at_.end()) return;  // dispatched before a restart
+  metrics_->task_duration_seconds
+      .Add({{"kind", compress::v1::TaskKind_Name(task.kind())}, {"result", result}},
+           metrics::LongDurationBuckets())
+      .Observe(absl::ToDoubleSeconds(now - started->second));
+  dispatched_at_.erase(started);
 }
 
 void Scheduler::DispatchLoop() {
@@ -1156,6 +1190,7 @@ absl::Status Scheduler::CompleteTask(const compress::v1::CompleteTaskRequest& re
                                 {"success", request.success() ? "true" : "false"},
                                 {"error", request.error()}});
     lease_expiry_.erase(task.lease_id());
+    ObserveTaskDuration(task, request.success() ? "succeeded" : "failed", absl::Now());
     task.clear_lease_id();
     std::vector<JobEvent> events;
     bool success = request.success();

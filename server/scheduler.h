@@ -146,6 +146,9 @@ class Scheduler {
   void MatchWaitersLocked(absl::Time now, std::vector<std::function<void()>>* calls,
                           std::vector<std::string>* changed);
   void UpdateGaugesLocked(absl::Time now);
+  // The attempt's time from dispatch, into the task duration histogram.
+  void ObserveTaskDuration(const compress::v1::JobTask& task, const std::string& result,
+                           absl::Time now);
   // The next task for a worker with `memory_bytes` (0: unknown, anything
   // fits): the highest priority that has one that fits; within it, the
   // tenant with the fewest running tasks; then the oldest job. Null when
@@ -198,6 +201,8 @@ class Scheduler {
   std::set<QueueKey> queue_;  // jobs with a task to dispatch
   std::map<std::pair<std::string, int>, absl::Time> queued_since_;  // (job, task)
   std::map<std::string, absl::Time> lease_expiry_;                  // lease -> expiry
+  std::map<std::string, absl::Time> dispatched_at_;                 // lease -> dispatch time
+  std::map<std::string, compress::v1::JobState> exported_states_;   // job -> state on /metrics
   absl::Time last_placement_check_;
   std::map<std::string, WorkerInfo> workers_;
   std::vector<Waiter> waiters_;

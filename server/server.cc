@@ -3,16 +3,64 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/support/server_interceptor.h>
 
 #include <filesystem>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "common/files.h"
 #include "common/log.h"
+#include "common/process_stats.h"
 #include "common/status_macros.h"
 
 namespace compress::server {
+namespace {
+
+// Times every unary RPC from its arrival to its status, by method name
+// ("/compress.v1.JobService/SubmitJob" -> "SubmitJob").
+class RpcLatencyInterceptor : public grpc::experimental::Interceptor {
+ public:
+  RpcLatencyInterceptor(grpc::experimental::ServerRpcInfo* info, ServerMetrics* metrics)
+      : metrics_(metrics), unary_(info->type() == grpc::experimental::ServerRpcInfo::Type::UNARY) {
+    const std::string method = info->method() == nullptr ? "" : info->method();
+    method_ = method.substr(method.rfind('/') + 1);
+  }
+
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    using Hook = grpc::experimental::InterceptionHookPoints;
+    if (methods->QueryInterceptionHookPoint(Hook::POST_RECV_INITIAL_METADATA)) {
+      start_ = absl::Now();
+    }
+    if (unary_ && methods->QueryInterceptionHookPoint(Hook::PRE_SEND_STATUS)) {
+      metrics_->rpc_latency_seconds.Add({{"method", method_}}, metrics::DefaultLatencyBuckets())
+          .Observe(absl::ToDoubleSeconds(absl::Now() - start_));
+    }
+    methods->Proceed();
+  }
+
+ private:
+  ServerMetrics* const metrics_;
+  const bool unary_;
+  std::string method_;
+  absl::Time start_ = absl::Now();
+};
+
+class RpcLatencyInterceptorFactory : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  explicit RpcLatencyInterceptorFactory(ServerMetrics* metrics) : metrics_(metrics) {}
+  grpc::experimental::Interceptor* CreateServerInterceptor(
+      grpc::experimental::ServerRpcInfo* info) override {
+    return new RpcLatencyInterceptor(info, metrics_);
+  }
+
+ private:
+  ServerMetrics* const metrics_;
+};
+
+}  // namespace
+
 
 CompressServer::CompressServer(ServerConfig config)
     : config_(std::move(config)), metrics_(registry_) {}
@@ -48,6 +96,9 @@ absl::Status CompressServer::Start() {
   builder.SetMaxSendMessageSize(config_.max_message_bytes);
   builder.RegisterService(job_service_.get());
   builder.RegisterService(worker_service_.get());
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(std::make_unique<RpcLatencyInterceptorFactory>(&metrics_));
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   grpc_server_ = builder.BuildAndStart();
   if (grpc_server_ == nullptr || grpc_port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", config_.listen));
@@ -60,6 +111,11 @@ absl::Status CompressServer::Start() {
   scheduler_->Start();
 
   if (!config_.metrics_listen.empty()) {
+    registry_.AddCollectHook([this] {
+      metrics_.process_resident_memory_bytes.Set(static_cast<double>(ResidentMemoryBytes()));
+      metrics_.process_cpu_seconds.Increment(ProcessCpuSeconds() -
+                                             metrics_.process_cpu_seconds.Value());
+    });
     http_.HandleMetrics(registry_);
     http_.Handle("/healthz", [] { return HttpResponse{200, "text/plain; charset=utf-8", "ok\n"}; });
     ASSIGN_OR_RETURN(metrics_port_, http_.Start(config_.metrics_listen));

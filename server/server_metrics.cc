@@ -9,7 +9,7 @@ ServerMetrics::ServerMetrics(metrics::Registry& registry)
                          .Register(registry)),
       jobs_finished(metrics::BuildCounter()
                         .Name("compress_jobs_finished_total")
-                        .Help("Jobs that reached a final state, by state.")
+                        .Help("Jobs that reached a final state, by state and tenant.")
                         .Register(registry)),
       jobs(metrics::BuildGauge()
                .Name("compress_jobs")
@@ -17,7 +17,7 @@ ServerMetrics::ServerMetrics(metrics::Registry& registry)
                .Register(registry)),
       queue_depth(metrics::BuildGauge()
                       .Name("compress_queue_depth")
-                      .Help("Jobs waiting for a worker.")
+                      .Help("Tasks ready to run and waiting for a worker.")
                       .Register(registry)
                       .Add({})),
       workers_connected(metrics::BuildGauge()
@@ -30,9 +30,41 @@ ServerMetrics::ServerMetrics(metrics::Registry& registry)
                        .Help("Connected workers holding a task lease.")
                        .Register(registry)
                        .Add({})),
+      workers_idle(metrics::BuildGauge()
+                       .Name("compress_workers_idle")
+                       .Help("Connected workers holding no task lease.")
+                       .Register(registry)
+                       .Add({})),
+      task_duration_seconds(metrics::BuildHistogram()
+                                .Name("compress_task_duration_seconds")
+                                .Help("Time from dispatch to completion of a task attempt, by task "
+                                      "kind (TASK_WHOLE, TASK_BLOCKS, TASK_ASSEMBLE) and result.")
+                                .Register(registry)),
+      rpc_latency_seconds(metrics::BuildHistogram()
+                              .Name("compress_rpc_latency_seconds")
+                              .Help("Time to handle a unary RPC, by method.")
+                              .Register(registry)),
+      job_state(metrics::BuildGauge()
+                    .Name("compress_job_state")
+                    .Help("1 for the state of each job that has not ended.")
+                    .Register(registry)),
+      job_progress(metrics::BuildGauge()
+                       .Name("compress_job_progress_ratio")
+                       .Help("Progress of each job that has not ended, 0..1, over all its tasks.")
+                       .Register(registry)),
+      process_cpu_seconds(metrics::BuildCounter()
+                              .Name("compress_server_cpu_seconds_total")
+                              .Help("CPU time used by the server process (user + system).")
+                              .Register(registry)
+                              .Add({})),
+      process_resident_memory_bytes(metrics::BuildGauge()
+                                        .Name("compress_server_resident_memory_bytes")
+                                        .Help("Resident memory of the server process.")
+                                        .Register(registry)
+                                        .Add({})),
       dispatch_latency_seconds(metrics::BuildHistogram()
                                    .Name("compress_dispatch_latency_seconds")
-                                   .Help("Time from a job becoming queued to a worker taking it.")
+                                   .Help("Time from a task becoming ready to run to a worker taking it.")
                                    .Register(registry)
                                    .Add({}, metrics::DefaultLatencyBuckets())),
       lease_expirations(metrics::BuildCounter()

@@ -17,6 +17,7 @@
 #include "common/files.h"
 #include "common/grpc_status.h"
 #include "common/paths.h"
+#include "common/process_stats.h"
 #include "common/sha256.h"
 #include "common/status_macros.h"
 #include "common/log.h"
@@ -190,12 +191,6 @@ int64_t DetectMemoryBytes() {
   return 0;
 }
 
-int64_t ResidentMemoryBytes() {
-  std::ifstream in("/proc/self/statm");
-  int64_t size = 0, resident = 0;
-  in >> size >> resident;
-  return resident * sysconf(_SC_PAGESIZE);
-}
 
 WorkerAgent::WorkerAgent(WorkerConfig config,
                          std::unique_ptr<compress::v1::WorkerService::StubInterface> stub,
@@ -326,6 +321,9 @@ void WorkerAgent::RunTask(const compress::v1::Task& task) {
     event.mutable_metric()->set_unit(unit);
     session.Add(std::move(event));
     if (name == engine::kMetricStageBytesIn) metrics_->weight_bytes_processed.Increment(value);
+    if (name == engine::kMetricCalibrationTokensPerSecond) {
+      metrics_->calibration_tokens_per_second.Set(value);
+    }
     if (name == engine::kMetricStageSeconds) {
       metrics::Labels labels = task_labels;
       labels["stage"] = stage;
@@ -372,7 +370,7 @@ void WorkerAgent::RunTask(const compress::v1::Task& task) {
 
   if (result.ok()) {
     for (const compress::v1::StageReport& stage : result->report.stages()) {
-      metrics_->stage_seconds.Add({{"method", stage.method()}}, LongDurationBuckets())
+      metrics_->stage_seconds.Add({{"method", stage.method()}}, metrics::LongDurationBuckets())
           .Observe(stage.seconds());
     }
   }

@@ -52,7 +52,5 @@ class WorkerAgent {
 
 // Total physical memory, from /proc/meminfo.
 int64_t DetectMemoryBytes();
-// Resident set size of this process, from /proc/self/statm.
-int64_t ResidentMemoryBytes();
 
 }  // namespace compress::worker

@@ -15,6 +15,7 @@
 #include "common/flags.h"
 #include "common/http_server.h"
 #include "common/log.h"
+#include "common/process_stats.h"
 #include "common/paths.h"
 #include "common/recipe.h"
 #include "worker/agent.h"
@@ -185,7 +186,8 @@ int Serve(int argc, char** argv) {
   compress::metrics::Registry registry;
   compress::worker::WorkerMetrics metrics(registry);
   registry.AddCollectHook([&metrics] {
-    metrics.resident_memory_bytes.Set(static_cast<double>(compress::worker::ResidentMemoryBytes()));
+    metrics.resident_memory_bytes.Set(static_cast<double>(compress::ResidentMemoryBytes()));
+    metrics.cpu_seconds.Increment(compress::ProcessCpuSeconds() - metrics.cpu_seconds.Value());
   });
   compress::HttpServer http;
   if (!config.metrics_listen.empty()) {

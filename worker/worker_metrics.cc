@@ -36,6 +36,17 @@ WorkerMetrics::WorkerMetrics(metrics::Registry& registry)
                                 .Help("Resident memory of the worker process.")
                                 .Register(registry)
                                 .Add({})),
+      cpu_seconds(metrics::BuildCounter()
+                      .Name("compress_worker_cpu_seconds_total")
+                      .Help("CPU time used by the worker process (user + system).")
+                      .Register(registry)
+                      .Add({})),
+      calibration_tokens_per_second(
+          metrics::BuildGauge()
+              .Name("compress_worker_calibration_tokens_per_second")
+              .Help("Calibration tokens run through the decoder blocks per second, last task.")
+              .Register(registry)
+              .Add({})),
       device_memory_bytes(metrics::BuildGauge()
                               .Name("compress_worker_device_memory_bytes")
                               .Help("Memory of the worker's device that tasks may use.")
@@ -74,11 +85,6 @@ WorkerMetrics::WorkerMetrics(metrics::Registry& registry)
 void WorkerMetrics::SetDeviceMemoryProbe(std::function<int64_t()> probe) {
   std::lock_guard<std::mutex> lock(probe_mu_);
   device_memory_probe_ = std::move(probe);
-}
-
-metrics::Histogram::BucketBoundaries LongDurationBuckets() {
-  return {0.01, 0.025, 0.05, 0.1, 0.25, 0.5,  1,    2.5,  5,   10,
-          30,   60,    120,  300, 600,  1200, 1800, 3600, 7200};
 }
 
 namespace {
@@ -123,7 +129,7 @@ void BlockTimer::OnProgress(const std::string& message, absl::Time now) {
 
 void BlockTimer::Finish() {
   if (!block_.has_value()) return;
-  family_->Add({{"method", absl::StrJoin(methods_, "+")}}, LongDurationBuckets())
+  family_->Add({{"method", absl::StrJoin(methods_, "+")}}, metrics::LongDurationBuckets())
       .Observe(absl::ToDoubleSeconds(block_last_event_ - block_start_));
   block_.reset();
   methods_.clear();

@@ -25,6 +25,10 @@ struct WorkerMetrics {
   metrics::Family<metrics::Histogram>& stage_seconds;  // {method}
   metrics::Family<metrics::Histogram>& block_seconds;  // {method}
   metrics::Gauge& resident_memory_bytes;
+  metrics::Counter& cpu_seconds;
+  // Calibration tokens run through the decoder blocks per second, in the
+  // last task that calibrated.
+  metrics::Gauge& calibration_tokens_per_second;
   metrics::Gauge& device_memory_bytes;                 // the limit tasks may use
   metrics::Gauge& device_memory_used_bytes;
   metrics::Family<metrics::Gauge>& info;               // {worker_id, device}
@@ -39,9 +43,6 @@ struct WorkerMetrics {
   std::function<int64_t()> device_memory_probe_;
 };
 
-// Buckets for stage and block durations: 10 ms .. 2 h (a 70B GPTQ stage runs
-// for hours, a block of the test model for milliseconds).
-metrics::Histogram::BucketBoundaries LongDurationBuckets();
 
 // Seconds per decoder block, derived from the engine's per-tensor progress
 // messages ("gptq: model.layers.3.mlp.down_proj.weight [...] ..."). A block

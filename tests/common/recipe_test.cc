@@ -190,6 +190,34 @@ TEST(RecipeTest, NumbersBeyondADoubleAreRefusedNamingTheValue) {
               AllOf(HasSubstr("priority"), HasSubstr("\"1e999\"")));
 }
 
+// Found while fuzzing (fuzz/regressions/recipe-yaml-alias-*): an alias
+// inside its own anchor is a cycle in yaml-cpp's tree, and the conversion to
+// JSON recursed until the stack overflowed; nine levels of ten aliases (400
+// bytes) expanded to 10^9 values and ran out of memory.
+TEST(RecipeTest, YamlAliasCyclesAndExpansionsAreRefused) {
+  for (const char* cycle : {"a: &a [*a]\n", "model: &m {path: *m}\n"}) {
+    absl::StatusOr<v1::JobSpec> spec = ParseRecipe(cycle, "cycle.yaml");
+    EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument) << cycle;
+    EXPECT_THAT(std::string(spec.status().message()),
+                AllOf(HasSubstr("cycle.yaml:1:"), HasSubstr("more than 100 levels of nesting")));
+  }
+  std::string laughs = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n";
+  for (int i = 1; i < 9; ++i) {
+    laughs += "a" + std::to_string(i) + ": &a" + std::to_string(i) + " [";
+    for (int k = 0; k < 10; ++k) laughs += (k ? ", *a" : "*a") + std::to_string(i - 1);
+    laughs += "]\n";
+  }
+  absl::StatusOr<std::string> json = YamlToJson(laughs);
+  EXPECT_EQ(json.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(json.status().message()), HasSubstr("more than 100000 values"));
+  // Aliases that expand modestly are fine.
+  absl::StatusOr<v1::JobSpec> spec =
+      ParseRecipe("model: {path: &p m}\nstages: [&s {rtn: {bits: 4}}, *s]\nlabels: {k: *p}\n");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->stages_size(), 2);
+  EXPECT_EQ(spec->labels().at("k"), "m");
+}
+
 // Every input under fuzz/regressions/ that once crashed the recipe parser
 // is now a plain INVALID_ARGUMENT.
 TEST(RecipeTest, FuzzerRegressionsAreRefused) {

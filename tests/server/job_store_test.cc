@@ -2,6 +2,8 @@
 // PostgreSQL (a fresh schema of $COMPRESS_TEST_POSTGRES_URL, or of a
 // throwaway cluster the test starts: tests/testing/postgres.h). Then what
 // only PostgreSQL has: reconnecting, its errors, one server per schema.
+#include "server/job_store.h"
+
 #include <google/protobuf/util/message_differencer.h>
 #include <gtest/gtest.h>
 
@@ -10,7 +12,6 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "server/job_store.h"
 #include "server/server.h"
 #include "tests/testing/postgres.h"
 #include "tests/testing/subprocess.h"
@@ -75,7 +76,8 @@ class JobStoreTest : public ::testing::TestWithParam<std::string> {
   void SetUp() override {
     if (GetParam() == "postgres") {
       if (std::string why = testing::PostgresSkipReason(); !why.empty()) GTEST_SKIP() << why;
-      absl::StatusOr<std::unique_ptr<testing::PostgresSchema>> schema = testing::PostgresSchema::Create();
+      absl::StatusOr<std::unique_ptr<testing::PostgresSchema>> schema =
+          testing::PostgresSchema::Create();
       ASSERT_TRUE(schema.ok()) << schema.status();
       schema_ = std::move(*schema);
     }
@@ -84,8 +86,9 @@ class JobStoreTest : public ::testing::TestWithParam<std::string> {
   }
 
   std::unique_ptr<JobStore> Open() {
-    absl::StatusOr<std::unique_ptr<JobStore>> store =
-        GetParam() == "sqlite" ? OpenSqliteJobStore(dir_.Sub("jobs.db")) : OpenPostgresJobStore(schema_->url());
+    absl::StatusOr<std::unique_ptr<JobStore>> store = GetParam() == "sqlite"
+                                                          ? OpenSqliteJobStore(dir_.Sub("jobs.db"))
+                                                          : OpenPostgresJobStore(schema_->url());
     EXPECT_TRUE(store.ok()) << store.status();
     return store.ok() ? std::move(*store) : nullptr;
   }
@@ -147,7 +150,8 @@ TEST_P(JobStoreTest, ACommitReplacesTheJobsRow) {
 
 TEST_P(JobStoreTest, JobsLoadOldestFirstThenById) {
   Draft late("job-a", 300), early("job-c", 100), tie("job-b", 100);
-  for (Draft* d : {&late, &early, &tie}) ASSERT_TRUE(store_->Commit(d->stored(), d->Events(1)).ok());
+  for (Draft* d : {&late, &early, &tie})
+    ASSERT_TRUE(store_->Commit(d->stored(), d->Events(1)).ok());
   std::vector<Job> jobs = Load();
   ASSERT_EQ(jobs.size(), 3u);
   EXPECT_EQ(jobs[0].id(), "job-b");
@@ -257,7 +261,8 @@ TEST_P(JobStoreTest, ReadEventsPagesInOrder) {
 TEST_P(JobStoreTest, ManyJobsKeepTheirOwnLogs) {
   constexpr int kJobs = 200;
   std::vector<Draft> drafts;
-  for (int i = 0; i < kJobs; ++i) drafts.emplace_back(absl::StrCat("job-", 1000 + i), 1700000000 + i);
+  for (int i = 0; i < kJobs; ++i)
+    drafts.emplace_back(absl::StrCat("job-", 1000 + i), 1700000000 + i);
   for (int round = 0; round < 2; ++round) {
     for (Draft& d : drafts) ASSERT_TRUE(store_->Commit(d.stored(), d.Events(1 + round)).ok());
   }
@@ -374,7 +379,9 @@ TEST_P(JobStoreTest, RacingWritersOfOneJobNeverLeaveAGapOrADuplicate) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Stores, JobStoreTest, ::testing::Values("sqlite", "postgres"),
-                         [](const ::testing::TestParamInfo<std::string>& info) { return info.param; });
+                         [](const ::testing::TestParamInfo<std::string>& info) {
+                           return info.param;
+                         });
 
 // ------------------------------------------------------------ PostgreSQL only
 
@@ -382,13 +389,15 @@ class PostgresJobStoreTest : public ::testing::Test {
  protected:
   void SetUp() override {
     if (std::string why = testing::PostgresSkipReason(); !why.empty()) GTEST_SKIP() << why;
-    absl::StatusOr<std::unique_ptr<testing::PostgresSchema>> schema = testing::PostgresSchema::Create();
+    absl::StatusOr<std::unique_ptr<testing::PostgresSchema>> schema =
+        testing::PostgresSchema::Create();
     ASSERT_TRUE(schema.ok()) << schema.status();
     schema_ = std::move(*schema);
   }
 
   std::unique_ptr<JobStore> Open(absl::Duration lock_wait = absl::Seconds(15)) {
-    absl::StatusOr<std::unique_ptr<JobStore>> store = OpenPostgresJobStore(schema_->url(), lock_wait);
+    absl::StatusOr<std::unique_ptr<JobStore>> store =
+        OpenPostgresJobStore(schema_->url(), lock_wait);
     EXPECT_TRUE(store.ok()) << store.status();
     return store.ok() ? std::move(*store) : nullptr;
   }
@@ -417,7 +426,8 @@ TEST_F(PostgresJobStoreTest, ReconnectsWhenTheDatabaseEndsItsSession) {
 
 TEST_F(PostgresJobStoreTest, ADatabaseRestartIsUnavailableWhileDownThenTransparent) {
   testing::PostgresCluster* cluster = testing::TestPostgresCluster();
-  if (cluster == nullptr) GTEST_SKIP() << "restarts only a cluster the test started (COMPRESS_TEST_POSTGRES_URL is set)";
+  if (cluster == nullptr)
+    GTEST_SKIP() << "restarts only a cluster the test started (COMPRESS_TEST_POSTGRES_URL is set)";
   std::unique_ptr<JobStore> store = Open();
   ASSERT_NE(store, nullptr);
   Draft draft("job-a");
@@ -460,10 +470,11 @@ TEST_F(PostgresJobStoreTest, AnUnreadableUrlIsInvalidArgument) {
 
 TEST_F(PostgresJobStoreTest, AnUnreachableDatabaseIsUnavailableAndNamedWithoutItsPassword) {
   const int port = testing::PickFreePort();
-  absl::StatusOr<std::unique_ptr<JobStore>> store = OpenPostgresJobStore(
-      absl::StrCat("postgresql://compress:secret-word@127.0.0.1:", port, "/jobs?connect_timeout=3"));
+  absl::StatusOr<std::unique_ptr<JobStore>> store = OpenPostgresJobStore(absl::StrCat(
+      "postgresql://compress:secret-word@127.0.0.1:", port, "/jobs?connect_timeout=3"));
   EXPECT_EQ(store.status().code(), absl::StatusCode::kUnavailable) << store.status();
-  EXPECT_TRUE(absl::StrContains(store.status().message(), absl::StrCat("compress@127.0.0.1:", port, "/jobs")))
+  EXPECT_TRUE(absl::StrContains(store.status().message(),
+                                absl::StrCat("compress@127.0.0.1:", port, "/jobs")))
       << store.status();
   EXPECT_FALSE(absl::StrContains(store.status().message(), "secret-word")) << store.status();
 }
@@ -473,6 +484,13 @@ TEST_F(PostgresJobStoreTest, AMissingDatabaseIsNamed) {
       OpenPostgresJobStore(schema_->url() + "&dbname=no_such_database");
   EXPECT_EQ(store.status().code(), absl::StatusCode::kUnavailable) << store.status();
   EXPECT_TRUE(absl::StrContains(store.status().message(), "no_such_database")) << store.status();
+}
+
+TEST_F(PostgresJobStoreTest, ASearchPathWithoutASchemaIsFailedPrecondition) {
+  absl::StatusOr<std::unique_ptr<JobStore>> store =
+      OpenPostgresJobStore(schema_->url() + "&options=-csearch_path%3Dno_such_schema");
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kFailedPrecondition) << store.status();
+  EXPECT_TRUE(absl::StrContains(store.status().message(), "search_path")) << store.status();
 }
 
 TEST(ServerStoreFlagTest, AnUnknownStoreIsRefusedWithoutEchoingTheUrl) {

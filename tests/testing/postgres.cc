@@ -13,8 +13,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -101,7 +101,8 @@ absl::StatusOr<pid_t> Spawn(std::vector<std::string> argv, const std::string& lo
   if (pid == 0) {
     // Only async-signal-safe calls from here on.
     if (account.switch_user) {
-      if (setgroups(0, nullptr) != 0 || setgid(account.gid) != 0 || setuid(account.uid) != 0) _exit(126);
+      if (setgroups(0, nullptr) != 0 || setgid(account.gid) != 0 || setuid(account.uid) != 0)
+        _exit(126);
     }
     prctl(PR_SET_PDEATHSIG, death_signal);  // after setuid, which clears it
     if (getppid() != parent) _exit(125);
@@ -149,7 +150,8 @@ void RemoveStaleClusters(const fs::path& parent) {
     if (!absl::StartsWith(name, "postgres-")) continue;
     int pid = 0;
     std::string pid_text = name.substr(9, name.find('-', 9) - 9);
-    if (absl::SimpleAtoi(pid_text, &pid) && pid != getpid() && kill(pid, 0) != 0 && errno == ESRCH) {
+    if (absl::SimpleAtoi(pid_text, &pid) && pid != getpid() && kill(pid, 0) != 0 &&
+        errno == ESRCH) {
       fs::remove_all(entry.path(), ec);
     }
   }
@@ -159,7 +161,8 @@ void RemoveStaleClusters(const fs::path& parent) {
 absl::StatusOr<std::string> QueryOne(const std::string& url, const std::string& sql,
                                      const std::vector<std::string>& params = {}) {
   PGconn* conn = PQconnectdb(url.c_str());
-  PQsetNoticeProcessor(conn, [](void*, const char*) {}, nullptr);  // "drop cascades to ..."
+  PQsetNoticeProcessor(
+      conn, [](void*, const char*) {}, nullptr);  // "drop cascades to ..."
   if (PQstatus(conn) != CONNECTION_OK) {
     std::string error = PQerrorMessage(conn);
     PQfinish(conn);
@@ -184,7 +187,8 @@ absl::StatusOr<std::string> QueryOne(const std::string& url, const std::string& 
 }
 
 // `url` with libpq parameters added, as a URI query or as key=value pairs.
-std::string WithParams(const std::string& url, const std::vector<std::pair<std::string, std::string>>& params) {
+std::string WithParams(const std::string& url,
+                       const std::vector<std::pair<std::string, std::string>>& params) {
   const bool uri = absl::StartsWith(url, "postgres://") || absl::StartsWith(url, "postgresql://");
   std::string out = url;
   for (const auto& [key, value] : params) {
@@ -208,12 +212,14 @@ std::string WithParams(const std::string& url, const std::vector<std::pair<std::
 // An initdb'd data folder that every cluster of this build folder copies:
 // made once (under a file lock, renamed into place when complete) in
 // `parent`/postgres-template-VERSION/data.
-absl::StatusOr<std::string> InitdbOnce(const std::string& bin, const fs::path& parent, const Account& account,
-                                       const std::string& log) {
-  const fs::path dir = parent / ("postgres-template-" + fs::path(bin).parent_path().filename().string());
+absl::StatusOr<std::string> InitdbOnce(const std::string& bin, const fs::path& parent,
+                                       const Account& account, const std::string& log) {
+  const fs::path dir =
+      parent / ("postgres-template-" + fs::path(bin).parent_path().filename().string());
   const fs::path data = dir / "data";
   int lock = open((parent / "postgres-template.lock").c_str(), O_RDWR | O_CREAT, 0644);
-  if (lock < 0) return absl::InternalError(absl::StrCat("open the template lock: ", strerror(errno)));
+  if (lock < 0)
+    return absl::InternalError(absl::StrCat("open the template lock: ", strerror(errno)));
   flock(lock, LOCK_EX);
   std::error_code ec;
   absl::Status status;
@@ -225,20 +231,23 @@ absl::StatusOr<std::string> InitdbOnce(const std::string& bin, const fs::path& p
       status = absl::InternalError(absl::StrCat("chown ", partial.string(), ": ", strerror(errno)));
     }
     absl::StatusOr<pid_t> initdb =
-        status.ok() ? Spawn({bin + "/initdb", "-D", (partial / "data").string(), "-A", "trust", "-U", "postgres",
-                             "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"},
-                            log, partial.string(), account, SIGKILL)
-                    : absl::StatusOr<pid_t>(status);
+        status.ok()
+            ? Spawn({bin + "/initdb", "-D", (partial / "data").string(), "-A", "trust", "-U",
+                     "postgres", "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"},
+                    log, partial.string(), account, SIGKILL)
+            : absl::StatusOr<pid_t>(status);
     int exit_status = -1;
     if (!initdb.ok()) {
       status = initdb.status();
     } else if (!WaitFor(*initdb, std::chrono::seconds(120), &exit_status) || exit_status != 0) {
       kill(*initdb, SIGKILL);
-      status = absl::InternalError(absl::StrCat("initdb failed (", exit_status, "):\n", ReadLog(log)));
+      status =
+          absl::InternalError(absl::StrCat("initdb failed (", exit_status, "):\n", ReadLog(log)));
     } else {
       fs::remove_all(dir, ec);
       fs::rename(partial, dir, ec);
-      if (ec) status = absl::InternalError(absl::StrCat("rename ", partial.string(), ": ", ec.message()));
+      if (ec)
+        status = absl::InternalError(absl::StrCat("rename ", partial.string(), ": ", ec.message()));
     }
     fs::remove_all(partial, ec);
   }
@@ -255,8 +264,10 @@ std::unique_ptr<PostgresCluster>* g_cluster = nullptr;  // never freed before ex
 
 std::string PostgresSkipReason() {
   if (!EnvUrl().empty() || !FindBinDir().empty()) return "";
-  return absl::StrCat("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb; "
-                      "bash scripts/setup.sh installs it) and ", kUrlEnv, " is not set");
+  return absl::StrCat(
+      "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb; "
+      "bash scripts/setup.sh installs it) and ",
+      kUrlEnv, " is not set");
 }
 
 absl::StatusOr<std::unique_ptr<PostgresCluster>> PostgresCluster::Start() {
@@ -284,13 +295,14 @@ absl::StatusOr<std::unique_ptr<PostgresCluster>> PostgresCluster::Start() {
   absl::StatusOr<std::string> template_dir = InitdbOnce(cluster->bin_, parent, *account, log);
   if (!template_dir.ok()) return template_dir.status();
   // A copy of the build folder's one initdb (0.1 s against initdb's 1 s).
-  absl::StatusOr<pid_t> copy =
-      Spawn({"/bin/cp", "-a", *template_dir, (base / "data").string()}, log, base.string(), *account, SIGKILL);
+  absl::StatusOr<pid_t> copy = Spawn({"/bin/cp", "-a", *template_dir, (base / "data").string()},
+                                     log, base.string(), *account, SIGKILL);
   if (!copy.ok()) return copy.status();
   int status = -1;
   if (!WaitFor(*copy, std::chrono::seconds(60), &status) || status != 0) {
     kill(*copy, SIGKILL);
-    return absl::InternalError(absl::StrCat("copying ", *template_dir, " failed (", status, "):\n", ReadLog(log)));
+    return absl::InternalError(
+        absl::StrCat("copying ", *template_dir, " failed (", status, "):\n", ReadLog(log)));
   }
   // A port picked a moment ago may be taken by the time postgres binds it.
   absl::Status launched;
@@ -306,17 +318,24 @@ absl::Status PostgresCluster::Launch() {
   absl::StatusOr<Account> account = ClusterAccount();
   if (!account.ok()) return account.status();
   const std::string log = base_ + "/postgres.log";
-  absl::StatusOr<pid_t> pid = Spawn(
-      {bin_ + "/postgres", "-D", base_ + "/data", "-p", std::to_string(port_), "-c",
-       "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", "-c", "fsync=off", "-c",
-       "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "shared_buffers=16MB", "-c",
-       "max_connections=50"},
-      log, base_, *account, SIGQUIT);
+  absl::StatusOr<pid_t> pid =
+      Spawn({bin_ + "/postgres", "-D", base_ + "/data", "-p", std::to_string(port_), "-c",
+             "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", "-c", "fsync=off",
+             "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c",
+             "shared_buffers=16MB", "-c", "max_connections=50"},
+            log, base_, *account, SIGQUIT);
   if (!pid.ok()) return pid.status();
   pid_ = *pid;
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   while (std::chrono::steady_clock::now() < deadline) {
-    if (PQping(url().c_str()) == PQPING_OK) return absl::OkStatus();
+    if (PQping(url().c_str()) == PQPING_OK) {
+      // The server answering must be this one, not another test's that took
+      // the port first.
+      absl::StatusOr<std::string> data = QueryOne(url(), "SHOW data_directory");
+      if (data.ok() && fs::path(*data) == fs::path(base_) / "data") return absl::OkStatus();
+      Stop().IgnoreError();
+      return absl::UnavailableError(absl::StrCat("port ", port_, " is another server's"));
+    }
     int status = 0;
     if (WaitFor(pid_, std::chrono::milliseconds(50), &status)) {
       pid_ = -1;
@@ -389,18 +408,20 @@ absl::StatusOr<std::unique_ptr<PostgresSchema>> PostgresSchema::Create() {
   absl::StatusOr<std::string> created =
       QueryOne(*base, absl::StrCat("CREATE SCHEMA ", schema->name_));
   if (!created.ok()) return created.status();
-  schema->url_ = WithParams(*base, {{"options", "-csearch_path=" + schema->name_},
-                                    {"application_name", schema->name_}});
+  schema->url_ = WithParams(
+      *base, {{"options", "-csearch_path=" + schema->name_}, {"application_name", schema->name_}});
   return schema;
 }
 
 PostgresSchema::~PostgresSchema() {
-  if (!name_.empty()) QueryOne(base_url_, absl::StrCat("DROP SCHEMA IF EXISTS ", name_, " CASCADE")).IgnoreError();
+  if (!name_.empty())
+    QueryOne(base_url_, absl::StrCat("DROP SCHEMA IF EXISTS ", name_, " CASCADE")).IgnoreError();
 }
 
 absl::Status PostgresSchema::TerminateSessions() {
   absl::StatusOr<std::string> ended = QueryOne(
-      base_url_, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+      base_url_,
+      "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
       {name_});
   if (!ended.ok()) return ended.status();
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
@@ -428,8 +449,8 @@ std::string TestStore::SkipReason() const { return postgres_ ? PostgresSkipReaso
 
 absl::Status TestStore::AddServerFlags(std::vector<std::string>* argv) {
   if (!unknown_.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("COMPRESS_TEST_STORE=", unknown_, ": expected sqlite (the default) or postgres"));
+    return absl::InvalidArgumentError(absl::StrCat("COMPRESS_TEST_STORE=", unknown_,
+                                                   ": expected sqlite (the default) or postgres"));
   }
   if (!postgres_) return absl::OkStatus();
   if (schema_ == nullptr) {

@@ -47,7 +47,7 @@ class PostgresCluster {
   std::string base_;  // the folder: data/ and postgres.log
   std::string bin_;   // initdb, postgres
   int port_ = 0;
-  pid_t pid_ = -1;    // the postmaster
+  pid_t pid_ = -1;  // the postmaster
 };
 
 // This process's test server: the URL from the environment, or the shared

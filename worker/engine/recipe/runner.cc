@@ -1504,7 +1504,21 @@ class JobRunner {
       return options_.finished_layers.count(layer) > 0;
     };
     callbacks.restore = [this](DecoderBlockWeights& block) { return RestoreBlock(block); };
-    return RunLayerwise(checkpoint_, *config_, layerwise, callbacks);
+    int64_t blocks_run = 0;
+    LayerwiseCallbacks counted = callbacks;
+    counted.finished = [&](const DecoderBlockWeights& block) {
+      ++blocks_run;
+      return callbacks.finished(block);
+    };
+    const Clock::time_point start = Clock::now();
+    RETURN_IF_ERROR(RunLayerwise(checkpoint_, *config_, layerwise, counted));
+    const double seconds = Seconds(Clock::now() - start);
+    if (blocks_run > 0 && seconds > 0) {
+      events_.Metric("calibration", kMetricCalibrationTokensPerSecond,
+                     static_cast<double>(calibration_ids.numel() * blocks_run) / seconds,
+                     "tokens/s");
+    }
+    return absl::OkStatus();
   }
 
   // The stage's quantizer on one weight (`statistics`: its input's, for the

@@ -28,6 +28,9 @@ inline constexpr char kMetricStageBytesOut[] = "stage_bytes_out";               
 inline constexpr char kMetricStageMeanRelativeError[] = "stage_mean_relative_error";  // "ratio"
 // With calibration: the mean relative output error on the calibration inputs.
 inline constexpr char kMetricStageMeanOutputError[] = "stage_mean_output_error";  // "ratio"
+// With calibration, once per run: calibration tokens through the decoder
+// blocks per second (tokens x blocks run / seconds of the layer-wise pass).
+inline constexpr char kMetricCalibrationTokensPerSecond[] = "calibration_tokens_per_second";
 
 struct RunOptions {
   std::string model_path;        // HF directory or a single .safetensors file
