@@ -405,7 +405,7 @@ class SpecChecker {
         CheckRange(field + ".sleep.millis_per_tensor", stage.sleep().millis_per_tensor(), 0,
                    kMaxSleepMillisPerTensor);
         break;
-      case v1::Stage::METHOD_NOT_SET: Fail(field, "no method set (one of: rtn, gptq, awq, hqq, bnb_4bit, evaluate, sleep)"); break;
+      case v1::Stage::METHOD_NOT_SET: Fail(field, "no method set (one of: rtn, gptq, awq, hqq, bnb_4bit, prune, evaluate, sleep)"); break;
     }
   }
 

@@ -323,7 +323,7 @@ TEST(ValidateJobSpecTest, RequiresBetweenOneAnd64Stages) {
 TEST(ValidateJobSpecTest, EveryStageNeedsAMethod) {
   v1::JobSpec spec = ValidSpec();
   spec.add_stages()->set_name("empty");
-  EXPECT_EQ(Problem(spec), "stages[1]: no method set (one of: rtn, gptq, awq, hqq, bnb_4bit, evaluate, sleep)");
+  EXPECT_EQ(Problem(spec), "stages[1]: no method set (one of: rtn, gptq, awq, hqq, bnb_4bit, prune, evaluate, sleep)");
 }
 
 TEST(ValidateJobSpecTest, RtnBitsWithin2To8) {

@@ -364,6 +364,95 @@ TEST_F(EndToEndTest, JsonLogsFollowOneJobAcrossProcesses) {
   EXPECT_TRUE(worker_started) << workers_.at(job.worker_id())->Log();
 }
 
+TEST_F(EndToEndTest, PauseStopsTheWorkerAndResumeFinishesWithTheUninterruptedBytes) {
+  WriteCalibrationTokens(dir_.Sub("models/calibration.tokens"), 4096);
+  // Sequential calibration: one block task that checkpoints each block;
+  // the sleep stage makes each block take a while.
+  const std::string recipe =
+      "model: {path: llama}\n"
+      "calibration: {path: calibration.tokens, num_samples: 16, sequence_length: 64}\n"
+      "stages: [{gptq: {bits: 4, group_size: 64}}, {sleep: {millis_per_tensor: 300}}]\n"
+      "outputs: [DEQUANTIZED_SAFETENSORS]\n";
+  const std::string id = Submit(recipe);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  absl::StatusOr<Job> job = Get(id);
+  while (std::chrono::steady_clock::now() < deadline &&
+         (!job.ok() || job->tasks(0).finished_layers_size() == 0)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    job = Get(id);
+  }
+  ASSERT_TRUE(job.ok() && job->tasks(0).finished_layers_size() == 1) << "block 0 never checkpointed";
+  const std::string worker = job->tasks(0).worker_id();
+  {
+    grpc::ClientContext context;
+    v1::PauseJobRequest request;
+    request.set_job_id(id);
+    Job paused;
+    ASSERT_TRUE(jobs_->PauseJob(&context, request, &paused).ok());
+    EXPECT_EQ(paused.state(), v1::PAUSED);
+  }
+  // The worker notices within a renewal or two and frees itself: a quick job
+  // submitted now runs while the paused one waits.
+  const Job quick = WaitForEnd(Submit(SleepRecipe(1)), 60);
+  EXPECT_EQ(quick.state(), v1::SUCCEEDED);
+  EXPECT_EQ(Get(id)->state(), v1::PAUSED);
+  {
+    grpc::ClientContext context;
+    v1::ResumeJobRequest request;
+    request.set_job_id(id);
+    Job resumed;
+    ASSERT_TRUE(jobs_->ResumeJob(&context, request, &resumed).ok());
+  }
+  const Job done = WaitForEnd(id, 300);
+  ASSERT_EQ(done.state(), v1::SUCCEEDED) << done.message();
+  EXPECT_EQ(done.tasks(0).attempts(), 2);
+  bool resumed_from_checkpoint = false;
+  for (const JobEvent& e : WatchAll(id)) {
+    if (e.has_log() && e.log().text().find("resuming: 1 block(s) already checkpointed") != std::string::npos) {
+      resumed_from_checkpoint = true;
+    }
+  }
+  EXPECT_TRUE(resumed_from_checkpoint);
+  EXPECT_NE(workers_.at(worker)->Log().find("lease lost"), std::string::npos) << workers_.at(worker)->Log();
+
+  std::ofstream(dir_.Sub("paused.json")) << ToJson(*ParseRecipe(recipe));
+  std::string output;
+  ASSERT_EQ(testing::RunCommand({COMPRESS_WORKER_BIN, "run", "--recipe", dir_.Sub("paused.json"),
+                                 "--model-root", dir_.Sub("models"), "--out", dir_.Sub("local")},
+                                &output),
+            0)
+      << output;
+  for (const v1::Artifact& artifact : done.artifacts()) {
+    if (artifact.name() == "report.json") continue;
+    EXPECT_EQ(*Sha256OfFile(dir_.Sub("local/" + artifact.name())), artifact.sha256()) << artifact.name();
+  }
+}
+
+TEST_F(EndToEndTest, CancelFreesTheWorkerWithinSeconds) {
+  const std::string id = Submit(SleepRecipe(2000));  // ~40 s of work
+  ASSERT_TRUE(WaitForState(id, v1::RUNNING));
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  const std::string worker = Get(id)->worker_id();
+  // Keep the other worker busy so the next job must wait for this one.
+  for (auto& [name, process] : workers_) {
+    if (name != worker) process->Kill();
+  }
+  {
+    grpc::ClientContext context;
+    v1::CancelJobRequest request;
+    request.set_job_id(id);
+    Job cancelled;
+    ASSERT_TRUE(jobs_->CancelJob(&context, request, &cancelled).ok());
+  }
+  const auto cancelled_at = std::chrono::steady_clock::now();
+  const Job next = WaitForEnd(Submit(SleepRecipe(1)), 60);
+  ASSERT_EQ(next.state(), v1::SUCCEEDED);
+  EXPECT_EQ(next.worker_id(), worker);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - cancelled_at).count();
+  EXPECT_LT(seconds, 10.0) << "the cancelled task held its worker too long";
+}
+
 TEST_F(EndToEndTest, BadRequestsAreRefusedAndTheServerKeepsServing) {
   EXPECT_EQ(SubmitStatus("model: {path: llama}\nstages: [{name: nothing}]\n").error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
@@ -504,7 +593,7 @@ TEST_F(EndToEndTest, MetricsPagesPassPromtool) {
     EXPECT_EQ(health->status, 200) << who;
     auto page = http.Get("/metrics");
     ASSERT_TRUE(page) << who;
-    EXPECT_NE(page->body.find(who == "server" ? "compress_jobs_finished_total{state=\"SUCCEEDED\"} 1"
+    EXPECT_NE(page->body.find(who == "server" ? "compress_jobs_finished_total{state=\"SUCCEEDED\",tenant=\"\"} 1"
                                               : "compress_worker_resident_memory_bytes"),
               std::string::npos)
         << who << "\n" << page->body;
