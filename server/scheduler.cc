@@ -678,10 +678,12 @@ void Scheduler::RequeueLocked(const StoredJob& stored, absl::Time now) {
   const QueueKey key{-job.spec().priority(), CreateMicros(job), job.id()};
   const bool dispatchable = !IsTerminal(job.state()) && job.state() != compress::v1::PAUSED &&
                             HasRunnableTask(job);
-  if (dispatchable) {
-    queue_.insert(key);
-  } else {
-    queue_.erase(key);
+  if (dispatchable && queue_.insert(key).second) {
+    ++queued_tenants_[std::get<0>(key)][job.tenant()];
+  } else if (!dispatchable && queue_.erase(key) > 0) {
+    auto level = queued_tenants_.find(std::get<0>(key));
+    if (--level->second[job.tenant()] == 0) level->second.erase(job.tenant());
+    if (level->second.empty()) queued_tenants_.erase(level);
   }
   for (const JobTask& task : job.tasks()) {
     const auto task_key = std::make_pair(job.id(), task.index());
@@ -707,12 +709,19 @@ void Scheduler::SyncJobStateLocked(StoredJob& stored, const std::string& reason,
 std::optional<std::pair<std::string, int>> Scheduler::PickTaskLocked(
     int64_t memory_bytes, const std::map<std::string, int>& running_by_tenant) {
   std::optional<std::pair<std::string, int>> best;
-  int best_priority = 0;
   int best_running = 0;
+  int level = 0;
+  bool first = true;
+  std::set<std::string> seen;  // tenants whose oldest fitting job at `level` was ranked
   for (const QueueKey& key : queue_) {
-    // A lower priority is looked at only when nothing above fits.
-    if (best && std::get<0>(key) != best_priority) break;
+    if (first || std::get<0>(key) != level) {
+      if (best) break;  // a lower priority is looked at only when nothing above fits
+      level = std::get<0>(key);
+      seen.clear();
+      first = false;
+    }
     const Job& job = jobs_.at(std::get<2>(key)).job;
+    if (seen.count(job.tenant()) > 0) continue;  // an older job of the tenant ranked it
     for (const JobTask& task : job.tasks()) {
       if (!Runnable(job, task)) continue;
       if (memory_bytes > 0 && task.memory_bytes() > memory_bytes) continue;
@@ -721,12 +730,15 @@ std::optional<std::pair<std::string, int>> Scheduler::PickTaskLocked(
       // Strictly fewer: among equals the older job (seen first) wins.
       if (!best || tenant_running < best_running) {
         best = std::make_pair(job.id(), task.index());
-        best_priority = std::get<0>(key);
         best_running = tenant_running;
       }
+      seen.insert(job.tenant());
       break;  // the job's first task that fits ranks it
     }
     if (best && best_running == 0) break;
+    // Every tenant queued at this priority has been ranked: nothing later can win.
+    auto tenants = queued_tenants_.find(level);
+    if (best && tenants != queued_tenants_.end() && seen.size() >= tenants->second.size()) break;
   }
   return best;
 }
@@ -809,11 +821,13 @@ absl::Status Scheduler::DispatchLocked(const std::string& job_id, int index,
 void Scheduler::MatchWaitersLocked(absl::Time now, std::vector<std::function<void()>>* calls,
                                    std::vector<std::string>* changed) {
   if (queue_.empty() || waiters_.empty()) return;
+  // Running tasks are exactly the held leases: far fewer than the jobs.
   std::map<std::string, int> running_by_tenant;
-  for (const auto& [id, stored] : jobs_) {
-    if (stored.job.state() != compress::v1::RUNNING) continue;
-    for (const JobTask& task : stored.job.tasks()) {
-      if (task.state() == compress::v1::TASK_RUNNING) ++running_by_tenant[stored.job.tenant()];
+  for (const auto& [lease, expiry] : lease_expiry_) {
+    std::optional<std::pair<std::string, int>> parsed = ParseLease(lease);
+    auto job = parsed ? jobs_.find(parsed->first) : jobs_.end();
+    if (job != jobs_.end() && !IsTerminal(job->second.job.state())) {
+      ++running_by_tenant[job->second.job.tenant()];
     }
   }
   auto waiter = waiters_.begin();
@@ -983,6 +997,9 @@ void Scheduler::DispatchLoop() {
       NoteUnplaceableLocked(now, &changed);
       last_placement_check_ = now;
     }
+    // Gauges walk every job: on a tick, not on every wake-up.
+    const bool update_gauges = now - last_gauge_update_ >= absl::Milliseconds(500);
+    if (update_gauges) last_gauge_update_ = now;
     for (auto w = waiters_.begin(); w != waiters_.end();) {
       if (w->deadline <= now) {
         calls.push_back([done = std::move(w->done)]() { done(AcquireTaskResponse()); });
@@ -991,7 +1008,7 @@ void Scheduler::DispatchLoop() {
         ++w;
       }
     }
-    UpdateGaugesLocked(now);
+    if (update_gauges) UpdateGaugesLocked(now);
     lock.unlock();
     for (auto& call : calls) call();
     Notify(changed);

@@ -199,11 +199,14 @@ class Scheduler {
   std::map<std::string, StoredJob> jobs_;
   std::map<std::pair<std::string, std::string>, std::string> request_ids_;  // (tenant, id) -> job
   std::set<QueueKey> queue_;  // jobs with a task to dispatch
+  // Tenants with a job in queue_, per priority key: how many jobs each.
+  std::map<int, std::map<std::string, int>> queued_tenants_;
   std::map<std::pair<std::string, int>, absl::Time> queued_since_;  // (job, task)
   std::map<std::string, absl::Time> lease_expiry_;                  // lease -> expiry
   std::map<std::string, absl::Time> dispatched_at_;                 // lease -> dispatch time
   std::map<std::string, compress::v1::JobState> exported_states_;   // job -> state on /metrics
   absl::Time last_placement_check_;
+  absl::Time last_gauge_update_;
   std::map<std::string, WorkerInfo> workers_;
   std::vector<Waiter> waiters_;
   bool stopping_ = false;

@@ -92,6 +92,8 @@ absl::Status CompressServer::Start() {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   builder.AddListeningPort(config_.listen, credentials, &grpc_port_);
+  // A second server on the same port fails to start instead of sharing it.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.SetMaxReceiveMessageSize(config_.max_message_bytes);
   builder.SetMaxSendMessageSize(config_.max_message_bytes);
   builder.RegisterService(job_service_.get());
@@ -159,7 +161,12 @@ void CompressServer::Shutdown() {
     grpc_server_->GetHealthCheckService()->Shutdown();  // NOT_SERVING while draining
   }
   if (scheduler_) scheduler_->Stop();  // ends waiting long polls first
-  if (grpc_server_) grpc_server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  // In-flight calls get a short drain; clients resume (watch from their
+  // sequence, workers by retrying). An idle client connection would hold a
+  // longer deadline to its end.
+  if (grpc_server_) {
+    grpc_server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(300));
+  }
   http_.Stop();
 }
 

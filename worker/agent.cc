@@ -100,7 +100,9 @@ class TaskSession {
     absl::Time last_contact = absl::Now();
     std::unique_lock<std::mutex> lock(mu_);
     while (true) {
-      wake_.wait_for(lock, std::chrono::milliseconds(250));
+      // Wakes at once for new events or the close, else every 250 ms to renew.
+      wake_.wait_for(lock, std::chrono::milliseconds(250),
+                     [this] { return closing_ || !pending_.empty(); });
       bool closing = closing_;
       std::vector<JobEvent> batch;
       while (!pending_.empty() && batch.size() < kMaxEventsPerReport) {
