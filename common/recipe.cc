@@ -139,11 +139,11 @@ bool WantsString(const SchemaHint& hint) {
 absl::StatusOr<Json> YamlNodeToJson(const YAML::Node& node, const std::string& source,
                                     const SchemaHint& hint, int depth, int64_t* nodes_left) {
   if (depth > kMaxYamlDepth || --*nodes_left < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        PositionOf(source, node.Mark()), "the document expands to more than ",
-        depth > kMaxYamlDepth ? absl::StrCat(kMaxYamlDepth, " levels of nesting")
-                              : absl::StrCat(kMaxYamlNodes, " values"),
-        " (an alias inside its own anchor, or aliases of aliases?)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(PositionOf(source, node.Mark()), "the document expands to more than ",
+                     depth > kMaxYamlDepth ? absl::StrCat(kMaxYamlDepth, " levels of nesting")
+                                           : absl::StrCat(kMaxYamlNodes, " values"),
+                     " (an alias inside its own anchor, or aliases of aliases?)"));
   }
   switch (node.Type()) {
     case YAML::NodeType::Undefined:
@@ -162,8 +162,7 @@ absl::StatusOr<Json> YamlNodeToJson(const YAML::Node& node, const std::string& s
           is_list_field ? HintFor(hint.field, /*element=*/true) : SchemaHint{};
       Json array = Json::array();
       for (const YAML::Node& item : node) {
-        absl::StatusOr<Json> value =
-            YamlNodeToJson(item, source, item_hint, depth + 1, nodes_left);
+        absl::StatusOr<Json> value = YamlNodeToJson(item, source, item_hint, depth + 1, nodes_left);
         if (!value.ok()) return value.status();
         array.push_back(*std::move(value));
       }

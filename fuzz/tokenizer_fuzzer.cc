@@ -28,9 +28,9 @@ void CheckEncoding(const compress::engine::Tokenizer& tokenizer, std::string_vie
                    bool add_bos) {
   const std::vector<int32_t> ids = tokenizer.Encode(text, add_bos);
   for (int32_t id : ids) {
-    FUZZ_CHECK(id >= 0 && id < tokenizer.vocab_size(),
-               "id " + std::to_string(id) + " of vocab_size " +
-                   std::to_string(tokenizer.vocab_size()));
+    FUZZ_CHECK(
+        id >= 0 && id < tokenizer.vocab_size(),
+        "id " + std::to_string(id) + " of vocab_size " + std::to_string(tokenizer.vocab_size()));
   }
   static_cast<void>(tokenizer.Decode(ids));
   static_cast<void>(tokenizer.Decode(ids, /*skip_special=*/true));

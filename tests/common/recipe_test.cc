@@ -180,8 +180,8 @@ TEST(RecipeTest, NumbersBeyondADoubleAreRefusedNamingTheValue) {
   EXPECT_THAT(std::string(json.status().message()),
               AllOf(HasSubstr("big.json"), HasSubstr("number overflow parsing '1e999'")));
 
-  absl::StatusOr<v1::JobSpec> yaml = ParseRecipe(
-      "model: {path: m}\nstages: [{gptq: {bits: 4, dampening: -1e999}}]\n", "big.yaml");
+  absl::StatusOr<v1::JobSpec> yaml =
+      ParseRecipe("model: {path: m}\nstages: [{gptq: {bits: 4, dampening: -1e999}}]\n", "big.yaml");
   EXPECT_EQ(yaml.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(yaml.status().message()),
               AllOf(HasSubstr("big.yaml"), HasSubstr("dampening"), HasSubstr("\"-1e999\"")));

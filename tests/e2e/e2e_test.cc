@@ -22,6 +22,7 @@
 #include "grpc_reflection_subset.grpc.pb.h"
 #include "grpc_standard_services.grpc.pb.h"
 #include "tests/testing/subprocess.h"
+#include "tests/testing/e2e_models.h"
 #include "tests/testing/job_stream.h"
 #include "tests/testing/postgres.h"
 #include "tests/testing/temp_dir.h"
@@ -40,11 +41,8 @@ class EndToEndTest : public ::testing::Test {
   void SetUp() override {
     if (!store_.SkipReason().empty()) GTEST_SKIP() << store_.SkipReason();
     std::string output;
-    ASSERT_EQ(testing::RunCommand({COMPRESS_WORKER_BIN, "make-random-model", "--out",
-                                   dir_.Sub("models/llama"), "--layers", "2", "--hidden", "256",
-                                   "--intermediate", "512", "--heads", "4", "--kv-heads", "2",
-                                   "--vocab", "512"},
-                                  &output),
+    ASSERT_EQ(testing::MakeRandomTestModel(COMPRESS_WORKER_BIN, dir_.Sub("models/llama"), 256,
+                                           &output),
               0)
         << output;
     port_ = testing::PickFreePort();
@@ -275,20 +273,8 @@ TEST_F(EndToEndTest, AKilledWorkersJobFinishesOnTheOther) {
   EXPECT_TRUE(requeued);
 }
 
-// Calibration ids for the random model (vocabulary 512), as a token file.
-void WriteCalibrationTokens(const std::string& path, int count) {
-  std::ofstream out(path, std::ios::binary);
-  uint32_t state = 12345;
-  for (int i = 0; i < count; ++i) {
-    state = state * 1103515245u + 12345u;
-    const uint32_t id = (state >> 8) % 512;
-    const unsigned char bytes[4] = {static_cast<unsigned char>(id), static_cast<unsigned char>(id >> 8), 0, 0};
-    out.write(reinterpret_cast<const char*>(bytes), 4);
-  }
-}
-
 TEST_F(EndToEndTest, ASplitJobRunsOnBothWorkersAndWritesTheLocalRunsBytes) {
-  WriteCalibrationTokens(dir_.Sub("models/calibration.tokens"), 4096);
+  testing::WriteCalibrationTokens(dir_.Sub("models/calibration.tokens"), 4096);
   const std::string recipe =
       "model: {path: llama}\n"
       "calibration: {path: calibration.tokens, num_samples: 16, sequence_length: 64, "
@@ -365,7 +351,7 @@ TEST_F(EndToEndTest, JsonLogsFollowOneJobAcrossProcesses) {
 }
 
 TEST_F(EndToEndTest, PauseStopsTheWorkerAndResumeFinishesWithTheUninterruptedBytes) {
-  WriteCalibrationTokens(dir_.Sub("models/calibration.tokens"), 4096);
+  testing::WriteCalibrationTokens(dir_.Sub("models/calibration.tokens"), 4096);
   // Sequential calibration: one block task that checkpoints each block;
   // the sleep stage makes each block take a while.
   const std::string recipe =

@@ -18,6 +18,7 @@
 #include "common/recipe.h"
 #include "common/sha256.h"
 #include "compress/v1/compress.grpc.pb.h"
+#include "tests/testing/e2e_models.h"
 #include "tests/testing/job_stream.h"
 #include "tests/testing/postgres.h"
 #include "tests/testing/subprocess.h"
@@ -35,18 +36,6 @@ constexpr int kWorkers = 4;
 constexpr int kSleepJobs = 16;
 constexpr int kSplitJobs = 4;
 
-// Calibration ids for the random model (vocabulary 512), as a token file.
-void WriteCalibrationTokens(const std::string& path, int count) {
-  std::ofstream out(path, std::ios::binary);
-  uint32_t state = 777;
-  for (int i = 0; i < count; ++i) {
-    state = state * 1103515245u + 12345u;
-    const uint32_t id = (state >> 8) % 512;
-    const char bytes[4] = {static_cast<char>(id & 0xff), static_cast<char>(id >> 8), 0, 0};
-    out.write(bytes, 4);
-  }
-}
-
 std::string ReadBytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), {});
@@ -57,14 +46,11 @@ class FaultTest : public ::testing::Test {
   void SetUp() override {
     if (!store_.SkipReason().empty()) GTEST_SKIP() << store_.SkipReason();
     std::string output;
-    ASSERT_EQ(testing::RunCommand({COMPRESS_WORKER_BIN, "make-random-model", "--out",
-                                   dir_.Sub("models/llama"), "--layers", "2", "--hidden", "128",
-                                   "--intermediate", "256", "--heads", "4", "--kv-heads", "2",
-                                   "--vocab", "512"},
-                                  &output),
+    ASSERT_EQ(testing::MakeRandomTestModel(COMPRESS_WORKER_BIN, dir_.Sub("models/llama"), 128,
+                                           &output),
               0)
         << output;
-    WriteCalibrationTokens(dir_.Sub("models/calibration.tokens"), 4096);
+    testing::WriteCalibrationTokens(dir_.Sub("models/calibration.tokens"), 4096);
     port_ = testing::PickFreePort();
   }
 

@@ -583,12 +583,11 @@ TEST(TokenizerLoad, RejectsIdsOutsideTheTableLimitBeforeAllocating) {
                           "added.json")
           .status(),
       {"added.json", "added_tokens[0]", "'id' 2147483647 is not an integer in 0..4194303"});
-  ExpectInvalidArgument(
-      Tokenizer::FromJson(R"({"model": {"type": "BPE", "vocab": {"a": 0}},)"
-                          R"( "added_tokens": [{"content": "<x>"}]})",
-                          "added.json")
-          .status(),
-      {"added_tokens[0]", "missing 'id'"});
+  ExpectInvalidArgument(Tokenizer::FromJson(R"({"model": {"type": "BPE", "vocab": {"a": 0}},)"
+                                            R"( "added_tokens": [{"content": "<x>"}]})",
+                                            "added.json")
+                            .status(),
+                        {"added_tokens[0]", "missing 'id'"});
   // The largest id allowed still loads (with a table of 2^22 entries).
   const absl::StatusOr<Tokenizer> largest =
       Tokenizer::FromJson(R"({"model": {"type": "BPE", "vocab": {"a": 4194303}}})", "ok.json");
@@ -608,8 +607,7 @@ TEST(TokenizerLoad, FuzzerRegressionsAreRefused) {
     const std::string input = ::compress::engine::testing::ReadBytes(entry.path().string());
     // As the fuzz target reads it: the JSON ends at the first NUL.
     const std::string json = input.substr(0, input.find('\0'));
-    EXPECT_EQ(Tokenizer::FromJson(json, "fuzz").status().code(),
-              absl::StatusCode::kInvalidArgument)
+    EXPECT_EQ(Tokenizer::FromJson(json, "fuzz").status().code(), absl::StatusCode::kInvalidArgument)
         << entry.path();
     ++inputs;
   }

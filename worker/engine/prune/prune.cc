@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
+#include "worker/engine/quant/gptq.h"
 #include "worker/engine/util/torch_status.h"
 
 namespace compress::engine {
@@ -70,30 +71,16 @@ PruneResult Finish(const at::Tensor& weight, at::Tensor values, at::Tensor mask)
   return result;
 }
 
-// The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying
-// with more dampening while the factorization fails (as GPTQ's).
+// GPTQ's damped inverse-Cholesky factor, its dampening recorded in `result`.
 absl::StatusOr<at::Tensor> InverseCholesky(const at::Tensor& hessian, const PruneOptions& options,
                                            absl::string_view name, PruneResult* result) {
-  const double mean_diagonal = hessian.diagonal().mean().item<double>();
-  double dampening = options.dampening;
-  for (int attempt = 0; attempt <= options.max_dampening_retries; ++attempt) {
-    at::Tensor damped = hessian.clone();
-    damped.diagonal().add_(dampening * mean_diagonal);
-    auto [lower, info] = at::linalg_cholesky_ex(damped);
-    if (info.item<int64_t>() == 0) {
-      const at::Tensor inverse = at::cholesky_inverse(lower);
-      auto [upper, inverse_info] = at::linalg_cholesky_ex(inverse, /*upper=*/true);
-      if (inverse_info.item<int64_t>() == 0 && at::isfinite(upper).all().item<bool>()) {
-        result->dampening_used = dampening;
-        result->retries = attempt;
-        return upper;
-      }
-    }
-    dampening *= 10;
-  }
-  return absl::FailedPreconditionError(absl::StrCat(
-      "sparsegpt: tensor '", name, "': the Hessian is not positive definite even with dampening ",
-      dampening / 10, " of its mean diagonal"));
+  ASSIGN_OR_RETURN(DampedInverseCholesky factor,
+                   DampedInverseCholeskyFactor(hessian, options.dampening,
+                                               options.max_dampening_retries,
+                                               absl::StrCat("sparsegpt: tensor '", name, "'")));
+  result->dampening_used = factor.dampening_used;
+  result->retries = factor.retries;
+  return factor.upper;
 }
 
 }  // namespace

@@ -14,13 +14,25 @@ namespace {
 
 using at::indexing::Slice;
 
-// The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying
-// with more dampening while the factorization fails.
 absl::StatusOr<at::Tensor> InverseCholesky(const at::Tensor& hessian, const GptqOptions& options,
                                            absl::string_view name, GptqResult* result) {
+  ASSIGN_OR_RETURN(DampedInverseCholesky factor,
+                   DampedInverseCholeskyFactor(hessian, options.dampening,
+                                               options.max_dampening_retries,
+                                               absl::StrCat("gptq: tensor '", name, "'")));
+  result->dampening_used = factor.dampening_used;
+  result->retries = factor.retries;
+  return factor.upper;
+}
+
+}  // namespace
+
+absl::StatusOr<DampedInverseCholesky> DampedInverseCholeskyFactor(const at::Tensor& hessian,
+                                                                  double dampening,
+                                                                  int max_retries,
+                                                                  absl::string_view label) {
   const double mean_diagonal = hessian.diagonal().mean().item<double>();
-  double dampening = options.dampening;
-  for (int attempt = 0; attempt <= options.max_dampening_retries; ++attempt) {
+  for (int attempt = 0; attempt <= max_retries; ++attempt) {
     at::Tensor damped = hessian.clone();
     damped.diagonal().add_(dampening * mean_diagonal);
     auto [lower, info] = at::linalg_cholesky_ex(damped);
@@ -28,19 +40,15 @@ absl::StatusOr<at::Tensor> InverseCholesky(const at::Tensor& hessian, const Gptq
       const at::Tensor inverse = at::cholesky_inverse(lower);
       auto [upper, inverse_info] = at::linalg_cholesky_ex(inverse, /*upper=*/true);
       if (inverse_info.item<int64_t>() == 0 && at::isfinite(upper).all().item<bool>()) {
-        result->dampening_used = dampening;
-        result->retries = attempt;
-        return upper;
+        return DampedInverseCholesky{upper, dampening, attempt};
       }
     }
     dampening *= 10;
   }
   return absl::FailedPreconditionError(absl::StrCat(
-      "gptq: tensor '", name, "': the Hessian is not positive definite even with dampening ",
-      dampening / 10, " of its mean diagonal"));
+      label, ": the Hessian is not positive definite even with dampening ", dampening / 10,
+      " of its mean diagonal"));
 }
-
-}  // namespace
 
 absl::Status ValidateGptqOptions(const GptqOptions& options) {
   RETURN_IF_ERROR(ValidateRtnOptions(options.grid));

@@ -46,6 +46,19 @@ struct GptqResult {
   int64_t dead_columns = 0;   // inputs that were always zero (their weights are zeroed)
 };
 
+// The upper Cholesky factor of (H + dampening * mean(diag H) * I)^-1, the
+// dampening raised tenfold up to max_retries times while the factorization
+// fails (GPTQ's and SparseGPT's step). FAILED_PRECONDITION names `label`.
+struct DampedInverseCholesky {
+  at::Tensor upper;
+  double dampening_used = 0;
+  int retries = 0;
+};
+absl::StatusOr<DampedInverseCholesky> DampedInverseCholeskyFactor(const at::Tensor& hessian,
+                                                                  double dampening,
+                                                                  int max_retries,
+                                                                  absl::string_view label);
+
 // INVALID_ARGUMENT for bad options (bits, dampening <= 0, block_size < 1).
 absl::Status ValidateGptqOptions(const GptqOptions& options);
 

@@ -245,10 +245,10 @@ absl::StatusOr<std::vector<AddedToken>> ReadAddedTokens(const Reader& reader, co
     const json* id = Reader::Find(entry, "id");
     const std::optional<int32_t> checked = id == nullptr ? std::nullopt : ReadTokenId(*id);
     if (!checked) {
-      return reader.Error(field, id == nullptr ? std::string("missing 'id'")
-                                               : absl::StrCat("'id' ", id->dump(),
-                                                              " is not an integer in 0..",
-                                                              kMaxTokenId));
+      return reader.Error(
+          field, id == nullptr
+                     ? std::string("missing 'id'")
+                     : absl::StrCat("'id' ", id->dump(), " is not an integer in 0..", kMaxTokenId));
     }
     token.id = *checked;
     ASSIGN_OR_RETURN(token.content, reader.String(entry, "content", field));
