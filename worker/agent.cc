@@ -10,6 +10,7 @@
 #include <fstream>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -20,6 +21,7 @@
 #include "common/process_stats.h"
 #include "common/sha256.h"
 #include "common/status_macros.h"
+#include "worker/cuda_memory.h"
 #include "common/log.h"
 #include "worker/engine/recipe/runner.h"
 
@@ -200,12 +202,23 @@ WorkerAgent::WorkerAgent(WorkerConfig config,
     : config_(std::move(config)), stub_(std::move(stub)), metrics_(metrics) {
   worker_id_ = config_.worker_id.empty() ? DefaultWorkerId() : config_.worker_id;
   SetLogProcessField("worker", worker_id_);
-  if (config_.memory_bytes == 0) config_.memory_bytes = DetectMemoryBytes();
+  const std::optional<int> gpu = CudaDeviceIndex(config_.device);
+  const std::optional<CudaMemory> gpu_memory = gpu ? QueryCudaMemory(*gpu) : std::nullopt;
+  if (config_.memory_bytes == 0) {
+    // A GPU worker offers its device's memory; a CPU worker its machine's.
+    config_.memory_bytes = gpu_memory ? gpu_memory->total_bytes : DetectMemoryBytes();
+  }
   metrics_->device_memory_bytes.Set(static_cast<double>(config_.memory_bytes));
-  if (config_.device.empty() || config_.device == "cpu") {
+  if (!gpu) {
     metrics_->SetDeviceMemoryProbe(ResidentMemoryBytes);
+  } else if (gpu_memory) {
+    // In use on the whole device, as nvidia-smi shows it.
+    metrics_->SetDeviceMemoryProbe([index = *gpu]() -> int64_t {
+      std::optional<CudaMemory> now = QueryCudaMemory(index);
+      return now ? now->total_bytes - now->free_bytes : 0;
+    });
   } else {
-    // Unknown until the engine reports its allocator's figure for CUDA.
+    // No NVIDIA driver to ask: unknown rather than wrong.
     metrics_->device_memory_used_bytes.Set(std::numeric_limits<double>::quiet_NaN());
   }
 }

@@ -2,7 +2,11 @@
 // per-tensor progress messages, and the device memory probe read at scrape.
 #include "worker/worker_metrics.h"
 
+#include <dlfcn.h>
+
 #include <gtest/gtest.h>
+
+#include "worker/cuda_memory.h"
 
 namespace compress::worker {
 namespace {
@@ -84,6 +88,25 @@ TEST(WorkerMetricsTest, ReadsDeviceMemoryAtEveryScrape) {
   used = 250;
   EXPECT_NE(registry.Serialize().find("compress_worker_device_memory_used_bytes 250\n"),
             std::string::npos);
+}
+
+TEST(CudaMemory, DevicesParseAndAMachineWithoutADriverReportsNothing) {
+  EXPECT_EQ(CudaDeviceIndex("cuda:3"), 3);
+  EXPECT_EQ(CudaDeviceIndex("cuda"), 0);
+  EXPECT_EQ(CudaDeviceIndex("cpu"), std::nullopt);
+  EXPECT_EQ(CudaDeviceIndex("cuda:-1"), std::nullopt);
+  EXPECT_EQ(CudaDeviceIndex("cuda:x"), std::nullopt);
+  EXPECT_EQ(CudaDeviceIndex("cudax"), std::nullopt);
+  void* driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  const std::optional<CudaMemory> memory = QueryCudaMemory(0);
+  if (driver == nullptr) {
+    EXPECT_EQ(memory, std::nullopt) << "no NVIDIA driver here";
+  } else if (memory) {
+    EXPECT_GT(memory->total_bytes, 0);
+    EXPECT_GE(memory->free_bytes, 0);
+    EXPECT_LE(memory->free_bytes, memory->total_bytes);
+  }
+  EXPECT_EQ(QueryCudaMemory(1 << 20), std::nullopt) << "no such device";
 }
 
 }  // namespace
