@@ -579,7 +579,7 @@ TEST_F(EndToEndTest, MetricsPagesPassPromtool) {
     EXPECT_EQ(health->status, 200) << who;
     auto page = http.Get("/metrics");
     ASSERT_TRUE(page) << who;
-    EXPECT_NE(page->body.find(who == "server" ? "compress_jobs_finished_total{state=\"SUCCEEDED\",tenant=\"\"} 1"
+    EXPECT_NE(page->body.find(who == "server" ? "compress_jobs_finished_total{state=\"SUCCEEDED\",tenant=\"default\"} 1"
                                               : "compress_worker_resident_memory_bytes"),
               std::string::npos)
         << who << "\n" << page->body;
