@@ -558,6 +558,7 @@ absl::StatusOr<Job> Scheduler::PauseJob(const std::string& tenant, const std::st
       // The lease goes: the worker stops at its next renewal, and its
       // finished blocks stay for the resumed task.
       lease_expiry_.erase(task.lease_id());
+      ObserveTaskDuration(task, "paused", absl::Now());
       task.set_state(compress::v1::TASK_PENDING);
       task.clear_lease_id();
       task.set_message("paused");
@@ -900,7 +901,10 @@ void Scheduler::ExpireLeasesLocked(absl::Time now, std::vector<std::string>* cha
     StoredJob updated = found->second;
     JobTask& task = *updated.job.mutable_tasks(index);
     lease_expiry_.erase(task.lease_id());
-    if (IsTerminal(updated.job.state()) || task.state() != compress::v1::TASK_RUNNING) continue;
+    if (IsTerminal(updated.job.state()) || task.state() != compress::v1::TASK_RUNNING) {
+      dispatched_at_.erase(task.lease_id());  // a cancelled job's task
+      continue;
+    }
     std::vector<JobEvent> events;
     const std::string worker = task.worker_id();
     metrics_->lease_expirations.Increment();
