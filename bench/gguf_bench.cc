@@ -21,7 +21,9 @@
 #include <vector>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "common/files.h"
 #include "common/gguf_types.h"
 #include "worker/engine/eval/eval.h"
@@ -77,6 +79,7 @@ absl::Status WriteAsFolder(const std::string& gguf, const std::string& model,
 
 int main(int argc, char** argv) {
   std::string model = "tests/fixtures/kjv-llama", text_path, work = "build/gguf-bench";
+  std::string calibration_path;  // for presets named NAME+imatrix
   std::string presets = "F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K";
   int64_t context = 128, stride = 64, size = 4096;
   int threads = 0;
@@ -86,13 +89,15 @@ int main(int argc, char** argv) {
                     (name == "--text" && (text_path = value, true)) ||
                     (name == "--work" && (work = value, true)) ||
                     (name == "--presets" && (presets = value, true)) ||
+                    (name == "--calibration" && (calibration_path = value, true)) ||
                     (name == "--context" && absl::SimpleAtoi(value, &context)) ||
                     (name == "--stride" && absl::SimpleAtoi(value, &stride)) ||
                     (name == "--size" && absl::SimpleAtoi(value, &size)) ||
                     (name == "--threads" && absl::SimpleAtoi(value, &threads));
     if (!ok) {
       std::fprintf(stderr,
-                   "usage: gguf_bench --model DIR --text FILE [--work DIR] [--presets A,B] "
+                   "usage: gguf_bench --model DIR --text FILE [--work DIR] [--presets A,B+imatrix] "
+                   "[--calibration FILE (for +imatrix)] "
                    "[--context 128] [--stride 64] [--size 4096] [--threads 0]\n");
       return 2;
     }
@@ -120,9 +125,23 @@ int main(int argc, char** argv) {
     for (absl::string_view preset : absl::StrSplit(presets, ',', absl::SkipEmpty())) {
       v1::JobSpec spec;
       spec.mutable_model()->set_path(model);
-      spec.add_gguf()->set_preset(std::string(preset));
+      absl::string_view name = preset;
+      // "Q4_K_M+imatrix": the k-quant search weighted by calibration energy.
+      const bool importance = absl::ConsumeSuffix(&name, "+imatrix");
+      v1::GgufOutput* gguf = spec.add_gguf();
+      gguf->set_preset(std::string(name));
+      gguf->set_importance(importance);
+      if (importance) {
+        if (calibration_path.empty()) {
+          return Fail(absl::InvalidArgumentError(absl::StrCat(preset, ": needs --calibration FILE")));
+        }
+        spec.mutable_calibration()->set_path(calibration_path);
+        spec.mutable_calibration()->set_num_samples(128);
+        spec.mutable_calibration()->set_sequence_length(128);
+      }
       RunOptions run;
       run.model_path = model;
+      run.calibration_path = calibration_path;
       run.output_dir = work + "/" + std::string(preset);
       const Clock::time_point start = Clock::now();
       absl::StatusOr<RunResult> result = RunJob(spec, run, {});

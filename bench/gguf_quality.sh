@@ -5,7 +5,7 @@
 # agreement), with bits per weight and size; then each type's quantization
 # throughput against a memory copy.
 #
-#   bash bench/gguf_quality.sh [MODEL_DIR] [WORK_DIR]
+#   bash bench/gguf_quality.sh [MODEL_DIR] [WORK_DIR] [--presets Q4_K_M,Q4_K_M+imatrix]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL="${1:-tests/fixtures/kjv-llama}"
@@ -13,5 +13,7 @@ WORK="${2:-build/gguf-quality}"
 [ -x build/bench/gguf_bench ] || { echo "build first: bash scripts/build.sh" >&2; exit 1; }
 rm -rf "$WORK" && mkdir -p "$WORK"
 bash scripts/kjv-text.sh Rev1:1-Rev22:21 >"$WORK/revelation.txt"
+# Importance presets (NAME+imatrix) calibrate on the Gospels, as bench/quality.sh.
+bash scripts/kjv-text.sh Matt1:1-John21:25 >"$WORK/gospels.txt"
 build/bench/gguf_bench --model "$MODEL" --text "$WORK/revelation.txt" --work "$WORK" \
-    --context 128 --stride 64 "$@"
+    --calibration "$WORK/gospels.txt" --context 128 --stride 64 "$@"
