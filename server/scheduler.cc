@@ -290,9 +290,8 @@ absl::StatusOr<StoredJob*> Scheduler::FindJobLocked(const std::string& tenant,
   return &it->second;
 }
 
-absl::Status Scheduler::CheckModelPaths(const compress::v1::JobSpec& spec,
-                                        ResolvedPaths* paths) const {
-  std::string* model_path = &paths->model;
+absl::Status Scheduler::ResolvePaths(const compress::v1::JobSpec& spec,
+                                     ResolvedPaths* paths) const {
   auto resolve = [&](const std::string& path, const char* field) -> absl::StatusOr<std::string> {
     absl::StatusOr<std::string> resolved = ResolveUnderRoots(path, config_.model_roots);
     if (resolved.ok()) return resolved;
@@ -302,7 +301,22 @@ absl::Status Scheduler::CheckModelPaths(const compress::v1::JobSpec& spec,
                                 : resolved.status().code();
     return absl::Status(code, absl::StrCat(field, ": ", resolved.status().message()));
   };
-  ASSIGN_OR_RETURN(*model_path, resolve(spec.model().path(), "model.path"));
+  ASSIGN_OR_RETURN(paths->model, resolve(spec.model().path(), "model.path"));
+  if (!spec.calibration().path().empty()) {
+    ASSIGN_OR_RETURN(paths->calibration, resolve(spec.calibration().path(), "calibration.path"));
+  }
+  for (int i = 0; i < spec.stages_size(); ++i) {
+    if (!spec.stages(i).has_evaluate()) continue;
+    const std::string field = absl::StrCat("stages[", i, "].evaluate.text_path");
+    ASSIGN_OR_RETURN(paths->evaluation, resolve(spec.stages(i).evaluate().text_path(), field.c_str()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Scheduler::CheckModelPaths(const compress::v1::JobSpec& spec,
+                                        ResolvedPaths* paths) const {
+  RETURN_IF_ERROR(ResolvePaths(spec, paths));
+  const std::string* model_path = &paths->model;
   namespace fs = std::filesystem;
   std::error_code ec;
   if (fs::is_directory(*model_path, ec)) {
@@ -355,8 +369,7 @@ absl::Status Scheduler::CheckModelPaths(const compress::v1::JobSpec& spec,
     return absl::InvalidArgumentError(absl::StrCat("model.path: ", shape.status().message()));
   }
   paths->shape = *shape;
-  if (!spec.calibration().path().empty()) {
-    ASSIGN_OR_RETURN(paths->calibration, resolve(spec.calibration().path(), "calibration.path"));
+  if (!paths->calibration.empty()) {
     // Every token takes at least one byte of text (four in a .tokens file):
     // a file smaller than that cannot hold one sample, whatever the tokenizer.
     const int64_t length = spec.calibration().sequence_length() > 0
@@ -374,11 +387,6 @@ absl::Status Scheduler::CheckModelPaths(const compress::v1::JobSpec& spec,
           "calibration.path: ", spec.calibration().path(), " holds at most ", most_tokens,
           " tokens, fewer than one sample of calibration.sequence_length ", length));
     }
-  }
-  for (int i = 0; i < spec.stages_size(); ++i) {
-    if (!spec.stages(i).has_evaluate()) continue;
-    const std::string field = absl::StrCat("stages[", i, "].evaluate.text_path");
-    ASSIGN_OR_RETURN(paths->evaluation, resolve(spec.stages(i).evaluate().text_path(), field.c_str()));
   }
   return absl::OkStatus();
 }
@@ -809,7 +817,9 @@ absl::Status Scheduler::DispatchLocked(const std::string& job_id, int index,
     for (const Artifact& checkpoint : dispatched.checkpoints()) *out.add_inputs() = checkpoint;
   }
   ResolvedPaths paths;
-  absl::Status resolved = CheckModelPaths(stored.spec(), &paths);
+  // Resolution only: the files were checked at submit, and this runs under
+  // the scheduler's lock for every task.
+  absl::Status resolved = ResolvePaths(stored.spec(), &paths);
   out.set_model_path(paths.model);
   out.set_calibration_path(paths.calibration);
   out.set_evaluation_path(paths.evaluation);

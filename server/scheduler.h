@@ -188,6 +188,8 @@ class Scheduler {
     ModelShape shape;  // from the model's headers and config.json
   };
   absl::Status CheckModelPaths(const compress::v1::JobSpec& spec, ResolvedPaths* paths) const;
+  // Resolution alone (model, calibration, evaluation): no file is read.
+  absl::Status ResolvePaths(const compress::v1::JobSpec& spec, ResolvedPaths* paths) const;
   void Notify(const std::vector<std::string>& job_ids);
   std::string ArtifactPath(const std::string& job_id, const std::string& name) const;
 
