@@ -174,6 +174,7 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(SchedulerConfig con
       }
     }
     scheduler->RequeueLocked(stored, now);
+    scheduler->IndexForListingLocked(stored.job);
     scheduler->jobs_[id] = std::move(stored);
   }
   LOG_INFO("job store loaded", {{"jobs", std::to_string(scheduler->jobs_.size())},
@@ -234,6 +235,7 @@ void Scheduler::AddStateChange(StoredJob& stored, JobState state, const std::str
 absl::Status Scheduler::CommitLocked(StoredJob updated, const std::vector<JobEvent>& events) {
   RETURN_IF_ERROR(store_->Commit(updated, events));
   std::string id = updated.job.id();
+  if (!jobs_.count(id)) IndexForListingLocked(updated.job);
   jobs_[id] = std::move(updated);
   return absl::OkStatus();
 }
@@ -473,6 +475,12 @@ absl::StatusOr<compress::v1::SubmitJobResponse> Scheduler::SubmitJob(
   return response;
 }
 
+void Scheduler::IndexForListingLocked(const Job& job) {
+  ListKey key{CreateMicros(job), job.id()};
+  list_all_.insert(key);
+  list_by_tenant_[job.tenant()].insert(std::move(key));
+}
+
 absl::StatusOr<Job> Scheduler::GetJob(const std::string& tenant, const std::string& job_id) {
   std::lock_guard<std::mutex> lock(mu_);
   ASSIGN_OR_RETURN(StoredJob * stored, FindJobLocked(tenant, job_id));
@@ -495,34 +503,34 @@ absl::StatusOr<compress::v1::ListJobsResponse> Scheduler::ListJobs(
     after_id = request.page_token().substr(colon + 1);
   }
   std::set<int> states(request.states().begin(), request.states().end());
-  std::vector<const Job*> matching;
+  compress::v1::ListJobsResponse response;
   std::lock_guard<std::mutex> lock(mu_);
-  for (const auto& [id, stored] : jobs_) {
-    const Job& job = stored.job;
-    if (!tenant.empty() && job.tenant() != tenant) continue;
+  const ListIndex* index = &list_all_;
+  if (!tenant.empty()) {
+    auto it = list_by_tenant_.find(tenant);
+    if (it == list_by_tenant_.end()) return response;
+    index = &it->second;
+  }
+  // Newest first, strictly older than the cursor; one match past the page
+  // says whether there is a next page.
+  auto it = request.page_token().empty() ? index->begin()
+                                         : index->upper_bound({after_micros, after_id});
+  const Job* last = nullptr;
+  for (; it != index->end(); ++it) {
+    const Job& job = jobs_.at(it->second).job;
     if (!states.empty() && !states.count(job.state())) continue;
     bool labels_match = true;
     for (const auto& [key, value] : request.labels()) {
-      auto it = job.spec().labels().find(key);
-      if (it == job.spec().labels().end() || it->second != value) labels_match = false;
+      auto label = job.spec().labels().find(key);
+      if (label == job.spec().labels().end() || label->second != value) labels_match = false;
     }
     if (!labels_match) continue;
-    int64_t micros = CreateMicros(job);
-    // Newest first: strictly older than the cursor.
-    if (micros > after_micros || (micros == after_micros && job.id() >= after_id)) continue;
-    matching.push_back(&job);
-  }
-  std::sort(matching.begin(), matching.end(), [](const Job* a, const Job* b) {
-    int64_t ma = CreateMicros(*a), mb = CreateMicros(*b);
-    return ma != mb ? ma > mb : a->id() > b->id();
-  });
-  compress::v1::ListJobsResponse response;
-  for (size_t i = 0; i < matching.size() && static_cast<int>(i) < page_size; ++i) {
-    *response.add_jobs() = *matching[i];
-  }
-  if (static_cast<int>(matching.size()) > page_size) {
-    const Job& last = *matching[page_size - 1];
-    response.set_next_page_token(absl::StrCat(CreateMicros(last), ":", last.id()));
+    if (response.jobs_size() == page_size) {
+      response.set_next_page_token(absl::StrCat(CreateMicros(*last), ":", last->id()));
+      break;
+    }
+    *response.add_jobs() = job;
+    last = &job;
   }
   return response;
 }

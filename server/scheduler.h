@@ -199,6 +199,13 @@ class Scheduler {
 
   std::mutex mu_;
   std::map<std::string, StoredJob> jobs_;
+  // ListJobs' order, newest first: (create time in microseconds, id). A
+  // job's create time never changes, so an entry is added once, with the job.
+  using ListKey = std::pair<int64_t, std::string>;
+  using ListIndex = std::set<ListKey, std::greater<ListKey>>;
+  ListIndex list_all_;
+  std::map<std::string, ListIndex> list_by_tenant_;
+  void IndexForListingLocked(const compress::v1::Job& job);
   std::map<std::pair<std::string, std::string>, std::string> request_ids_;  // (tenant, id) -> job
   std::set<QueueKey> queue_;  // jobs with a task to dispatch
   // Tenants with a job in queue_, per priority key: how many jobs each.

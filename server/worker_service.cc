@@ -1,6 +1,7 @@
 #include "server/worker_service.h"
 
 #include <optional>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "common/files.h"
@@ -31,7 +32,9 @@ class UploadReactor : public grpc::ServerReadReactor<UploadArtifactRequest> {
 
   void OnReadDone(bool ok) override {
     if (!ok) {  // client finished sending
-      FinishWith(Complete());
+      // fsync of a large artifact takes seconds: not on gRPC's callback
+      // threads, which serve every other RPC. No reaction runs until Finish.
+      std::thread([this] { FinishWith(Complete()); }).detach();
       return;
     }
     absl::Status status = Consume();

@@ -300,6 +300,44 @@ TEST_F(ServerTest, SubmitGetAndListWithPagingAndLabels) {
   EXPECT_EQ(page.jobs_size(), 2);
 }
 
+TEST_F(ServerTest, ListingFiltersByStateAcrossPagesAndSurvivesARestart) {
+  std::vector<std::string> ids;
+  for (int i = 0; i < 7; ++i) ids.push_back(SubmitOk(RtnRequest()));
+  for (int cancelled : {1, 4}) {
+    grpc::ClientContext context;
+    compress::v1::CancelJobRequest cancel;
+    cancel.set_job_id(ids[cancelled]);
+    compress::v1::Job job;
+    ASSERT_TRUE(jobs_->CancelJob(&context, cancel, &job).ok());
+  }
+  auto list_all_pages = [&](compress::v1::JobState state) {
+    std::vector<std::string> seen;
+    std::string token;
+    do {
+      grpc::ClientContext context;
+      compress::v1::ListJobsRequest request;
+      request.set_page_size(2);
+      request.add_states(state);
+      request.set_page_token(token);
+      compress::v1::ListJobsResponse page;
+      EXPECT_TRUE(jobs_->ListJobs(&context, request, &page).ok());
+      EXPECT_LE(page.jobs_size(), 2);
+      for (const auto& j : page.jobs()) seen.push_back(j.id());
+      token = page.next_page_token();
+    } while (!token.empty());
+    return seen;
+  };
+  const std::vector<std::string> queued = {ids[6], ids[5], ids[3], ids[2], ids[0]};
+  const std::vector<std::string> cancelled = {ids[4], ids[1]};
+  EXPECT_EQ(list_all_pages(compress::v1::QUEUED), queued);
+  EXPECT_EQ(list_all_pages(compress::v1::CANCELLED), cancelled);
+  RestartServer(/*lease_seconds=*/30);
+  EXPECT_EQ(list_all_pages(compress::v1::QUEUED), queued);
+  EXPECT_EQ(list_all_pages(compress::v1::CANCELLED), cancelled);
+  const std::string newest = SubmitOk(RtnRequest());
+  EXPECT_EQ(list_all_pages(compress::v1::QUEUED).front(), newest);
+}
+
 TEST_F(ServerTest, SubmitIsIdempotentOnRequestId) {
   auto request = RtnRequest();
   request.set_request_id("pipeline-run-7");
