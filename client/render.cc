@@ -80,6 +80,11 @@ std::string FormatReport(const v1::JobReport& report) {
                                              stage.seconds()));
       continue;
     }
+    if (stage.kind() == "export") {
+      absl::StrAppend(&text, absl::StrFormat("  Export %s: %.1f s, %s written\n", stage.method(),
+                                             stage.seconds(), FormatBytes(stage.bytes_out())));
+      continue;
+    }
     absl::StrAppend(
         &text, absl::StrFormat("  Stage %s (%s): %.1f s, %s, mean relative error %.4g",
                                stage.name().empty() ? "-" : stage.name(), stage.method(),

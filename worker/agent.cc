@@ -385,7 +385,9 @@ void WorkerAgent::RunTask(const compress::v1::Task& task) {
 
   if (result.ok()) {
     for (const compress::v1::StageReport& stage : result->report.stages()) {
-      metrics_->stage_seconds.Add({{"method", stage.method()}}, metrics::LongDurationBuckets())
+      metrics_->stage_seconds
+          .Add({{"stage", stage.kind()}, {"method", stage.method()}},
+               metrics::LongDurationBuckets())
           .Observe(stage.seconds());
     }
   }

@@ -24,7 +24,7 @@ WorkerMetrics::WorkerMetrics(metrics::Registry& registry)
                                  .Add({})),
       stage_seconds(metrics::BuildHistogram()
                         .Name("compress_worker_stage_seconds")
-                        .Help("Duration of each compression stage, by method.")
+                        .Help("Duration of each stage of a task (quantize, prune, export, evaluate), by method.")
                         .Register(registry)),
       block_seconds(metrics::BuildHistogram()
                         .Name("compress_worker_block_seconds")

@@ -497,6 +497,12 @@ v1::Job FinishedJob() {
   stage->set_bytes_in(int64_t{4} << 30);
   stage->set_bytes_out(int64_t{1} << 30);
   stage->set_mean_relative_error(0.0123);
+  v1::StageReport* gguf = report->add_stages();
+  gguf->set_name("gguf");
+  gguf->set_kind("export");
+  gguf->set_method("gguf");
+  gguf->set_seconds(1.25);
+  gguf->set_bytes_out(int64_t{3} << 20);
   v1::Artifact* artifact = job.add_artifacts();
   artifact->set_name("dequantized/model.safetensors");
   artifact->set_size_bytes(1536);
@@ -526,6 +532,7 @@ TEST_F(CommandsTest, GetShowsTheKeyFields) {
   EXPECT_THAT(text, HasSubstr("Bits per weight:  4.25"));
   EXPECT_THAT(text, HasSubstr("Stage w4 (rtn): 58.5 s"));
   EXPECT_THAT(text, HasSubstr("mean relative error 0.0123"));
+  EXPECT_THAT(text, HasSubstr("Export gguf: 1.2 s, 3.0 MiB written\n"));
   EXPECT_THAT(
       text, HasSubstr("dequantized/model.safetensors     1.5 KiB  sha256 " + std::string(64, 'a')));
 }

@@ -115,11 +115,14 @@ class PrometheusTest : public ::testing::Test {
       ASSERT_EQ(testing::RunCommand({COMPRESS_WORKER_BIN, "make-random-model", "--out",
                                      dir_.Sub(std::string("models/") + name), "--layers", "2",
                                      "--hidden", "256", "--intermediate", "512", "--heads", "4",
-                                     "--kv-heads", "2", "--vocab", "512", "--dtype", "f32"},
+                                     "--kv-heads", "2", "--vocab", "1024", "--dtype", "f32"},
                                     &output),
                 0)
           << output;
     }
+    // The trained fixture's tokenizer (1024 tokens) lets a job write GGUF.
+    std::filesystem::copy_file(std::string(SOURCE_DIR) + "/tests/fixtures/kjv-llama/tokenizer.json",
+                               dir_.Sub("models/llama/tokenizer.json"));
     // "broken": a valid header over weights that are all NaN (0xFF bytes), so
     // the job passes the server's checks and fails on a worker.
     const std::string file = dir_.Sub("models/broken/model.safetensors");
@@ -305,7 +308,12 @@ TEST_F(PrometheusTest, EveryDashboardPanelReturnsDataWhileJobsRun) {
       "model: {path: llama}\nstages: [{rtn: {bits: 4, group_size: 128}}]\n"
       "outputs: [dequantized_safetensors, packed_safetensors]\n";
   const std::string sleep = "model: {path: llama}\nstages: [{sleep: {millis_per_tensor: 120}}]\n";
-  for (const std::string& recipe : {sleep, sleep, rtn, sleep, rtn}) ids.push_back(Submit(recipe));
+  const std::string rtn_gguf =
+      "model: {path: llama}\nstages: [{rtn: {bits: 4, group_size: 128}}]\n"
+      "outputs: [gguf]\ngguf: [{preset: Q8_0}]\n";
+  for (const std::string& recipe : {sleep, sleep, rtn, sleep, rtn_gguf}) {
+    ids.push_back(Submit(recipe));
+  }
   const std::string broken = Submit("model: {path: broken}\nstages: [{rtn: {bits: 4}}]\n");
   std::string succeeded_rtn;
   for (const std::string& id : ids) {
@@ -382,6 +390,14 @@ TEST_F(PrometheusTest, EveryDashboardPanelReturnsDataWhileJobsRun) {
   }
   EXPECT_GE(checked, 30);
   EXPECT_EQ(pending, static_cast<int>(testing::kMetricsNotYetExported.size()));
+
+  // Stage durations carry what the stage did and how.
+  for (const std::string stage : {"quantize\",method=\"rtn", "export\",method=\"gguf"}) {
+    const QueryResult result =
+        Query("compress_worker_stage_seconds_count{stage=\"" + stage + "\"}", /*instant=*/true);
+    ASSERT_TRUE(result.ok) << result.error;
+    EXPECT_GT(result.series, 0u) << stage;
+  }
 
   // The alert rules loaded and were evaluated without errors; with two
   // workers connected, CompressNoWorkersConnected is quiet.

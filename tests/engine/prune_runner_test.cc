@@ -143,10 +143,21 @@ TEST_F(PruneJobTest, WandaTwoFourThenRtnKeepsThePatternInTheCheckpointAndGguf) {
   absl::StatusOr<RunResult> result = Run(spec);
   ASSERT_TRUE(result.ok()) << result.status();
 
-  // The report: the prune stage by method name, each tensor at 50%.
-  ASSERT_EQ(result->report.stages_size(), 2);
+  // The report: the prune stage by method name, each tensor at 50%; then
+  // RTN, then the GGUF encoding's own time and bytes.
+  ASSERT_EQ(result->report.stages_size(), 3);
   const v1::StageReport& prune = result->report.stages(0);
   EXPECT_EQ(prune.method(), "wanda");
+  EXPECT_EQ(prune.kind(), "prune");
+  EXPECT_EQ(result->report.stages(1).kind(), "quantize");
+  const v1::StageReport& exported = result->report.stages(2);
+  EXPECT_EQ(exported.kind(), "export");
+  EXPECT_EQ(exported.method(), "gguf");
+  EXPECT_GT(exported.seconds(), 0.0);
+  EXPECT_LT(exported.seconds(), result->report.seconds());
+  ASSERT_EQ(result->report.gguf_size(), 2);
+  EXPECT_EQ(exported.bytes_out(),
+            result->report.gguf(0).size_bytes() + result->report.gguf(1).size_bytes());
   ASSERT_EQ(prune.tensors_size(), kLayers * kTargetsPerLayer);
   for (const v1::TensorReport& t : prune.tensors()) {
     SCOPED_TRACE(t.name());

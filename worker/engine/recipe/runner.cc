@@ -158,6 +158,13 @@ bool Quantizes(Method m) {
   return m == Method::kRtn || m == Method::kGptq || m == Method::kAwq || m == Method::kHqq;
 }
 
+// StageReport.kind: what a stage does, a label small enough for metrics.
+const char* StageKind(Method m) {
+  if (Prunes(m)) return "prune";
+  if (Quantizes(m) || m == Method::kBnb4Bit) return "quantize";
+  return MethodName(m);
+}
+
 // Methods whose result the packed output stores: the integer quantizers'
 // (GPTQ layout) and bitsandbytes' 4-bit formats (its own layout).
 bool Packs(Method m) { return Quantizes(m) || m == Method::kBnb4Bit; }
@@ -1254,11 +1261,14 @@ class JobRunner {
   absl::Status CommitGgufWriters(const std::string& staging,
                                  std::vector<v1::GgufFileReport>* reports) {
     for (GgufFile& gguf : gguf_writers_) {
+      const auto start = Clock::now();
       RETURN_IF_ERROR(gguf.writer.Commit());
       const std::string path = (fs::path(staging) / kGgufOutputDir / gguf.file_name).string();
       ASSIGN_OR_RETURN(const std::string sha256, Sha256OfFile(path));
+      gguf.seconds += Seconds(Clock::now() - start);
       std::error_code ec;
       const int64_t size = static_cast<int64_t>(fs::file_size(path, ec));
+      gguf.size_bytes = size;
       const std::string name = absl::StrCat(kGgufOutputDir, "/", gguf.file_name);
       gguf_.artifacts.push_back(ProducedArtifact{name, v1::GGUF, size, sha256});
       v1::GgufFileReport& report = reports->emplace_back();
@@ -1347,7 +1357,9 @@ class JobRunner {
       auto found = importance_.find(i);
       const at::Tensor importance = found == importance_.end() ? at::Tensor() : found->second;
       for (GgufFile& gguf : gguf_writers_) {
+        const auto start = Clock::now();
         RETURN_IF_ERROR(gguf.writer.Write(name, values, gguf.plan.importance ? importance : at::Tensor()));
+        gguf.seconds += Seconds(Clock::now() - start);
       }
       if (found != importance_.end()) importance_.erase(found);
     }
@@ -1924,6 +1936,7 @@ class JobRunner {
     for (const StagePlan& stage : stages_) {
       v1::StageReport* s = report->add_stages();
       s->set_name(stage.label);
+      s->set_kind(StageKind(stage.method));
       s->set_method(MethodName(stage.method));
       s->set_seconds(stage.seconds);
       s->set_bytes_in(stage.bytes_in);
@@ -1932,9 +1945,21 @@ class JobRunner {
       s->set_mean_output_error(MeanOutputError(stage).value_or(0.0));
       for (const v1::TensorReport& t : stage.tensor_reports) *s->add_tensors() = t;
     }
+    if (!gguf_writers_.empty()) {
+      // Encoding runs tensor by tensor beside the stages; its time is its own.
+      v1::StageReport* s = report->add_stages();
+      s->set_name("gguf");
+      s->set_kind("export");
+      s->set_method("gguf");
+      for (const GgufFile& gguf : gguf_writers_) {
+        s->set_seconds(s->seconds() + gguf.seconds);
+        s->set_bytes_out(s->bytes_out() + gguf.size_bytes);
+      }
+    }
     if (evaluate_) {
       v1::StageReport* s = report->add_stages();
       s->set_name(evaluate_->label);
+      s->set_kind("evaluate");
       s->set_method("evaluate");
       s->set_seconds(report->evaluation().seconds());
     }
@@ -1970,6 +1995,8 @@ class JobRunner {
     GgufModelWriter writer;
     GgufOutputPlan plan;
     std::string file_name;
+    double seconds = 0;  // in Write and Commit
+    int64_t size_bytes = 0;
   };
   std::vector<GgufFile> gguf_writers_;
   std::vector<v1::GgufFileReport> result_gguf_;
