@@ -16,3 +16,16 @@ $SUDO apt-get install -y -q --no-install-recommends \
   clang libclang-rt-14-dev llvm-14 \
   bible-kjv prometheus openssl python3 curl jq \
   docker-compose yamllint
+
+# The Kubernetes and Prometheus Operator API schemas the deploy_kubernetes_schema
+# test checks deploy/kubernetes against, pinned by the lock file, from the npm
+# registry (Debian packages no Kubernetes schema validator).
+if ! command -v npm >/dev/null 2>&1; then
+  $SUDO apt-get install -y -q --no-install-recommends nodejs npm
+fi
+root="$(cd "$(dirname "$0")/.." && pwd)"
+schema_dir="$root/build/kubernetes-schema"
+mkdir -p "$schema_dir"
+cp "$root/tests/deploy/kubernetes_schema/package.json" \
+   "$root/tests/deploy/kubernetes_schema/package-lock.json" "$schema_dir/"
+(cd "$schema_dir" && npm ci --no-audit --no-fund --loglevel=error)

@@ -1,0 +1,124 @@
+// Checks every object in a folder of Kubernetes manifests against the API
+// schemas of Kubernetes (kubernetes-models) and the Prometheus Operator:
+//   1. the OpenAPI validation the API server runs (types, required fields,
+//      formats), through the packages' compiled validators;
+//   2. no unknown field anywhere, as `kubectl apply --validate=strict` would
+//      refuse: each object becomes a typed TypeScript literal, and tsc
+//      rejects a property its interface does not declare.
+// Before trusting a pass, it shows that both checks refuse a broken copy.
+//
+//   node validate.mjs NODE_MODULES MANIFEST_DIR WORK_DIR
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { pathToFileURL } from 'node:url';
+
+const [modules, manifestDir, workDir] = process.argv.slice(2);
+if (!workDir) {
+  console.error('usage: node validate.mjs NODE_MODULES MANIFEST_DIR WORK_DIR');
+  process.exit(2);
+}
+const { default: YAML } = await import(pathToFileURL(path.join(modules, 'yaml/dist/index.js')));
+
+// apiVersion -> folder of the package that models it.
+const packages = {
+  'v1': 'kubernetes-models/v1',
+  'apps/v1': 'kubernetes-models/apps/v1',
+  'networking.k8s.io/v1': 'kubernetes-models/networking.k8s.io/v1',
+  'monitoring.coreos.com/v1': '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1',
+};
+
+function modelFile(object) {
+  const folder = packages[object.apiVersion];
+  if (!folder) throw new Error(`no schema for apiVersion ${object.apiVersion}`);
+  const file = path.join(modules, folder, `${object.kind}.js`);
+  if (!fs.existsSync(file)) throw new Error(`no schema for kind ${object.kind} in ${object.apiVersion}`);
+  return file;
+}
+
+function loadObjects(dir) {
+  const objects = [];
+  for (const file of fs.readdirSync(dir).filter((f) => f.endsWith('.yaml')).sort()) {
+    for (const doc of YAML.parseAllDocuments(fs.readFileSync(path.join(dir, file), 'utf8'))) {
+      if (doc.errors.length) throw new Error(`${file}: ${doc.errors[0].message}`);
+      const object = doc.toJS();
+      if (!object || object.kind === 'Kustomization') continue;
+      objects.push({ file, object, name: `${file}: ${object.kind} ${object.metadata?.name}` });
+    }
+  }
+  return objects;
+}
+
+// The API server's validation; one message per object it refuses.
+async function validateAgainstOpenApi(objects) {
+  const problems = [];
+  for (const { object, name } of objects) {
+    try {
+      const model = (await import(pathToFileURL(modelFile(object))))[object.kind];
+      new model(object).validate();
+    } catch (error) {
+      problems.push(`${name}: ${error.message}`);
+    }
+  }
+  return problems;
+}
+
+// Unknown fields: tsc over typed literals; its error lines.
+function findUnknownFields(objects, dir) {
+  fs.mkdirSync(dir, { recursive: true });
+  let source = '';
+  objects.forEach(({ object, name }, i) => {
+    const types = modelFile(object).replace(/\.js$/, '.d.ts');
+    source += `import type { I${object.kind} as T${i} } from ${JSON.stringify(types.replace(/\.d\.ts$/, '.js'))};\n`;
+    source += `// ${name}\nexport const object${i}: T${i} = ${JSON.stringify(object, null, 1)};\n`;
+  });
+  fs.writeFileSync(path.join(dir, 'manifests.ts'), source);
+  fs.writeFileSync(path.join(dir, 'tsconfig.json'), JSON.stringify({
+    compilerOptions: {
+      strict: true, noEmit: true, skipLibCheck: true, target: 'es2022',
+      module: 'nodenext', moduleResolution: 'nodenext', types: [],
+    },
+    files: ['manifests.ts'],
+  }));
+  try {
+    execFileSync(process.execPath, [path.join(modules, 'typescript/bin/tsc'), '-p', dir],
+                 { encoding: 'utf8', stdio: 'pipe' });
+    return [];
+  } catch (error) {
+    const lines = `${error.stdout}${error.stderr}`.split('\n').filter((l) => l.includes('error TS'));
+    return lines.length ? lines : [`tsc failed: ${error.message}`];
+  }
+}
+
+async function check(objects, dir) {
+  return [...await validateAgainstOpenApi(objects), ...findUnknownFields(objects, dir)];
+}
+
+const objects = loadObjects(manifestDir);
+if (objects.length === 0) {
+  console.error(`no manifests in ${manifestDir}`);
+  process.exit(1);
+}
+
+// A broken copy first: a wrong type and an unknown field must each be caught.
+const broken = structuredClone(objects);
+const workload = broken.find(({ object }) => object.spec?.template?.spec?.containers);
+workload.object.spec.replicas = 'two';
+workload.object.spec.template.spec.containers[0].livenessProbes = {};
+const caught = await check(broken, path.join(workDir, 'broken'));
+const caughtType = caught.some((p) => p.includes('replicas'));
+const caughtUnknown = caught.some((p) => p.includes('livenessProbes'));
+if (!caughtType || !caughtUnknown) {
+  console.error(`the checks missed a planted error (wrong type: ${caughtType}, unknown field: ${caughtUnknown})`);
+  console.error(caught.join('\n'));
+  process.exit(1);
+}
+
+const problems = await check(objects, path.join(workDir, 'manifests'));
+for (const { name } of objects) console.log(`checked ${name}`);
+if (problems.length) {
+  console.error(problems.join('\n'));
+  console.error(`${problems.length} problem(s) in ${manifestDir}`);
+  process.exit(1);
+}
+console.log(`${objects.length} objects match the Kubernetes and Prometheus Operator schemas, no unknown fields`);
