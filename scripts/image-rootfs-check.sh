@@ -23,7 +23,7 @@ metrics_port=50762
 
 if [ "$(id -u)" -ne 0 ]; then echo "image-rootfs-check: run as root (chroot)" >&2; exit 2; fi
 command -v debootstrap >/dev/null || apt-get install -y -q --no-install-recommends debootstrap
-mkdir -p "$work"
+mkdir -p "$work/apt-archives/partial"
 if [ ! -x "$work/base/usr/bin/apt-get" ]; then
   rm -rf "$work/base.tmp"
   debootstrap --variant=minbase bookworm "$work/base.tmp" "$mirror"
@@ -62,6 +62,7 @@ make_root() {
   rm -rf "$root"
   cp -a "$work/base" "$root"
   cp /etc/resolv.conf "$root/etc/resolv.conf"
+  bind "$work/apt-archives" "$root/var/cache/apt/archives"  # downloads kept between runs
   chroot "$root" apt-get update -q >/dev/null
   # shellcheck disable=SC2086
   chroot "$root" env DEBIAN_FRONTEND=noninteractive \
