@@ -6,7 +6,11 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
+#include <mutex>
+#include <thread>
 #include <unordered_set>
 
 #include "absl/strings/str_cat.h"
@@ -786,6 +790,77 @@ std::string SerializeGgufHeader(GgufHeader* header) {
   return out;
 }
 
+// The writer's thread: appends queued chunks to the temp file and hashes
+// them, in order. Owns the file, so a moved GgufWriter keeps working.
+class GgufWriter::Pipeline {
+ public:
+  explicit Pipeline(AtomicFileWriter file) : file_(std::move(file)) {
+    thread_ = std::thread([this] { Run(); });
+  }
+  ~Pipeline() { Finish(); }  // joins; the temp file goes with file_ unless committed
+
+  // Queues `data` (after waiting while another chunk waits); the first write
+  // error, if one happened.
+  absl::Status Push(std::string data) {
+    std::unique_lock<std::mutex> lock(mu_);
+    room_.wait(lock, [&] { return waiting_.empty() || !status_.ok(); });
+    if (!status_.ok()) return status_;
+    waiting_.push_back(std::move(data));
+    work_.notify_one();
+    return absl::OkStatus();
+  }
+
+  // Writes what is queued and stops the thread; the first write error.
+  absl::Status Finish() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      closing_ = true;
+    }
+    work_.notify_one();
+    if (thread_.joinable()) thread_.join();
+    return status_;
+  }
+
+  AtomicFileWriter& file() { return file_; }
+  std::string Sha256Hex() { return hash_.Hex(); }
+
+ private:
+  void Run() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (true) {
+      work_.wait(lock, [&] { return !waiting_.empty() || closing_; });
+      if (waiting_.empty()) return;  // closing, all written
+      std::string chunk = std::move(waiting_.front());
+      waiting_.pop_front();
+      room_.notify_one();
+      const bool failed = !status_.ok();
+      lock.unlock();
+      absl::Status written = failed ? absl::OkStatus() : file_.Write(chunk);
+      if (!failed && written.ok()) hash_.Update(chunk);
+      lock.lock();
+      if (!written.ok() && status_.ok()) {
+        status_ = written;
+        room_.notify_all();
+      }
+    }
+  }
+
+  AtomicFileWriter file_;
+  Sha256 hash_;
+  std::mutex mu_;
+  std::condition_variable work_;  // a chunk is queued, or closing
+  std::condition_variable room_;  // the queue has room, or a write failed
+  std::deque<std::string> waiting_;
+  bool closing_ = false;
+  absl::Status status_;
+  std::thread thread_;
+};
+
+GgufWriter::GgufWriter(std::string path, GgufHeader header, std::unique_ptr<Pipeline> pipeline)
+    : path_(std::move(path)), header_(std::move(header)), pipeline_(std::move(pipeline)) {}
+GgufWriter::GgufWriter(GgufWriter&&) noexcept = default;
+GgufWriter::~GgufWriter() = default;
+
 absl::StatusOr<GgufWriter> GgufWriter::Open(const std::string& path,
                                             std::vector<GgufKeyValue> metadata,
                                             const std::vector<GgufTensorSpec>& tensors) {
@@ -793,13 +868,14 @@ absl::StatusOr<GgufWriter> GgufWriter::Open(const std::string& path,
   if (!header.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": ", header.status().message()));
   }
-  const std::string header_bytes = SerializeGgufHeader(&*header);
+  std::string header_bytes = SerializeGgufHeader(&*header);
   ASSIGN_OR_RETURN(AtomicFileWriter file, AtomicFileWriter::Open(path));
-  RETURN_IF_ERROR(file.Write(header_bytes));
-  return GgufWriter(path, *std::move(header), std::move(file));
+  auto pipeline = std::make_unique<Pipeline>(std::move(file));
+  RETURN_IF_ERROR(pipeline->Push(std::move(header_bytes)));
+  return GgufWriter(path, *std::move(header), std::move(pipeline));
 }
 
-absl::Status GgufWriter::WriteTensor(absl::string_view name, absl::string_view data) {
+absl::Status GgufWriter::WriteTensor(absl::string_view name, std::string data) {
   if (broken_) {
     return absl::FailedPreconditionError(absl::StrCat(path_, ": an earlier write failed"));
   }
@@ -821,11 +897,11 @@ absl::Status GgufWriter::WriteTensor(absl::string_view name, absl::string_view d
   }
   uint64_t padded = 0;
   PadTo(tensor.bytes, header_.alignment, &padded);
-  absl::Status written = file_.Write(data);
-  if (written.ok()) written = file_.Write(std::string(padded - tensor.bytes, '\0'));
-  if (!written.ok()) {
+  data.resize(padded, '\0');
+  absl::Status queued = pipeline_->Push(std::move(data));
+  if (!queued.ok()) {
     broken_ = true;
-    return written;
+    return queued;
   }
   ++next_tensor_;
   return absl::OkStatus();
@@ -840,13 +916,20 @@ absl::Status GgufWriter::Commit() {
         absl::StrCat(path_, ": tensor ", Quoted(header_.tensors[next_tensor_].name), " (",
                      next_tensor_ + 1, " of ", header_.tensors.size(), ") was not written"));
   }
+  if (absl::Status written = pipeline_->Finish(); !written.ok()) {
+    broken_ = true;
+    return written;
+  }
   // The same rule the reader applies: the file ends with the last padding.
   const uint64_t expected = header_.data_offset + header_.DataSectionBytes();
-  if (static_cast<uint64_t>(file_.bytes_written()) != expected) {
-    return absl::InternalError(absl::StrCat(path_, ": wrote ", file_.bytes_written(),
-                                            " bytes, expected ", expected));
+  const int64_t bytes_written = pipeline_->file().bytes_written();
+  if (static_cast<uint64_t>(bytes_written) != expected) {
+    return absl::InternalError(
+        absl::StrCat(path_, ": wrote ", bytes_written, " bytes, expected ", expected));
   }
-  return file_.Commit();
+  RETURN_IF_ERROR(pipeline_->file().Commit());
+  sha256_hex_ = pipeline_->Sha256Hex();
+  return absl::OkStatus();
 }
 
 }  // namespace compress

@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -36,6 +37,7 @@
 #include "absl/strings/string_view.h"
 #include "common/files.h"
 #include "common/gguf_types.h"
+#include "common/sha256.h"
 
 namespace compress {
 
@@ -247,6 +249,9 @@ std::string SerializeGgufHeader(GgufHeader* header);
 // Streams a GGUF file: the header at Open, then each tensor's bytes in the
 // declared order, then Commit. The file appears (temp file, fsync, rename)
 // only on Commit; a writer destroyed before that leaves nothing behind.
+// Writing and hashing run on a thread of the writer's own, so the caller
+// encodes the next tensor meanwhile; at most one tensor waits beside the one
+// being written. A failed write is reported by the next call.
 class GgufWriter {
  public:
   // Validates as LayoutGguf does and writes the header to a temp file next
@@ -254,23 +259,27 @@ class GgufWriter {
   static absl::StatusOr<GgufWriter> Open(const std::string& path,
                                          std::vector<GgufKeyValue> metadata,
                                          const std::vector<GgufTensorSpec>& tensors);
-  GgufWriter(GgufWriter&&) = default;
+  GgufWriter(GgufWriter&&) noexcept;
   GgufWriter& operator=(GgufWriter&&) = delete;
+  ~GgufWriter();
 
   // The next tensor's data: `name` must be the next declared tensor and
   // `data` exactly its size (INVALID_ARGUMENT otherwise, nothing written).
-  absl::Status WriteTensor(absl::string_view name, absl::string_view data);
+  absl::Status WriteTensor(absl::string_view name, std::string data);
   // FAILED_PRECONDITION if a tensor was not written or a write failed.
   absl::Status Commit();
 
   const GgufHeader& header() const { return header_; }
+  // The file's sha256 (lowercase hex), hashed as it was written; set by Commit.
+  const std::string& sha256() const { return sha256_hex_; }
 
  private:
-  GgufWriter(std::string path, GgufHeader header, AtomicFileWriter file)
-      : path_(std::move(path)), header_(std::move(header)), file_(std::move(file)) {}
+  class Pipeline;
+  GgufWriter(std::string path, GgufHeader header, std::unique_ptr<Pipeline> pipeline);
   std::string path_;
   GgufHeader header_;
-  AtomicFileWriter file_;
+  std::unique_ptr<Pipeline> pipeline_;
+  std::string sha256_hex_;
   size_t next_tensor_ = 0;
   bool broken_ = false;  // a write failed part-way: the file is unusable
 };

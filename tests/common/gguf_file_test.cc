@@ -3,6 +3,11 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
 
 #include <cmath>
 #include <cstring>
@@ -15,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "common/sha256.h"
 #include "tests/testing/temp_dir.h"
 
 namespace compress {
@@ -108,6 +114,10 @@ std::vector<std::string> WriteFile(const std::string& path, std::vector<GgufKeyV
   }
   absl::Status committed = writer->Commit();
   EXPECT_TRUE(committed.ok()) << committed;
+  // Hashed as written, on the writer's thread: the same as the file read back.
+  absl::StatusOr<std::string> sha256 = Sha256OfFile(path);
+  EXPECT_TRUE(sha256.ok());
+  if (sha256.ok()) EXPECT_EQ(writer->sha256(), *sha256);
   return data;
 }
 
@@ -137,7 +147,7 @@ TEST(GgufFile, HeaderBytesAreTheFormatByHand) {
                        {{"w", {2}, GgufType::kF32}});
   ASSERT_TRUE(writer.ok()) << writer.status();
   const float w[2] = {1.0f, -2.0f};
-  ASSERT_TRUE(writer->WriteTensor("w", absl::string_view(reinterpret_cast<const char*>(w), 8)).ok());
+  ASSERT_TRUE(writer->WriteTensor("w", std::string(reinterpret_cast<const char*>(w), 8)).ok());
   ASSERT_TRUE(writer->Commit().ok());
 
   // Written out byte by byte from docs/gguf.md.
@@ -442,6 +452,38 @@ TEST(GgufFile, WriterDroppedBeforeCommitLeavesNothing) {
   }
   EXPECT_EQ(ReadAll(path), before);
   EXPECT_EQ(Entries(dir.path()), std::vector<std::string>{"partial.gguf"});
+}
+
+// A write that fails on the writer's thread (here the file size limit) is
+// reported by the next call, and no file is left behind.
+TEST(GgufFile, AFailedWriteIsReportedAndLeavesNothing) {
+  TempDir dir("gguf");
+  const std::string path = dir.Sub("big.gguf");
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    signal(SIGXFSZ, SIG_IGN);  // an oversize write fails with EFBIG instead
+    const rlimit limit{1 << 20, 1 << 20};
+    setrlimit(RLIMIT_FSIZE, &limit);
+    const int code = [&] {  // the writer is gone (its temp file too) before _exit
+      absl::StatusOr<GgufWriter> writer = GgufWriter::Open(
+          path, {}, {{"a", {1 << 19}, GgufType::kF32}, {"b", {4}, GgufType::kF32}});
+      if (!writer.ok()) return 10;
+      absl::Status status = writer->WriteTensor("a", std::string(2 << 20, 'a'));
+      if (status.ok()) status = writer->WriteTensor("b", std::string(16, 'b'));
+      if (status.ok()) status = writer->Commit();
+      if (status.ok()) return 11;
+      if (status.message().find("File too large") == absl::string_view::npos) return 12;
+      if (writer->Commit().ok()) return 13;  // still refused
+      return 0;
+    }();
+    _exit(code);
+  }
+  int wait_status = 0;
+  ASSERT_EQ(waitpid(child, &wait_status, 0), child);
+  ASSERT_TRUE(WIFEXITED(wait_status));
+  EXPECT_EQ(WEXITSTATUS(wait_status), 0);
+  EXPECT_TRUE(Entries(dir.path()).empty());
 }
 
 TEST(GgufFile, ParserRejectsBadHeadersNamingFileKeyAndTensor) {

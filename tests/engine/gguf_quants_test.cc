@@ -492,7 +492,7 @@ std::vector<std::vector<float>> TrickyRows(int64_t n, uint32_t seed) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
   std::vector<std::vector<float>> rows;
-  for (int kind = 0; kind < 14; ++kind) {
+  for (int kind = 0; kind < 16; ++kind) {
     std::vector<float> x(n);
     for (int64_t j = 0; j < n; ++j) {
       float v = normal(rng);
@@ -510,6 +510,9 @@ std::vector<std::vector<float>> TrickyRows(int64_t n, uint32_t seed) {
         case 11: v *= 1e-6f; break;
         case 12: v *= 3000.0f; break;
         case 13: v = std::round(v * 8); break;
+        // The largest magnitude twice with both signs: +2 before -2, or after.
+        case 14: v = j % 32 == 3 ? 2.0f : (j % 32 == 9 ? -2.0f : 0.1f * v); break;
+        case 15: v = j % 32 == 3 ? -2.0f : (j % 32 == 9 ? 2.0f : 0.1f * v); break;
         default: break;
       }
       x[j] = v;
@@ -551,6 +554,28 @@ TEST(GgufQuants, FastPathEqualsReferenceByteForByte) {
         const std::vector<float> a = Dequantize(q.type, fast, kN);
         const std::vector<float> b = Dequantize(q.type, fast, kN, /*reference=*/true);
         for (int64_t j = 0; j < kN; ++j) ASSERT_EQ(Bits(a[j]), Bits(b[j])) << j;
+      }
+    }
+  }
+}
+
+// QuantizeGgufTensor checks a row's float16 values for overflow only when
+// its largest |x| is above 256: below that, no type may produce one.
+TEST(GgufQuants, RowsUpTo256NeverOverflowFloat16) {
+  constexpr int64_t kN = 768;
+  const std::vector<std::vector<float>> importance = ImportanceVectors(kN, 8);
+  for (const GgufQuantizer& q : GgufQuantizers()) {
+    SCOPED_TRACE(Name(q.type));
+    for (std::vector<float> row : TrickyRows(kN, 9)) {
+      float amax = 0.0f;
+      for (float v : row) amax = std::max(amax, std::fabs(v));
+      if (amax == 0.0f) continue;
+      for (float& v : row) v *= 256.0f / amax;
+      for (int w = -1; w < static_cast<int>(importance.size()); ++w) {
+        if (w >= 0 && !q.uses_importance) continue;
+        const std::vector<float> y =
+            Dequantize(q.type, Quantize(q.type, row, w >= 0 ? importance[w].data() : nullptr), kN);
+        for (int64_t j = 0; j < kN; ++j) ASSERT_TRUE(std::isfinite(y[j])) << j;
       }
     }
   }

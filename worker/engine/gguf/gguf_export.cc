@@ -186,8 +186,8 @@ absl::Status GgufModelWriter::Write(const std::string& hf_name, const at::Tensor
   }
   // Importance weights apply to a matrix's columns; vectors have none.
   const at::Tensor weights = values.dim() == 2 ? importance : at::Tensor();
-  ASSIGN_OR_RETURN(const std::string bytes, QuantizeGgufTensor(rows, spec.type, weights, hf_name));
-  RETURN_IF_ERROR(writer_.WriteTensor(spec.name, bytes));
+  ASSIGN_OR_RETURN(std::string bytes, QuantizeGgufTensor(rows, spec.type, weights, hf_name));
+  RETURN_IF_ERROR(writer_.WriteTensor(spec.name, std::move(bytes)));
   ++next_;
   return absl::OkStatus();
 }

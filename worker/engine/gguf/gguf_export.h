@@ -58,6 +58,8 @@ class GgufModelWriter {
   absl::Status Commit();
 
   const GgufHeader& header() const { return writer_.header(); }
+  // The written file's sha256; set by Commit.
+  const std::string& sha256() const { return writer_.sha256(); }
   // The type each tensor got, by GGUF name, in file order.
   const std::vector<GgufTensorSpec>& tensors() const { return specs_; }
 

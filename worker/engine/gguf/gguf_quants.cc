@@ -28,6 +28,10 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
@@ -745,11 +749,25 @@ GGUF_INLINE void SymmetricCodes(const float* xb, uint8_t* q, GgufHalf* d_out) {
   constexpr int kHalfRange = 1 << (kBits - 1);
   typename S::F v[kQK / W];
   for (int k = 0; k < kQK / W; ++k) v[k] = S::Load(xb + k * W);
-  const float amax = AbsMax<W>(v);
-  float max = 0.0f;  // +0 for a zero block, even when x[0] is -0, as the reference
-  if (amax != 0.0f) {
+  // The value of largest magnitude, the first of equals (+0 for a zero
+  // block, even when x[0] is -0, as the reference): only a tie between
+  // +a and -a needs the scan.
+  typename S::F lo = v[0];
+  typename S::F hi = v[0];
+  for (int k = 1; k < kQK / W; ++k) {
+    lo = S::Min(lo, v[k]);
+    hi = S::Max(hi, v[k]);
+  }
+  const float top = S::HorizontalMax(hi);
+  const float bottom = S::HorizontalMin(lo);
+  float max = 0.0f;
+  if (top > -bottom) {
+    max = top;
+  } else if (-bottom > top) {
+    max = bottom;
+  } else if (top != 0.0f) {
     for (int j = 0; j < kQK; ++j) {
-      if (std::fabs(xb[j]) == amax) {
+      if (std::fabs(xb[j]) == top) {
         max = xb[j];
         break;
       }
@@ -1376,6 +1394,43 @@ bool HasAvx2() {
 #define GGUF_AVX2
 #endif
 
+// An F16 or BF16 row as float32, exactly. F16 goes through the F16C
+// instruction where the CPU has it: a scalar conversion per element costs
+// as much as Q8_0's whole encoding.
+void HalfRowToFloatScalar(const c10::Half* in, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(in[j]);
+}
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,f16c"))) void HalfRowToFloatF16c(const c10::Half* in, int64_t n,
+                                                              float* out) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + j));
+    _mm256_storeu_ps(out + j, _mm256_cvtph_ps(h));
+  }
+  HalfRowToFloatScalar(in + j, n - j, out + j);
+}
+bool HasF16c() {
+  static const bool has_f16c = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("f16c") != 0;
+  }();
+  return has_f16c;
+}
+#endif
+void HalfRowToFloat(const c10::Half* in, int64_t n, float* out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (HasF16c()) return HalfRowToFloatF16c(in, n, out);
+#endif
+  HalfRowToFloatScalar(in, n, out);
+}
+void BFloat16RowToFloat(const c10::BFloat16* in, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t bits = static_cast<uint32_t>(in[j].x) << 16;
+    std::memcpy(&out[j], &bits, sizeof(bits));
+  }
+}
+
 #define GGUF_QUANTIZE_ROW(Name, Body)                                                         \
   GGUF_AVX2 void Name##Avx2(const float* x, int64_t n, const float* importance, uint8_t* out) { \
     Body<8>(x, n, importance, out);                                                           \
@@ -1500,6 +1555,25 @@ bool AllFinite(const float* x, int64_t n) {
   return bad == 0;
 }
 
+// The bits of the largest |x| of a row; at least kNonFiniteBits when the
+// row holds an Inf or a NaN. (Non-negative floats order as their bits.)
+constexpr uint32_t kNonFiniteBits = 0x7f800000u;
+uint32_t MaxAbsBits(const float* x, int64_t n) {
+  uint32_t top = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, &x[j], sizeof(bits));
+    top = std::max(top, bits & 0x7fffffffu);
+  }
+  return top;
+}
+
+// Every value a block stores as float16 (scales, minimums, super-block
+// scales) is within a small multiple (64 at most, for k-quant minimums) of
+// the block's largest |x|, so below this no row can overflow float16 and
+// the dequantize-and-check pass is skipped.
+constexpr float kOverflowPossibleAbove = 256.0f;
+
 void AtomicMin(std::atomic<int64_t>& target, int64_t value) {
   int64_t current = target.load();
   while (value < current && !target.compare_exchange_weak(current, value)) {
@@ -1608,29 +1682,33 @@ absl::StatusOr<std::string> QuantizeGgufTensor(const at::Tensor& weight, GgufTyp
     const int64_t grain = std::max<int64_t>(1, kGrainElements / n);
     at::parallel_for(0, layout.rows, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> row(dtype == at::kFloat ? 0 : n);
-      std::vector<float> check(n);
+      std::vector<float> check;
       for (int64_t r = begin; r < end; ++r) {
         const char* src = data + r * n * element_size;
         const float* x;
         if (dtype == at::kFloat) {
           x = reinterpret_cast<const float*>(src);
         } else if (dtype == at::kHalf) {
-          const auto* h = reinterpret_cast<const c10::Half*>(src);
-          for (int64_t j = 0; j < n; ++j) row[j] = static_cast<float>(h[j]);
+          HalfRowToFloat(reinterpret_cast<const c10::Half*>(src), n, row.data());
           x = row.data();
         } else {
-          const auto* h = reinterpret_cast<const c10::BFloat16*>(src);
-          for (int64_t j = 0; j < n; ++j) row[j] = static_cast<float>(h[j]);
+          BFloat16RowToFloat(reinterpret_cast<const c10::BFloat16*>(src), n, row.data());
           x = row.data();
         }
-        if (!AllFinite(x, n)) {
+        const uint32_t top = MaxAbsBits(x, n);
+        if (top >= kNonFiniteBits) {
           AtomicMin(bad_input, r);
           continue;
         }
         uint8_t* row_out = out + r * layout.row_bytes;
         quantizer->quantize_row(x, n, qw, row_out);
-        quantizer->dequantize_row(row_out, n, check.data());
-        if (!AllFinite(check.data(), n)) AtomicMin(bad_output, r);
+        float row_max;
+        std::memcpy(&row_max, &top, sizeof(row_max));
+        if (row_max > kOverflowPossibleAbove) {
+          check.resize(n);
+          quantizer->dequantize_row(row_out, n, check.data());
+          if (!AllFinite(check.data(), n)) AtomicMin(bad_output, r);
+        }
       }
     });
     if (bad_input.load() != std::numeric_limits<int64_t>::max()) {

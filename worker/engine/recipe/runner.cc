@@ -1264,7 +1264,7 @@ class JobRunner {
       const auto start = Clock::now();
       RETURN_IF_ERROR(gguf.writer.Commit());
       const std::string path = (fs::path(staging) / kGgufOutputDir / gguf.file_name).string();
-      ASSIGN_OR_RETURN(const std::string sha256, Sha256OfFile(path));
+      const std::string& sha256 = gguf.writer.sha256();
       gguf.seconds += Seconds(Clock::now() - start);
       std::error_code ec;
       const int64_t size = static_cast<int64_t>(fs::file_size(path, ec));
