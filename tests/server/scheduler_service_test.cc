@@ -168,6 +168,23 @@ class ServerTest : public ::testing::Test {
     return response.job().id();
   }
 
+  // The ids of every job `request` lists, page by page (`page_size` each).
+  std::vector<std::string> ListAllPages(compress::v1::ListJobsRequest request, int page_size) {
+    std::vector<std::string> seen;
+    request.set_page_size(page_size);
+    do {
+      grpc::ClientContext context;
+      compress::v1::ListJobsResponse page;
+      grpc::Status status = jobs_->ListJobs(&context, request, &page);
+      EXPECT_TRUE(status.ok()) << status.error_message();
+      if (!status.ok()) break;
+      EXPECT_LE(page.jobs_size(), page_size);
+      for (const auto& j : page.jobs()) seen.push_back(j.id());
+      request.set_page_token(page.next_page_token());
+    } while (!request.page_token().empty());
+    return seen;
+  }
+
   compress::v1::Job Get(const std::string& id) {
     grpc::ClientContext context;
     compress::v1::GetJobRequest request;
@@ -276,21 +293,8 @@ TEST_F(ServerTest, SubmitGetAndListWithPagingAndLabels) {
   EXPECT_EQ(job.state(), compress::v1::QUEUED);
   EXPECT_EQ(job.spec().stages(0).rtn().bits(), 4);
 
-  std::vector<std::string> seen;
-  std::string token;
-  do {
-    grpc::ClientContext context;
-    compress::v1::ListJobsRequest request;
-    request.set_page_size(2);
-    request.set_page_token(token);
-    compress::v1::ListJobsResponse page;
-    ASSERT_TRUE(jobs_->ListJobs(&context, request, &page).ok());
-    EXPECT_LE(page.jobs_size(), 2);
-    for (const auto& j : page.jobs()) seen.push_back(j.id());
-    token = page.next_page_token();
-  } while (!token.empty());
   std::vector<std::string> newest_first(ids.rbegin(), ids.rend());
-  EXPECT_EQ(seen, newest_first);
+  EXPECT_EQ(ListAllPages(compress::v1::ListJobsRequest(), 2), newest_first);
 
   grpc::ClientContext context;
   compress::v1::ListJobsRequest request;
@@ -311,21 +315,9 @@ TEST_F(ServerTest, ListingFiltersByStateAcrossPagesAndSurvivesARestart) {
     ASSERT_TRUE(jobs_->CancelJob(&context, cancel, &job).ok());
   }
   auto list_all_pages = [&](compress::v1::JobState state) {
-    std::vector<std::string> seen;
-    std::string token;
-    do {
-      grpc::ClientContext context;
-      compress::v1::ListJobsRequest request;
-      request.set_page_size(2);
-      request.add_states(state);
-      request.set_page_token(token);
-      compress::v1::ListJobsResponse page;
-      EXPECT_TRUE(jobs_->ListJobs(&context, request, &page).ok());
-      EXPECT_LE(page.jobs_size(), 2);
-      for (const auto& j : page.jobs()) seen.push_back(j.id());
-      token = page.next_page_token();
-    } while (!token.empty());
-    return seen;
+    compress::v1::ListJobsRequest request;
+    request.add_states(state);
+    return ListAllPages(request, 2);
   };
   const std::vector<std::string> queued = {ids[6], ids[5], ids[3], ids[2], ids[0]};
   const std::vector<std::string> cancelled = {ids[4], ids[1]};
