@@ -428,6 +428,7 @@ class Session {
     if (verb == "cancel") return Cancel();
     if (verb == "pause") return Pause();
     if (verb == "resume") return Resume();
+    if (verb == "delete") return Delete();
     if (verb == "fetch") return Fetch();
     if (verb == "logs") return Logs();
     return Fail(kExitUsage, absl::StrCat("unknown verb \"", verb, "\""));
@@ -628,6 +629,20 @@ class Session {
       request.set_job_id(id);
       return stub_->ResumeJob(context, request, job);
     });
+  }
+
+  int Delete() {
+    v1::DeleteJobRequest request;
+    request.set_job_id(args_.positionals[0]);
+    v1::DeleteJobResponse response;
+    auto context = NewContext(CallKind::kUnary);
+    grpc::Status status = stub_->DeleteJob(context.get(), request, &response);
+    if (!status.ok()) return RpcFailure(status);
+    out_ << (args_.Has("json") ? ToJson(response)
+                               : absl::StrCat("deleted ", response.job_id(), " (",
+                                              FormatBytes(response.freed_bytes()), " freed)"))
+         << "\n";
+    return kExitOk;
   }
 
   // One unary call that returns the changed job; prints "<id> <state>".

@@ -44,4 +44,6 @@ echo "== fetch the artifacts (sha256 verified)"
 find "$DEMO/out" -type f | sort | xargs ls -l
 echo "== the GGUF file llama.cpp loads: metadata and tensors"
 "$BIN/client/compressctl" inspect "$DEMO/out/gguf/kjv-llama-Q4_K_M.gguf" | sed -n '1,12p;/^Tensors/,/blk.0.ffn_up/p;/^Total/p'
+echo "== delete the RTN job: its record and artifacts leave the server"
+"$BIN/client/compressctl" delete "$RTN_JOB"
 echo "== server metrics on port $(grep -o "metrics_port=[0-9]*" "$DEMO/server.log" | head -1 | cut -d= -f2) (/metrics)"

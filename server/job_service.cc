@@ -213,6 +213,17 @@ grpc::ServerUnaryReactor* JobServiceImpl::ResumeJob(grpc::CallbackServerContext*
   return FinishUnary(context, metrics_, "ResumeJob", job.status());
 }
 
+grpc::ServerUnaryReactor* JobServiceImpl::DeleteJob(grpc::CallbackServerContext* context,
+                                                    const compress::v1::DeleteJobRequest* request,
+                                                    compress::v1::DeleteJobResponse* response) {
+  absl::StatusOr<Principal> caller = Caller(context);
+  if (!caller.ok()) return FinishUnary(context, metrics_, "DeleteJob", caller.status());
+  absl::StatusOr<compress::v1::DeleteJobResponse> deleted =
+      scheduler_->DeleteJob(ReadScope(*caller), request->job_id());
+  if (deleted.ok()) *response = std::move(*deleted);
+  return FinishUnary(context, metrics_, "DeleteJob", deleted.status());
+}
+
 grpc::ServerWriteReactor<JobEvent>* JobServiceImpl::WatchJob(
     grpc::CallbackServerContext* context, const compress::v1::WatchJobRequest* request) {
   absl::StatusOr<Principal> caller = Caller(context);

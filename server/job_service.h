@@ -31,6 +31,9 @@ class JobServiceImpl final : public compress::v1::JobService::CallbackService {
   grpc::ServerUnaryReactor* ResumeJob(grpc::CallbackServerContext* context,
                                       const compress::v1::ResumeJobRequest* request,
                                       compress::v1::Job* response) override;
+  grpc::ServerUnaryReactor* DeleteJob(grpc::CallbackServerContext* context,
+                                      const compress::v1::DeleteJobRequest* request,
+                                      compress::v1::DeleteJobResponse* response) override;
   grpc::ServerWriteReactor<compress::v1::JobEvent>* WatchJob(
       grpc::CallbackServerContext* context, const compress::v1::WatchJobRequest* request) override;
   grpc::ServerWriteReactor<compress::v1::ArtifactChunk>* DownloadArtifact(

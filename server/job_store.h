@@ -36,6 +36,9 @@ class JobStore {
   // Events with sequence >= from_sequence, in order, at most `limit`.
   virtual absl::StatusOr<std::vector<compress::v1::JobEvent>> ReadEvents(
       const std::string& job_id, int64_t from_sequence, int limit) = 0;
+  // Removes the job and its events in one transaction. OK when there is no
+  // such job (so a retried delete is harmless).
+  virtual absl::Status DeleteJob(const std::string& job_id) = 0;
 };
 
 // Opens (creating if needed) a SQLite database in WAL mode.

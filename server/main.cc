@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <thread>
 
+#include "absl/time/time.h"
 #include "common/flags.h"
 #include "common/log.h"
 #include "server/server.h"
@@ -35,6 +36,10 @@ int main(int argc, char** argv) {
             "file of 'TOKEN TENANT [client|admin|worker]' lines ('' : no authentication)");
   flags.Add("tls-cert", &config.tls_cert_file, "PEM certificate chain for TLS on the gRPC port");
   flags.Add("tls-key", &config.tls_key_file, "PEM private key for --tls-cert");
+  std::string retention = "0";
+  flags.Add("retention", &retention,
+            "delete ended jobs and their artifacts this long after they end, e.g. 720h "
+            "(0: keep until compressctl delete)");
   std::string log_format = "auto";
   flags.Add("log-format", &log_format, "text, json (one object per line) or auto (text on a terminal)");
   absl::Status parsed = flags.Parse(argc, argv);
@@ -48,6 +53,11 @@ int main(int argc, char** argv) {
     return 1;
   }
   compress::SetLogFormat(*format);
+  if (!absl::ParseDuration(retention, &config.retention) || config.retention < absl::ZeroDuration()) {
+    std::fprintf(stderr, "compress-server: --retention: '%s' is not a duration like 720h or 90m\n",
+                 retention.c_str());
+    return 1;
+  }
   if (config.model_roots.empty()) {
     std::fprintf(stderr, "compress-server: at least one --model-root is required\n");
     return 1;

@@ -193,6 +193,20 @@ class PostgresJobStore : public JobStore {
     });
   }
 
+  absl::Status DeleteJob(const std::string& job_id) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    // One statement, so one transaction; deleting again deletes nothing.
+    return WithReconnect<bool>([&]() -> absl::StatusOr<bool> {
+             RETURN_IF_ERROR(Run(absl::StrCat("delete job ", job_id),
+                                 "WITH events AS (DELETE FROM compress_events WHERE job_id = $1) "
+                                 "DELETE FROM compress_jobs WHERE id = $1",
+                                 {Text(job_id)}, false)
+                                 .status());
+             return true;
+           })
+        .status();
+  }
+
  private:
   // Connects, takes the schema's lock and creates the tables. On failure
   // there is no connection.

@@ -1,6 +1,8 @@
 #include "server/scheduler.h"
 
 #include <algorithm>
+#include <climits>
+#include <cstring>
 #include <filesystem>
 #include <optional>
 #include <random>
@@ -37,11 +39,37 @@ constexpr size_t kMaxEventsPerReport = 1000;
 
 int64_t ToMicros(absl::Time t) { return absl::ToUnixMicros(t); }
 
+absl::Time FromProto(const google::protobuf::Timestamp& t) {
+  return absl::FromUnixMicros(TimeUtil::TimestampToMicroseconds(t));
+}
+
 google::protobuf::Timestamp ToProto(absl::Time t) {
   return TimeUtil::MicrosecondsToTimestamp(ToMicros(t));
 }
 
 int64_t CreateMicros(const Job& job) { return TimeUtil::TimestampToMicroseconds(job.create_time()); }
+
+// A deleted job's artifact folder, moved aside until it is removed.
+constexpr char kDeletedPrefix[] = ".deleted-";
+
+// Removes `dir` and everything below it; the bytes its files held.
+int64_t RemoveTree(const std::string& dir) {
+  namespace fs = std::filesystem;
+  int64_t bytes = 0;
+  std::error_code walk;
+  for (fs::recursive_directory_iterator it(dir, walk), end; !walk && it != end;
+       it.increment(walk)) {
+    std::error_code ec;
+    if (it->is_regular_file(ec)) bytes += static_cast<int64_t>(it->file_size(ec));
+  }
+  std::error_code removed;
+  fs::remove_all(dir, removed);
+  if (removed) {
+    LOG_WARN("could not remove a deleted job's folder",
+             {{"folder", dir}, {"error", removed.message()}});
+  }
+  return bytes;
+}
 
 std::string NewJobId() {
   static std::mutex mu;
@@ -177,6 +205,7 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(SchedulerConfig con
     scheduler->IndexForListingLocked(stored.job);
     scheduler->jobs_[id] = std::move(stored);
   }
+  scheduler->RecoverDeletedFoldersLocked();
   LOG_INFO("job store loaded", {{"jobs", std::to_string(scheduler->jobs_.size())},
                                 {"queued", std::to_string(scheduler->queue_.size())},
                                 {"running", std::to_string(running)}});
@@ -554,6 +583,110 @@ absl::StatusOr<Job> Scheduler::CancelJob(const std::string& tenant, const std::s
   }
   Notify({job_id});
   return result;
+}
+
+absl::StatusOr<compress::v1::DeleteJobResponse> Scheduler::DeleteJob(const std::string& tenant,
+                                                                     const std::string& job_id) {
+  std::vector<std::string> trash;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ASSIGN_OR_RETURN(StoredJob * stored, FindJobLocked(tenant, job_id));
+    const JobState state = stored->job.state();
+    if (!IsTerminal(state)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("job ", job_id, " is ", JobState_Name(state),
+                       "; only an ended job can be deleted (cancel it first)"));
+    }
+    RETURN_IF_ERROR(DeleteJobLocked(job_id, "request", &trash));
+  }
+  compress::v1::DeleteJobResponse response;
+  response.set_job_id(job_id);
+  for (const std::string& folder : trash) {
+    response.set_freed_bytes(response.freed_bytes() + RemoveTree(folder));
+  }
+  return response;
+}
+
+absl::Status Scheduler::DeleteJobLocked(const std::string& job_id, const std::string& reason,
+                                        std::vector<std::string>* trash) {
+  namespace fs = std::filesystem;
+  auto found = jobs_.find(job_id);
+  if (found == jobs_.end()) return absl::NotFoundError(absl::StrCat("job ", job_id, " not found"));
+  const fs::path folder = fs::path(config_.artifact_dir) / job_id;
+  const fs::path aside = fs::path(config_.artifact_dir) / absl::StrCat(kDeletedPrefix, job_id);
+  std::error_code ec;
+  const bool has_folder = fs::exists(folder, ec);
+  if (has_folder) {
+    fs::rename(folder, aside, ec);
+    if (ec) {
+      return absl::InternalError(absl::StrCat("delete job ", job_id, ": move ", folder.string(),
+                                              " aside: ", ec.message()));
+    }
+  }
+  if (absl::Status deleted = store_->DeleteJob(job_id); !deleted.ok()) {
+    if (has_folder) fs::rename(aside, folder, ec);
+    return deleted;
+  }
+  if (has_folder) trash->push_back(aside.string());
+
+  const Job& job = found->second.job;
+  const ListKey key{CreateMicros(job), job_id};
+  list_all_.erase(key);
+  if (auto index = list_by_tenant_.find(job.tenant()); index != list_by_tenant_.end()) {
+    index->second.erase(key);
+    if (index->second.empty()) list_by_tenant_.erase(index);
+  }
+  if (!job.request_id().empty()) request_ids_.erase({job.tenant(), job.request_id()});
+  for (const JobTask& task : job.tasks()) {
+    // A cancelled job's worker may still hold its lease: its next renewal
+    // finds no task and stops.
+    if (task.lease_id().empty()) continue;
+    lease_expiry_.erase(task.lease_id());
+    dispatched_at_.erase(task.lease_id());
+  }
+  queued_since_.erase(queued_since_.lower_bound({job_id, INT_MIN}),
+                      queued_since_.upper_bound({job_id, INT_MAX}));
+  metrics_->jobs_deleted.Add({{"reason", reason}}).Increment();
+  LOG_INFO("job deleted", {{"job", job_id}, {"reason", reason}});
+  jobs_.erase(found);  // its per-job gauges go on the next gauge update
+  return absl::OkStatus();
+}
+
+void Scheduler::ApplyRetentionLocked(absl::Time now, std::vector<std::string>* trash) {
+  if (config_.retention <= absl::ZeroDuration()) return;
+  if (now - last_retention_check_ < std::min(absl::Minutes(1), config_.retention / 4)) return;
+  last_retention_check_ = now;
+  std::vector<std::string> expired;
+  for (const auto& [id, stored] : jobs_) {
+    const Job& job = stored.job;
+    if (IsTerminal(job.state()) && job.has_end_time() &&
+        FromProto(job.end_time()) + config_.retention <= now) {
+      expired.push_back(id);
+    }
+  }
+  for (const std::string& id : expired) {
+    if (absl::Status deleted = DeleteJobLocked(id, "retention", trash); !deleted.ok()) {
+      LOG_WARN("retention: could not delete a job", {{"job", id}, {"error", deleted.ToString()}});
+    }
+  }
+}
+
+void Scheduler::RecoverDeletedFoldersLocked() {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  for (fs::directory_iterator it(config_.artifact_dir, ec), end; !ec && it != end;
+       it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (!absl::StartsWith(name, kDeletedPrefix)) continue;
+    const std::string job_id = name.substr(std::strlen(kDeletedPrefix));
+    std::error_code moved;
+    if (jobs_.count(job_id) && !fs::exists(fs::path(config_.artifact_dir) / job_id)) {
+      fs::rename(it->path(), fs::path(config_.artifact_dir) / job_id, moved);
+      LOG_WARN("a delete was interrupted; the job is kept", {{"job", job_id}});
+    } else {
+      RemoveTree(it->path().string());
+    }
+  }
 }
 
 absl::StatusOr<Job> Scheduler::PauseJob(const std::string& tenant, const std::string& job_id) {
@@ -1031,9 +1164,12 @@ void Scheduler::DispatchLoop() {
       }
     }
     if (update_gauges) UpdateGaugesLocked(now);
+    std::vector<std::string> trash;
+    ApplyRetentionLocked(now, &trash);
     lock.unlock();
     for (auto& call : calls) call();
     Notify(changed);
+    for (const std::string& folder : trash) RemoveTree(folder);
     lock.lock();
   }
 }

@@ -39,6 +39,9 @@ struct SchedulerConfig {
   // The most memory a worker may offer: a task estimated above it could
   // never run, and its job is refused at submit.
   int64_t max_task_memory_bytes = int64_t{256} << 30;
+  // Ended jobs are deleted (record, events, artifacts) this long after they
+  // end; zero keeps them until DeleteJob.
+  absl::Duration retention = absl::ZeroDuration();
 };
 
 // Told when a job gets new events. Called with no scheduler lock held.
@@ -85,6 +88,10 @@ class Scheduler {
   // stop; finished blocks are kept) and holds the rest; Resume queues them.
   absl::StatusOr<compress::v1::Job> PauseJob(const std::string& tenant, const std::string& job_id);
   absl::StatusOr<compress::v1::Job> ResumeJob(const std::string& tenant, const std::string& job_id);
+  // Removes an ended job: its record and events, then its artifacts and
+  // checkpoints. FAILED_PRECONDITION for a job that has not ended.
+  absl::StatusOr<compress::v1::DeleteJobResponse> DeleteJob(const std::string& tenant,
+                                                            const std::string& job_id);
   absl::StatusOr<EventBatch> ReadEvents(const std::string& tenant, const std::string& job_id,
                                         int64_t from_sequence, int limit);
   absl::StatusOr<ArtifactLocation> FindArtifact(const std::string& tenant,
@@ -191,6 +198,16 @@ class Scheduler {
   // Resolution alone (model, calibration, evaluation): no file is read.
   absl::Status ResolvePaths(const compress::v1::JobSpec& spec, ResolvedPaths* paths) const;
   void Notify(const std::vector<std::string>& job_ids);
+  // Deletes an ended job from the store and memory. Its artifact folder is
+  // first moved aside (the job can still be restored if the store refuses);
+  // the moved folder, to remove without the lock, goes to `trash`.
+  absl::Status DeleteJobLocked(const std::string& job_id, const std::string& reason,
+                               std::vector<std::string>* trash);
+  // Ended jobs past the retention, deleted; their folders go to `trash`.
+  void ApplyRetentionLocked(absl::Time now, std::vector<std::string>* trash);
+  // Folders a delete moved aside before a crash: put back under a job that
+  // is still stored, removed otherwise.
+  void RecoverDeletedFoldersLocked();
   std::string ArtifactPath(const std::string& job_id, const std::string& name) const;
 
   const SchedulerConfig config_;
@@ -215,6 +232,7 @@ class Scheduler {
   std::map<std::string, absl::Time> dispatched_at_;                 // lease -> dispatch time
   std::map<std::string, compress::v1::JobState> exported_states_;   // job -> state on /metrics
   absl::Time last_placement_check_;
+  absl::Time last_retention_check_;
   absl::Time last_gauge_update_;
   std::map<std::string, WorkerInfo> workers_;
   std::vector<Waiter> waiters_;

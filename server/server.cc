@@ -80,6 +80,7 @@ absl::Status CompressServer::Start() {
   scheduler_config.max_attempts = config_.max_attempts;
   scheduler_config.planner.max_block_tasks = config_.max_block_tasks;
   scheduler_config.max_task_memory_bytes = int64_t{config_.max_task_memory_gib} << 30;
+  scheduler_config.retention = config_.retention;
   ASSIGN_OR_RETURN(scheduler_, Scheduler::Create(scheduler_config, std::move(store), &metrics_));
   if (!config_.auth_tokens_file.empty()) {
     ASSIGN_OR_RETURN(auth_, TokenAuthenticator::FromFile(config_.auth_tokens_file));

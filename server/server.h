@@ -38,6 +38,9 @@ struct ServerConfig {
   std::string auth_tokens_file;   // empty: no authentication (one tenant)
   std::string tls_cert_file;      // PEM; with tls_key_file: TLS on the gRPC port
   std::string tls_key_file;
+  // Ended jobs (record, events, artifacts) are deleted this long after they
+  // end; zero keeps them until DeleteJob.
+  absl::Duration retention = absl::ZeroDuration();
 };
 
 class CompressServer {

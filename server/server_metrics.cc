@@ -11,6 +11,10 @@ ServerMetrics::ServerMetrics(metrics::Registry& registry)
                         .Name("compress_jobs_finished_total")
                         .Help("Jobs that reached a final state, by state and tenant.")
                         .Register(registry)),
+      jobs_deleted(metrics::BuildCounter()
+                       .Name("compress_jobs_deleted_total")
+                       .Help("Ended jobs removed with their artifacts, by reason (request, retention).")
+                       .Register(registry)),
       jobs(metrics::BuildGauge()
                .Name("compress_jobs")
                .Help("Jobs currently in each state.")

@@ -10,6 +10,7 @@ struct ServerMetrics {
 
   metrics::Family<metrics::Counter>& jobs_submitted;     // {tenant}
   metrics::Family<metrics::Counter>& jobs_finished;      // {state, tenant}
+  metrics::Family<metrics::Counter>& jobs_deleted;       // {reason}: request, retention
   metrics::Family<metrics::Gauge>& jobs;                 // {state}
   metrics::Gauge& queue_depth;
   metrics::Gauge& workers_connected;

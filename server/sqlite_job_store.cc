@@ -46,7 +46,8 @@ class Statement {
 class SqliteJobStore : public JobStore {
  public:
   ~SqliteJobStore() override {
-    for (sqlite3_stmt* s : {upsert_job_, insert_event_, read_events_, load_jobs_, last_event_}) {
+    for (sqlite3_stmt* s : {upsert_job_, insert_event_, read_events_, load_jobs_, last_event_,
+                            delete_events_, delete_job_}) {
       sqlite3_finalize(s);
     }
     sqlite3_close(db_);
@@ -80,6 +81,8 @@ class SqliteJobStore : public JobStore {
     RETURN_IF_ERROR(Prepare("SELECT job FROM jobs "
                             "ORDER BY create_micros, id",
                             &load_jobs_));
+    RETURN_IF_ERROR(Prepare("DELETE FROM events WHERE job_id = ?1", &delete_events_));
+    RETURN_IF_ERROR(Prepare("DELETE FROM jobs WHERE id = ?1", &delete_job_));
     return absl::OkStatus();
   }
 
@@ -132,6 +135,23 @@ class SqliteJobStore : public JobStore {
     }
     if (rc != SQLITE_DONE) return absl::InternalError(absl::StrCat("read events: ", Error()));
     return events;
+  }
+
+  absl::Status DeleteJob(const std::string& job_id) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE;"));
+    for (sqlite3_stmt* statement : {delete_events_, delete_job_}) {
+      Statement stmt(statement);
+      sqlite3_bind_text(stmt.get(), 1, job_id.data(), static_cast<int>(job_id.size()),
+                        SQLITE_TRANSIENT);
+      if (sqlite3_step(stmt.get()) != SQLITE_DONE) {
+        absl::Status failed =
+            absl::InternalError(absl::StrCat("delete job ", job_id, ": ", Error()));
+        Exec("ROLLBACK;").IgnoreError();
+        return failed;
+      }
+    }
+    return Exec("COMMIT;");
   }
 
  private:
@@ -207,6 +227,8 @@ class SqliteJobStore : public JobStore {
   sqlite3_stmt* read_events_ = nullptr;
   sqlite3_stmt* load_jobs_ = nullptr;
   sqlite3_stmt* last_event_ = nullptr;
+  sqlite3_stmt* delete_events_ = nullptr;
+  sqlite3_stmt* delete_job_ = nullptr;
 };
 
 }  // namespace

@@ -643,6 +643,22 @@ TEST_F(CommandsTest, CancelPrintsTheNewState) {
   EXPECT_EQ(out_.str(), "j-4 CANCELLED\n");
 }
 
+TEST_F(CommandsTest, DeletePrintsWhatWasFreedAndPassesRefusalsOn) {
+  EXPECT_CALL(stub_, DeleteJob(_, _, _))
+      .WillOnce(Invoke([](grpc::ClientContext*, const v1::DeleteJobRequest& request,
+                          v1::DeleteJobResponse* response) {
+        response->set_job_id(request.job_id());
+        response->set_freed_bytes(int64_t{3} << 20);
+        return grpc::Status::OK;
+      }))
+      .WillOnce(Return(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                                    "job j-6 is RUNNING; only an ended job can be deleted")));
+  ASSERT_EQ(Run({"delete", "j-5"}), kExitOk);
+  EXPECT_EQ(out_.str(), "deleted j-5 (3.0 MiB freed)\n");
+  EXPECT_NE(Run({"delete", "j-6"}), kExitOk);
+  EXPECT_THAT(err_.str(), HasSubstr("only an ended job can be deleted"));
+}
+
 TEST_F(CommandsTest, PauseAndResumeSendTheJobAndPrintTheNewState) {
   EXPECT_CALL(stub_, PauseJob(_, _, _))
       .WillOnce(Invoke([](grpc::ClientContext*, const v1::PauseJobRequest& request, v1::Job* job) {

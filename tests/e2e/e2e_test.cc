@@ -232,6 +232,20 @@ outputs: [dequantized_safetensors, packed_safetensors]
   EXPECT_EQ(qweight->dtype, SafetensorsDtype::kI32);
   ASSERT_TRUE(files.count("packed/config.json"));
   EXPECT_NE(files["packed/config.json"].find("quantization_config"), std::string::npos);
+
+  // Deleting the ended job frees every artifact byte on the server's disk.
+  int64_t artifact_bytes = 0;
+  for (const v1::Artifact& artifact : job->artifacts()) artifact_bytes += artifact.size_bytes();
+  const std::string folder = dir_.Sub("data/artifacts/" + id);
+  ASSERT_TRUE(std::filesystem::exists(folder));
+  grpc::ClientContext context;
+  v1::DeleteJobRequest request;
+  request.set_job_id(id);
+  v1::DeleteJobResponse deleted;
+  ASSERT_TRUE(jobs_->DeleteJob(&context, request, &deleted).ok());
+  EXPECT_EQ(deleted.freed_bytes(), artifact_bytes);
+  EXPECT_FALSE(std::filesystem::exists(folder));
+  EXPECT_FALSE(Get(id).ok());
 }
 
 TEST_F(EndToEndTest, JobsFinishAcrossAServerRestart) {

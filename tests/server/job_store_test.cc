@@ -294,6 +294,30 @@ TEST_P(JobStoreTest, EverythingSurvivesReopeningTheStore) {
   EXPECT_EQ(Sequences(Read("job-a")), Range(1, 4));
 }
 
+TEST_P(JobStoreTest, DeletingAJobRemovesItAndItsEventsOnly) {
+  Draft doomed("job-a");
+  Draft kept("job-b");
+  ASSERT_TRUE(store_->Commit(doomed.stored(), doomed.Events(3)).ok());
+  ASSERT_TRUE(store_->Commit(kept.stored(), kept.Events(2)).ok());
+  ASSERT_TRUE(store_->DeleteJob("job-a").ok());
+  std::vector<Job> jobs = Load();
+  ASSERT_EQ(jobs.size(), 1u);
+  EXPECT_EQ(jobs[0].id(), "job-b");
+  EXPECT_TRUE(Read("job-a").empty());
+  EXPECT_EQ(Sequences(Read("job-b")), Range(1, 2));
+  // Again, and an id never stored: nothing to do, not an error.
+  EXPECT_TRUE(store_->DeleteJob("job-a").ok());
+  EXPECT_TRUE(store_->DeleteJob("job-never").ok());
+  // Gone for good, and the id starts a fresh log if used again.
+  store_.reset();
+  store_ = Open();
+  ASSERT_NE(store_, nullptr);
+  ASSERT_EQ(Load().size(), 1u);
+  Draft reborn("job-a");
+  EXPECT_TRUE(store_->Commit(reborn.stored(), reborn.Events(1)).ok());
+  EXPECT_EQ(Sequences(Read("job-a")), Range(1, 1));
+}
+
 TEST_P(JobStoreTest, LargeJobsAndEventsRoundTrip) {
   Draft draft("job-a");
   std::string big(2 << 20, 'x');

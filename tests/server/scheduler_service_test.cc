@@ -79,12 +79,45 @@ class ServerTest : public ::testing::Test {
     config.data_dir = data_.path();
     config.model_roots = {models_.path()};
     config.lease_seconds = lease_seconds;
+    config.retention = retention_;
     server_ = std::make_unique<CompressServer>(config);
     ASSERT_TRUE(server_->Start().ok());
     auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", server_->grpc_port()),
                                        grpc::InsecureChannelCredentials());
     jobs_ = JobService::NewStub(channel);
     workers_ = WorkerService::NewStub(channel);
+  }
+
+  grpc::Status Delete(const std::string& id,
+                      compress::v1::DeleteJobResponse* response = nullptr) {
+    grpc::ClientContext context;
+    compress::v1::DeleteJobRequest request;
+    request.set_job_id(id);
+    compress::v1::DeleteJobResponse ignored;
+    return jobs_->DeleteJob(&context, request, response ? response : &ignored);
+  }
+
+  grpc::StatusCode GetCode(const std::string& id) {
+    grpc::ClientContext context;
+    compress::v1::GetJobRequest request;
+    request.set_job_id(id);
+    compress::v1::Job job;
+    return jobs_->GetJob(&context, request, &job).error_code();
+  }
+
+  std::string MetricsPage() {
+    httplib::Client http("127.0.0.1", server_->metrics_port());
+    auto page = http.Get("/metrics");
+    return page ? page->body : "";
+  }
+
+  std::vector<std::string> ArtifactDirEntries() {
+    std::vector<std::string> names;
+    for (const auto& entry : fs::directory_iterator(data_.Sub("artifacts"))) {
+      names.push_back(entry.path().filename().string());
+    }
+    std::sort(names.begin(), names.end());
+    return names;
   }
 
   void RestartServer(int lease_seconds, int max_task_memory_gib = 256) {
@@ -277,6 +310,7 @@ class ServerTest : public ::testing::Test {
   testing::TempDir data_{"data"};
   testing::TempDir models_{"models"};
   testing::TempDir outside_{"outside"};
+  absl::Duration retention_ = absl::ZeroDuration();
   std::unique_ptr<CompressServer> server_;
   std::unique_ptr<JobService::Stub> jobs_;
   std::unique_ptr<WorkerService::Stub> workers_;
@@ -492,6 +526,98 @@ TEST_F(ServerTest, WorkerLifecycleEventsArtifactAndResumableDownload) {
   }
   ASSERT_TRUE(reader->Finish().ok());
   EXPECT_EQ(received, data.substr(offset));
+}
+
+TEST_F(ServerTest, DeleteRemovesAnEndedJobWithItsArtifactsForGood) {
+  compress::v1::SubmitJobRequest nightly = RtnRequest();
+  nightly.set_request_id("nightly-1");
+  const std::string id = SubmitOk(nightly);
+  const std::string kept = SubmitOk(RtnRequest());
+  const std::string worker = Register("w1");
+  const auto task = Acquire(worker).task();
+  ASSERT_EQ(task.job_id(), id);
+
+  grpc::Status running = Delete(id);
+  EXPECT_EQ(running.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(running.error_message().find("is RUNNING; only an ended job"), std::string::npos)
+      << running.error_message();
+
+  const std::string data(1 << 20, 'w');
+  ASSERT_TRUE(Upload(worker, task.task_id(), "packed/model.safetensors", data, Sha256Hex(data)).ok());
+  ASSERT_TRUE(Complete(worker, task.task_id(), true).ok());
+  ASSERT_EQ(ArtifactDirEntries(), std::vector<std::string>{id});
+
+  compress::v1::DeleteJobResponse response;
+  ASSERT_TRUE(Delete(id, &response).ok());
+  EXPECT_EQ(response.job_id(), id);
+  EXPECT_EQ(response.freed_bytes(), static_cast<int64_t>(data.size()));
+  EXPECT_TRUE(ArtifactDirEntries().empty());
+  EXPECT_EQ(GetCode(id), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(ListAllPages(compress::v1::ListJobsRequest(), 10), std::vector<std::string>{kept});
+  EXPECT_EQ(Delete(id).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_NE(MetricsPage().find("compress_jobs_deleted_total{reason=\"request\"} 1"),
+            std::string::npos);
+
+  RestartServer(/*lease_seconds=*/30);
+  EXPECT_EQ(GetCode(id), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(ListAllPages(compress::v1::ListJobsRequest(), 10), std::vector<std::string>{kept});
+  // Its request id names nothing now: the same request makes a new job.
+  compress::v1::SubmitJobResponse again;
+  ASSERT_TRUE(Submit(nightly, &again).ok());
+  EXPECT_TRUE(again.created());
+  EXPECT_NE(again.job().id(), id);
+}
+
+TEST_F(ServerTest, EndedJobsPastTheRetentionAreDeleted) {
+  retention_ = absl::Seconds(1);
+  RestartServer(/*lease_seconds=*/30);
+  const std::string ended = SubmitOk(RtnRequest());
+  {
+    grpc::ClientContext context;
+    compress::v1::CancelJobRequest cancel;
+    cancel.set_job_id(ended);
+    compress::v1::Job job;
+    ASSERT_TRUE(jobs_->CancelJob(&context, cancel, &job).ok());
+  }
+  const std::string queued = SubmitOk(RtnRequest());
+  EXPECT_EQ(GetCode(ended), grpc::StatusCode::OK);
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (GetCode(ended) == grpc::StatusCode::OK && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  EXPECT_EQ(GetCode(ended), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(GetCode(queued), grpc::StatusCode::OK);  // not ended: kept however old
+  EXPECT_NE(MetricsPage().find("compress_jobs_deleted_total{reason=\"retention\"} 1"),
+            std::string::npos);
+}
+
+// A delete moves the job's folder aside, deletes the record, then removes
+// the folder; a crash in between is mended at the next start.
+TEST_F(ServerTest, AnInterruptedDeleteIsFinishedOrUndoneAtStart) {
+  const std::string id = SubmitOk(RtnRequest());
+  const std::string worker = Register("w1");
+  const auto task = Acquire(worker).task();
+  const std::string data(4096, 'k');
+  ASSERT_TRUE(Upload(worker, task.task_id(), "packed/model.safetensors", data, Sha256Hex(data)).ok());
+  ASSERT_TRUE(Complete(worker, task.task_id(), true).ok());
+  server_->Shutdown();
+  // The record is still stored: its folder comes back. The other job is gone.
+  fs::rename(data_.Sub("artifacts/" + id), data_.Sub("artifacts/.deleted-" + id));
+  fs::create_directories(data_.Sub("artifacts/.deleted-job-gone/packed"));
+  std::ofstream(data_.Sub("artifacts/.deleted-job-gone/packed/x")) << "x";
+  server_.reset();
+  StartServer(/*lease_seconds=*/30);
+  EXPECT_EQ(ArtifactDirEntries(), std::vector<std::string>{id});
+  grpc::ClientContext context;
+  compress::v1::DownloadArtifactRequest download;
+  download.set_job_id(id);
+  download.set_name("packed/model.safetensors");
+  auto reader = jobs_->DownloadArtifact(&context, download);
+  std::string received;
+  compress::v1::ArtifactChunk chunk;
+  while (reader->Read(&chunk)) received += chunk.data();
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(received, data);
 }
 
 TEST_F(ServerTest, WatchFollowsLiveEventsUntilTheJobEnds) {
@@ -928,6 +1054,15 @@ TEST_F(AuthTest, TenantsSeeOnlyTheirOwnJobs) {
     cancel.set_job_id(id);
     compress::v1::Job job;
     EXPECT_EQ(jobs_->CancelJob(&context, cancel, &job).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  {
+    grpc::ClientContext context;
+    As(&context, "beta-token-00000000000");
+    compress::v1::DeleteJobRequest request;
+    request.set_job_id(id);
+    compress::v1::DeleteJobResponse response;
+    EXPECT_EQ(jobs_->DeleteJob(&context, request, &response).error_code(),
+              grpc::StatusCode::NOT_FOUND);
   }
   for (bool pause : {true, false}) {
     grpc::ClientContext context;
