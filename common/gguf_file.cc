@@ -799,13 +799,13 @@ class GgufWriter::Pipeline {
   }
   ~Pipeline() { Finish(); }  // joins; the temp file goes with file_ unless committed
 
-  // Queues `data` (after waiting while another chunk waits); the first write
-  // error, if one happened.
-  absl::Status Push(std::string data) {
+  // Queues `data` and `zeros` zero bytes after it (waiting while another
+  // chunk waits); the first write error, if one happened.
+  absl::Status Push(std::string data, size_t zeros = 0) {
     std::unique_lock<std::mutex> lock(mu_);
     room_.wait(lock, [&] { return waiting_.empty() || !status_.ok(); });
     if (!status_.ok()) return status_;
-    waiting_.push_back(std::move(data));
+    waiting_.push_back({std::move(data), zeros});
     work_.notify_one();
     return absl::OkStatus();
   }
@@ -830,13 +830,19 @@ class GgufWriter::Pipeline {
     while (true) {
       work_.wait(lock, [&] { return !waiting_.empty() || closing_; });
       if (waiting_.empty()) return;  // closing, all written
-      std::string chunk = std::move(waiting_.front());
+      Chunk chunk = std::move(waiting_.front());
       waiting_.pop_front();
       room_.notify_one();
       const bool failed = !status_.ok();
       lock.unlock();
-      absl::Status written = failed ? absl::OkStatus() : file_.Write(chunk);
-      if (!failed && written.ok()) hash_.Update(chunk);
+      absl::Status written;
+      if (!failed) {
+        const std::string zeros(chunk.zeros, '\0');
+        for (absl::string_view part : {absl::string_view(chunk.data), absl::string_view(zeros)}) {
+          if (written.ok()) written = file_.Write(part);
+          if (written.ok()) hash_.Update(part);
+        }
+      }
       lock.lock();
       if (!written.ok() && status_.ok()) {
         status_ = written;
@@ -845,12 +851,16 @@ class GgufWriter::Pipeline {
     }
   }
 
+  struct Chunk {
+    std::string data;
+    size_t zeros = 0;  // padding written after it
+  };
   AtomicFileWriter file_;
   Sha256 hash_;
   std::mutex mu_;
   std::condition_variable work_;  // a chunk is queued, or closing
   std::condition_variable room_;  // the queue has room, or a write failed
-  std::deque<std::string> waiting_;
+  std::deque<Chunk> waiting_;
   bool closing_ = false;
   absl::Status status_;
   std::thread thread_;
@@ -897,8 +907,7 @@ absl::Status GgufWriter::WriteTensor(absl::string_view name, std::string data) {
   }
   uint64_t padded = 0;
   PadTo(tensor.bytes, header_.alignment, &padded);
-  data.resize(padded, '\0');
-  absl::Status queued = pipeline_->Push(std::move(data));
+  absl::Status queued = pipeline_->Push(std::move(data), padded - tensor.bytes);
   if (!queued.ok()) {
     broken_ = true;
     return queued;

@@ -617,6 +617,7 @@ absl::Status Scheduler::DeleteJobLocked(const std::string& job_id, const std::st
   std::error_code ec;
   const bool has_folder = fs::exists(folder, ec);
   if (has_folder) {
+    if (fs::exists(aside, ec)) RemoveTree(aside.string());  // left by a removal that failed
     fs::rename(folder, aside, ec);
     if (ec) {
       return absl::InternalError(absl::StrCat("delete job ", job_id, ": move ", folder.string(),
@@ -673,18 +674,22 @@ void Scheduler::ApplyRetentionLocked(absl::Time now, std::vector<std::string>* t
 
 void Scheduler::RecoverDeletedFoldersLocked() {
   namespace fs = std::filesystem;
+  std::vector<fs::path> aside;  // listed first: the loop below renames and removes
   std::error_code ec;
   for (fs::directory_iterator it(config_.artifact_dir, ec), end; !ec && it != end;
        it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    if (!absl::StartsWith(name, kDeletedPrefix)) continue;
-    const std::string job_id = name.substr(std::strlen(kDeletedPrefix));
+    if (absl::StartsWith(it->path().filename().string(), kDeletedPrefix)) aside.push_back(it->path());
+  }
+  for (const fs::path& path : aside) {
+    const std::string job_id = path.filename().string().substr(std::strlen(kDeletedPrefix));
+    const fs::path folder = fs::path(config_.artifact_dir) / job_id;
     std::error_code moved;
-    if (jobs_.count(job_id) && !fs::exists(fs::path(config_.artifact_dir) / job_id)) {
-      fs::rename(it->path(), fs::path(config_.artifact_dir) / job_id, moved);
-      LOG_WARN("a delete was interrupted; the job is kept", {{"job", job_id}});
+    if (jobs_.count(job_id) && !fs::exists(folder, moved)) {
+      fs::rename(path, folder, moved);
+      LOG_WARN("a delete was interrupted before the job's record went; the job is kept",
+               {{"job", job_id}});
     } else {
-      RemoveTree(it->path().string());
+      RemoveTree(path.string());
     }
   }
 }
