@@ -1095,7 +1095,12 @@ void Scheduler::ExpireLeasesLocked(absl::Time now, std::vector<std::string>* cha
 
 void Scheduler::UpdateGaugesLocked(absl::Time now) {
   std::map<JobState, int> by_state;
-  for (const auto& [id, stored] : jobs_) ++by_state[stored.job.state()];
+  int64_t stored_bytes = 0;
+  for (const auto& [id, stored] : jobs_) {
+    ++by_state[stored.job.state()];
+    for (const Artifact& artifact : stored.job.artifacts()) stored_bytes += artifact.size_bytes();
+  }
+  metrics_->artifact_bytes_stored.Set(static_cast<double>(stored_bytes));
   for (int s = compress::v1::QUEUED; s <= compress::v1::PAUSED; ++s) {
     JobState state = static_cast<JobState>(s);
     metrics_->jobs.Add({{"state", JobState_Name(state)}}).Set(by_state[state]);

@@ -94,6 +94,12 @@ ServerMetrics::ServerMetrics(metrics::Registry& registry)
                                 .Name("compress_artifact_served_bytes_total")
                                 .Help("Artifact bytes sent to clients by DownloadArtifact.")
                                 .Register(registry)
+                                .Add({})),
+      artifact_bytes_stored(metrics::BuildGauge()
+                                .Name("compress_artifact_stored_bytes")
+                                .Help("Bytes of the artifacts the server keeps for its jobs "
+                                      "(until DeleteJob or --retention removes them).")
+                                .Register(registry)
                                 .Add({})) {}
 
 }  // namespace compress::server

@@ -30,6 +30,7 @@ struct ServerMetrics {
   metrics::Family<metrics::Counter>& rpcs;               // {method, code}
   metrics::Counter& artifact_bytes_written;
   metrics::Counter& artifact_bytes_served;
+  metrics::Gauge& artifact_bytes_stored;
 };
 
 }  // namespace compress::server

@@ -111,6 +111,16 @@ class ServerTest : public ::testing::Test {
     return page ? page->body : "";
   }
 
+  // True once /metrics holds `line` (gauges update on the dispatcher's tick).
+  bool MetricsPageShows(const std::string& line) {
+    const absl::Time deadline = absl::Now() + absl::Seconds(5);
+    while (absl::Now() < deadline) {
+      if (MetricsPage().find("\n" + line + "\n") != std::string::npos) return true;
+      absl::SleepFor(absl::Milliseconds(100));
+    }
+    return false;
+  }
+
   std::vector<std::string> ArtifactDirEntries() {
     std::vector<std::string> names;
     for (const auto& entry : fs::directory_iterator(data_.Sub("artifacts"))) {
@@ -546,6 +556,7 @@ TEST_F(ServerTest, DeleteRemovesAnEndedJobWithItsArtifactsForGood) {
   ASSERT_TRUE(Upload(worker, task.task_id(), "packed/model.safetensors", data, Sha256Hex(data)).ok());
   ASSERT_TRUE(Complete(worker, task.task_id(), true).ok());
   ASSERT_EQ(ArtifactDirEntries(), std::vector<std::string>{id});
+  EXPECT_TRUE(MetricsPageShows("compress_artifact_stored_bytes 1048576")) << MetricsPage();
 
   compress::v1::DeleteJobResponse response;
   ASSERT_TRUE(Delete(id, &response).ok());
@@ -555,8 +566,8 @@ TEST_F(ServerTest, DeleteRemovesAnEndedJobWithItsArtifactsForGood) {
   EXPECT_EQ(GetCode(id), grpc::StatusCode::NOT_FOUND);
   EXPECT_EQ(ListAllPages(compress::v1::ListJobsRequest(), 10), std::vector<std::string>{kept});
   EXPECT_EQ(Delete(id).error_code(), grpc::StatusCode::NOT_FOUND);
-  EXPECT_NE(MetricsPage().find("compress_jobs_deleted_total{reason=\"request\"} 1"),
-            std::string::npos);
+  EXPECT_TRUE(MetricsPageShows("compress_jobs_deleted_total{reason=\"request\"} 1"));
+  EXPECT_TRUE(MetricsPageShows("compress_artifact_stored_bytes 0")) << MetricsPage();
 
   RestartServer(/*lease_seconds=*/30);
   EXPECT_EQ(GetCode(id), grpc::StatusCode::NOT_FOUND);
@@ -587,8 +598,7 @@ TEST_F(ServerTest, EndedJobsPastTheRetentionAreDeleted) {
   }
   EXPECT_EQ(GetCode(ended), grpc::StatusCode::NOT_FOUND);
   EXPECT_EQ(GetCode(queued), grpc::StatusCode::OK);  // not ended: kept however old
-  EXPECT_NE(MetricsPage().find("compress_jobs_deleted_total{reason=\"retention\"} 1"),
-            std::string::npos);
+  EXPECT_TRUE(MetricsPageShows("compress_jobs_deleted_total{reason=\"retention\"} 1"));
 }
 
 // A delete moves the job's folder aside, deletes the record, then removes
