@@ -150,78 +150,70 @@ absl::StatusOr<Principal> JobServiceImpl::Caller(const grpc::CallbackServerConte
   return caller;
 }
 
+template <typename Response, typename Call>
+grpc::ServerUnaryReactor* JobServiceImpl::Unary(grpc::CallbackServerContext* context,
+                                                const char* method, Response* response, Call call) {
+  absl::StatusOr<Principal> caller = Caller(context);
+  if (!caller.ok()) return FinishUnary(context, metrics_, method, caller.status());
+  absl::StatusOr<Response> result = call(*caller);
+  if (result.ok()) *response = std::move(*result);
+  return FinishUnary(context, metrics_, method, result.status());
+}
+
 grpc::ServerUnaryReactor* JobServiceImpl::SubmitJob(grpc::CallbackServerContext* context,
                                                     const compress::v1::SubmitJobRequest* request,
                                                     compress::v1::SubmitJobResponse* response) {
-  absl::StatusOr<Principal> caller = Caller(context);
-  if (!caller.ok()) return FinishUnary(context, metrics_, "SubmitJob", caller.status());
-  absl::StatusOr<compress::v1::SubmitJobResponse> result =
-      scheduler_->SubmitJob(caller->tenant, *request);
-  if (result.ok()) *response = std::move(*result);
-  return FinishUnary(context, metrics_, "SubmitJob", result.status());
+  return Unary(context, "SubmitJob", response, [&](const Principal& caller) {
+    return scheduler_->SubmitJob(caller.tenant, *request);
+  });
 }
 
 grpc::ServerUnaryReactor* JobServiceImpl::GetJob(grpc::CallbackServerContext* context,
                                                  const compress::v1::GetJobRequest* request,
                                                  compress::v1::Job* response) {
-  absl::StatusOr<Principal> caller = Caller(context);
-  if (!caller.ok()) return FinishUnary(context, metrics_, "GetJob", caller.status());
-  absl::StatusOr<compress::v1::Job> job = scheduler_->GetJob(ReadScope(*caller), request->job_id());
-  if (job.ok()) *response = std::move(*job);
-  return FinishUnary(context, metrics_, "GetJob", job.status());
+  return Unary(context, "GetJob", response, [&](const Principal& caller) {
+    return scheduler_->GetJob(ReadScope(caller), request->job_id());
+  });
 }
 
 grpc::ServerUnaryReactor* JobServiceImpl::ListJobs(grpc::CallbackServerContext* context,
                                                    const compress::v1::ListJobsRequest* request,
                                                    compress::v1::ListJobsResponse* response) {
-  absl::StatusOr<Principal> caller = Caller(context);
-  if (!caller.ok()) return FinishUnary(context, metrics_, "ListJobs", caller.status());
-  absl::StatusOr<compress::v1::ListJobsResponse> page =
-      scheduler_->ListJobs(ReadScope(*caller), *request);
-  if (page.ok()) *response = std::move(*page);
-  return FinishUnary(context, metrics_, "ListJobs", page.status());
+  return Unary(context, "ListJobs", response, [&](const Principal& caller) {
+    return scheduler_->ListJobs(ReadScope(caller), *request);
+  });
 }
 
 grpc::ServerUnaryReactor* JobServiceImpl::CancelJob(grpc::CallbackServerContext* context,
                                                     const compress::v1::CancelJobRequest* request,
                                                     compress::v1::Job* response) {
-  absl::StatusOr<Principal> caller = Caller(context);
-  if (!caller.ok()) return FinishUnary(context, metrics_, "CancelJob", caller.status());
-  absl::StatusOr<compress::v1::Job> job =
-      scheduler_->CancelJob(ReadScope(*caller), request->job_id());
-  if (job.ok()) *response = std::move(*job);
-  return FinishUnary(context, metrics_, "CancelJob", job.status());
+  return Unary(context, "CancelJob", response, [&](const Principal& caller) {
+    return scheduler_->CancelJob(ReadScope(caller), request->job_id());
+  });
 }
 
 grpc::ServerUnaryReactor* JobServiceImpl::PauseJob(grpc::CallbackServerContext* context,
                                                    const compress::v1::PauseJobRequest* request,
                                                    compress::v1::Job* response) {
-  absl::StatusOr<Principal> caller = Caller(context);
-  if (!caller.ok()) return FinishUnary(context, metrics_, "PauseJob", caller.status());
-  absl::StatusOr<compress::v1::Job> job = scheduler_->PauseJob(ReadScope(*caller), request->job_id());
-  if (job.ok()) *response = std::move(*job);
-  return FinishUnary(context, metrics_, "PauseJob", job.status());
+  return Unary(context, "PauseJob", response, [&](const Principal& caller) {
+    return scheduler_->PauseJob(ReadScope(caller), request->job_id());
+  });
 }
 
 grpc::ServerUnaryReactor* JobServiceImpl::ResumeJob(grpc::CallbackServerContext* context,
                                                     const compress::v1::ResumeJobRequest* request,
                                                     compress::v1::Job* response) {
-  absl::StatusOr<Principal> caller = Caller(context);
-  if (!caller.ok()) return FinishUnary(context, metrics_, "ResumeJob", caller.status());
-  absl::StatusOr<compress::v1::Job> job = scheduler_->ResumeJob(ReadScope(*caller), request->job_id());
-  if (job.ok()) *response = std::move(*job);
-  return FinishUnary(context, metrics_, "ResumeJob", job.status());
+  return Unary(context, "ResumeJob", response, [&](const Principal& caller) {
+    return scheduler_->ResumeJob(ReadScope(caller), request->job_id());
+  });
 }
 
 grpc::ServerUnaryReactor* JobServiceImpl::DeleteJob(grpc::CallbackServerContext* context,
                                                     const compress::v1::DeleteJobRequest* request,
                                                     compress::v1::DeleteJobResponse* response) {
-  absl::StatusOr<Principal> caller = Caller(context);
-  if (!caller.ok()) return FinishUnary(context, metrics_, "DeleteJob", caller.status());
-  absl::StatusOr<compress::v1::DeleteJobResponse> deleted =
-      scheduler_->DeleteJob(ReadScope(*caller), request->job_id());
-  if (deleted.ok()) *response = std::move(*deleted);
-  return FinishUnary(context, metrics_, "DeleteJob", deleted.status());
+  return Unary(context, "DeleteJob", response, [&](const Principal& caller) {
+    return scheduler_->DeleteJob(ReadScope(caller), request->job_id());
+  });
 }
 
 grpc::ServerWriteReactor<JobEvent>* JobServiceImpl::WatchJob(

@@ -43,6 +43,11 @@ class JobServiceImpl final : public compress::v1::JobService::CallbackService {
  private:
   // Who is calling: a client or admin token (a worker token is refused).
   absl::StatusOr<Principal> Caller(const grpc::CallbackServerContext* context) const;
+  // A unary RPC: authenticates the caller, runs `call(caller)`, moves its
+  // result into `response` and finishes (counted under `method`).
+  template <typename Response, typename Call>
+  grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* context, const char* method,
+                                  Response* response, Call call);
 
   Scheduler* scheduler_;
   ServerMetrics* metrics_;
