@@ -8,6 +8,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "tests/deploy/deploy_paths.h"
+#include "tests/testing/subprocess.h"
 
 namespace compress {
 namespace {
@@ -623,6 +625,113 @@ TEST(ImagesTest, AreMultiStageNonRootAndHealthChecked) {
         << "keeps build/ out of the context";
   }
   EXPECT_EQ(images, 3) << "server, CPU worker, CUDA worker";
+}
+
+// ------------------------------------------------------------------ command lines
+
+// A Dockerfile's last ENTRYPOINT and CMD (exec form), continuation lines joined.
+struct ImageCommand {
+  std::vector<std::string> entrypoint;
+  std::vector<std::string> cmd;
+};
+
+ImageCommand ImageCommandOf(const std::string& dockerfile) {
+  std::string joined = std::regex_replace(ReadText(dockerfile), std::regex("\\\\\n\\s*"), " ");
+  ImageCommand command;
+  std::istringstream in(joined);
+  std::string line;
+  while (std::getline(in, line)) {
+    for (const auto& [instruction, target] :
+         {std::pair{"ENTRYPOINT ", &command.entrypoint}, std::pair{"CMD ", &command.cmd}}) {
+      if (line.rfind(instruction, 0) != 0) continue;
+      *target = nlohmann::json::parse(line.substr(std::strlen(instruction)))
+                    .get<std::vector<std::string>>();
+    }
+  }
+  return command;
+}
+
+// The Dockerfile an image name is built from (compress-worker-cpu:dev ->
+// docker/Dockerfile.worker-cpu; the GPU manifests run the CUDA image).
+std::string DockerfileOfImage(std::string image) {
+  image = image.substr(0, image.find(':'));
+  image = image.substr(image.rfind('/') + 1);
+  image = image.substr(std::strlen("compress-"));
+  return kDockerDir + "/Dockerfile." + image;
+}
+
+// Runs `argv` (its program named as in the images) with --help last: the
+// binaries parse every flag before it, so an unknown flag or a bad number
+// fails, and --help stops before anything starts.
+void ExpectFlagsAccepted(std::vector<std::string> argv, const std::string& where) {
+  ASSERT_FALSE(argv.empty()) << where;
+  const std::map<std::string, std::string> binaries = {{"compress-server", COMPRESS_SERVER_BIN},
+                                                       {"compress-worker", COMPRESS_WORKER_BIN}};
+  auto binary = binaries.find(argv[0]);
+  ASSERT_NE(binary, binaries.end()) << where << ": runs " << argv[0];
+  argv[0] = binary->second;
+  for (std::string& arg : argv) {
+    arg =
+        std::regex_replace(arg, std::regex("\\$\\([A-Z_]+\\)"), "1");  // Kubernetes env references
+  }
+  argv.push_back("--help");
+  std::string output;
+  EXPECT_EQ(testing::RunCommand(argv, &output), 0) << where << ":\n" << output;
+}
+
+TEST(CommandLinesTest, EveryFlagTheImagesManifestsAndComposeFilePassIsAccepted) {
+  int checked = 0;
+  for (const auto& entry : fs::directory_iterator(kDockerDir)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind("Dockerfile.", 0) != 0 || entry.path().extension() == ".dockerignore") continue;
+    ImageCommand image = ImageCommandOf(entry.path().string());
+    std::vector<std::string> argv = image.entrypoint;
+    argv.insert(argv.end(), image.cmd.begin(), image.cmd.end());
+    ExpectFlagsAccepted(argv, name);
+    ++checked;
+  }
+  for (const std::string& file : FilesIn(kDeployDir + "/kubernetes", ".yaml")) {
+    for (const YAML::Node& doc : YAML::LoadAllFromFile(file)) {
+      if (!doc.IsMap() || !doc["spec"] || !doc["spec"]["template"]) continue;
+      for (const YAML::Node& container : doc["spec"]["template"]["spec"]["containers"]) {
+        const std::string image = container["image"].as<std::string>();
+        if (image.rfind("compress-", 0) != 0) continue;
+        // Kubernetes: command replaces ENTRYPOINT, args replace CMD.
+        const ImageCommand built = ImageCommandOf(DockerfileOfImage(image));
+        std::vector<std::string> argv = container["command"]
+                                            ? container["command"].as<std::vector<std::string>>()
+                                            : built.entrypoint;
+        const std::vector<std::string> args =
+            container["args"] ? container["args"].as<std::vector<std::string>>()
+                              : (container["command"] ? std::vector<std::string>{} : built.cmd);
+        argv.insert(argv.end(), args.begin(), args.end());
+        ExpectFlagsAccepted(
+            argv, fs::path(file).filename().string() + " " + container["name"].as<std::string>());
+        ++checked;
+      }
+    }
+  }
+  const YAML::Node compose = YAML::LoadFile(kDockerDir + "/compose.yaml");
+  for (const auto& service : compose["services"]) {
+    // yaml-cpp keeps a merge key (<<: *worker) as a plain key: look there too.
+    const YAML::Node merged = service.second["<<"];
+    const YAML::Node build = service.second["build"] ? service.second["build"]
+                             : merged                ? merged["build"]
+                                                     : YAML::Node();
+    if (!build || !build.IsMap()) continue;
+    // Compose: command replaces CMD after the image's ENTRYPOINT; the
+    // Dockerfile is relative to the context, the repository root.
+    const ImageCommand built =
+        ImageCommandOf(kSourceDir + "/" + build["dockerfile"].as<std::string>());
+    std::vector<std::string> argv = built.entrypoint;
+    const std::vector<std::string> command =
+        service.second["command"] ? service.second["command"].as<std::vector<std::string>>()
+                                  : built.cmd;
+    argv.insert(argv.end(), command.begin(), command.end());
+    ExpectFlagsAccepted(argv, "compose.yaml " + service.first.as<std::string>());
+    ++checked;
+  }
+  EXPECT_GE(checked, 3 + 3 + 3) << "3 images, 3 workloads, 3 services";
 }
 
 }  // namespace
