@@ -60,7 +60,11 @@ class FaultTest : public ::testing::Test {
          {std::string(COMPRESS_SERVER_BIN), std::string("--listen"), absl::StrCat("127.0.0.1:", port_),
           std::string("--metrics-listen"), std::string("127.0.0.1:0"), std::string("--data-dir"),
           dir_.Sub("data"), std::string("--model-root"), dir_.Sub("models"),
-          std::string("--lease-seconds"), std::string("2")}) {
+          std::string("--lease-seconds"), std::string("2"),
+          // More dispatches than the chaos below has disruptions (5 kills, a
+          // freeze, 2 restarts), so that even a task hit by every one of them
+          // on a slow machine is still retried, not failed.
+          std::string("--max-attempts"), std::string("10")}) {
       argv.push_back(arg);
     }
     absl::Status store = store_.AddServerFlags(&argv);  // --store with COMPRESS_TEST_STORE=postgres
