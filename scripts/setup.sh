@@ -17,15 +17,15 @@ $SUDO apt-get install -y -q --no-install-recommends \
   bible-kjv prometheus openssl python3 curl jq \
   docker-compose yamllint
 
-# The Kubernetes and Prometheus Operator API schemas the deploy_kubernetes_schema
-# test checks deploy/kubernetes against, pinned by the lock file, from the npm
-# registry (Debian packages no Kubernetes schema validator).
+# The API schemas the deploy_*_schema tests check deploy/ against (Kubernetes,
+# the Prometheus Operator, Grafana dashboards), pinned by the lock file, from
+# the npm registry (Debian packages no such validator).
 if ! command -v npm >/dev/null 2>&1; then
   $SUDO apt-get install -y -q --no-install-recommends nodejs npm
 fi
 root="$(cd "$(dirname "$0")/.." && pwd)"
-schema_dir="$root/build/kubernetes-schema"
+schema_dir="$root/build/deploy-schemas"
 mkdir -p "$schema_dir"
-cp "$root/tests/deploy/kubernetes_schema/package.json" \
-   "$root/tests/deploy/kubernetes_schema/package-lock.json" "$schema_dir/"
+cp "$root/tests/deploy/schemas/package.json" "$root/tests/deploy/schemas/package-lock.json" \
+   "$schema_dir/"
 (cd "$schema_dir" && npm ci --no-audit --no-fund --loglevel=error)

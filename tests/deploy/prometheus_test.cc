@@ -354,10 +354,10 @@ TEST_F(PrometheusTest, EveryDashboardPanelReturnsDataWhileJobsRun) {
     for (const json& variable : dashboard.at("templating").at("list")) {
       if (variable.at("type") != "query") continue;
       std::smatch m;
-      const std::string definition = variable.at("definition");
-      ASSERT_TRUE(std::regex_match(definition, m,
+      const std::string query = variable.at("query").at("query");
+      ASSERT_TRUE(std::regex_match(query, m,
                                    std::regex(R"(label_values\(\s*([^,]+?)\s*,\s*(\w+)\s*\))")))
-          << definition;
+          << query;
       json answer =
           Api("/api/v1/label/" + m[2].str() + "/values",
               {{"match[]", m[1].str()}, {"start", Timestamp(start_)}, {"end", Timestamp(end_)}});

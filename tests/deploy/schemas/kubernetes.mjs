@@ -7,15 +7,16 @@
 //      rejects a property its interface does not declare.
 // Before trusting a pass, it shows that both checks refuse a broken copy.
 //
-//   node validate.mjs NODE_MODULES MANIFEST_DIR WORK_DIR
-import { execFileSync } from 'node:child_process';
+//   node kubernetes.mjs NODE_MODULES MANIFEST_DIR WORK_DIR
 import fs from 'node:fs';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 
+import { typeCheck } from './typecheck.mjs';
+
 const [modules, manifestDir, workDir] = process.argv.slice(2);
 if (!workDir) {
-  console.error('usage: node validate.mjs NODE_MODULES MANIFEST_DIR WORK_DIR');
+  console.error('usage: node kubernetes.mjs NODE_MODULES MANIFEST_DIR WORK_DIR');
   process.exit(2);
 }
 const { default: YAML } = await import(pathToFileURL(path.join(modules, 'yaml/dist/index.js')));
@@ -65,29 +66,12 @@ async function validateAgainstOpenApi(objects) {
 
 // Unknown fields: tsc over typed literals; its error lines.
 function findUnknownFields(objects, dir) {
-  fs.mkdirSync(dir, { recursive: true });
   let source = '';
   objects.forEach(({ object, name }, i) => {
-    const types = modelFile(object).replace(/\.js$/, '.d.ts');
-    source += `import type { I${object.kind} as T${i} } from ${JSON.stringify(types.replace(/\.d\.ts$/, '.js'))};\n`;
+    source += `import type { I${object.kind} as T${i} } from ${JSON.stringify(modelFile(object))};\n`;
     source += `// ${name}\nexport const object${i}: T${i} = ${JSON.stringify(object, null, 1)};\n`;
   });
-  fs.writeFileSync(path.join(dir, 'manifests.ts'), source);
-  fs.writeFileSync(path.join(dir, 'tsconfig.json'), JSON.stringify({
-    compilerOptions: {
-      strict: true, noEmit: true, skipLibCheck: true, target: 'es2022',
-      module: 'nodenext', moduleResolution: 'nodenext', types: [],
-    },
-    files: ['manifests.ts'],
-  }));
-  try {
-    execFileSync(process.execPath, [path.join(modules, 'typescript/bin/tsc'), '-p', dir],
-                 { encoding: 'utf8', stdio: 'pipe' });
-    return [];
-  } catch (error) {
-    const lines = `${error.stdout}${error.stderr}`.split('\n').filter((l) => l.includes('error TS'));
-    return lines.length ? lines : [`tsc failed: ${error.message}`];
-  }
+  return typeCheck(modules, dir, source);
 }
 
 async function check(objects, dir) {
