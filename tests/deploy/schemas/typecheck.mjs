@@ -27,3 +27,26 @@ export function typeCheck(modules, dir, source) {
     return lines.length ? lines : [`tsc failed: ${error.message}`];
   }
 }
+
+// Exits unless every planted error was caught: `planted` maps a description
+// to a text its error line contains.
+export function requireCaught(caught, planted) {
+  const missed = Object.entries(planted)
+    .filter(([, text]) => !caught.some((line) => line.includes(text)))
+    .map(([what]) => what);
+  if (missed.length) {
+    console.error(`the checks missed a planted error: ${missed.join(', ')}`);
+    console.error(caught.join('\n'));
+    process.exit(1);
+  }
+}
+
+// Prints the problems found in `dir` and exits 1, or prints `passed`.
+export function report(problems, dir, passed) {
+  if (problems.length) {
+    console.error(problems.join('\n'));
+    console.error(`${problems.length} problem(s) in ${dir}`);
+    process.exit(1);
+  }
+  console.log(passed);
+}
