@@ -31,6 +31,7 @@
 #include "common/recipe.h"
 #include "compress/v1/compress.grpc.pb.h"
 #include "tests/deploy/deploy_paths.h"
+#include "tests/testing/job_calls.h"
 #include "tests/testing/subprocess.h"
 #include "tests/testing/temp_dir.h"
 
@@ -200,15 +201,7 @@ class PrometheusTest : public ::testing::Test {
   }
 
   std::string Submit(const std::string& recipe) {
-    absl::StatusOr<v1::JobSpec> spec = ParseRecipe(recipe);
-    EXPECT_TRUE(spec.ok()) << spec.status();
-    v1::SubmitJobRequest request;
-    *request.mutable_spec() = *spec;
-    v1::SubmitJobResponse response;
-    grpc::ClientContext context;
-    grpc::Status status = jobs_->SubmitJob(&context, request, &response);
-    EXPECT_TRUE(status.ok()) << status.error_message();
-    return response.job().id();
+    return testing::SubmitRecipe(jobs_.get(), recipe);
   }
 
   v1::Job WaitForEnd(const std::string& id) {

@@ -23,6 +23,7 @@
 #include "grpc_standard_services.grpc.pb.h"
 #include "tests/testing/subprocess.h"
 #include "tests/testing/e2e_models.h"
+#include "tests/testing/job_calls.h"
 #include "tests/testing/job_stream.h"
 #include "tests/testing/postgres.h"
 #include "tests/testing/temp_dir.h"
@@ -77,15 +78,7 @@ class EndToEndTest : public ::testing::Test {
   }
 
   std::string Submit(const std::string& recipe) {
-    absl::StatusOr<v1::JobSpec> spec = ParseRecipe(recipe);
-    EXPECT_TRUE(spec.ok()) << spec.status();
-    v1::SubmitJobRequest request;
-    *request.mutable_spec() = *spec;
-    v1::SubmitJobResponse response;
-    grpc::ClientContext context;
-    grpc::Status status = jobs_->SubmitJob(&context, request, &response);
-    EXPECT_TRUE(status.ok()) << status.error_message();
-    return response.job().id();
+    return testing::SubmitRecipe(jobs_.get(), recipe);
   }
 
   grpc::Status SubmitStatus(const std::string& recipe) {
@@ -97,16 +90,7 @@ class EndToEndTest : public ::testing::Test {
     return jobs_->SubmitJob(&context, request, &response);
   }
 
-  absl::StatusOr<Job> Get(const std::string& id) {
-    grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    v1::GetJobRequest request;
-    request.set_job_id(id);
-    Job job;
-    grpc::Status status = jobs_->GetJob(&context, request, &job);
-    if (!status.ok()) return absl::UnavailableError(status.error_message());
-    return job;
-  }
+  absl::StatusOr<Job> Get(const std::string& id) { return testing::GetJob(jobs_.get(), id); }
 
   // Polls until the job ends (tolerating a restarting server).
   Job WaitForEnd(const std::string& id, int timeout_seconds = 120) {
@@ -140,16 +124,7 @@ class EndToEndTest : public ::testing::Test {
   }
 
   std::string Download(const std::string& id, const std::string& name) {
-    grpc::ClientContext context;
-    v1::DownloadArtifactRequest request;
-    request.set_job_id(id);
-    request.set_name(name);
-    auto reader = jobs_->DownloadArtifact(&context, request);
-    std::string data;
-    v1::ArtifactChunk chunk;
-    while (reader->Read(&chunk)) data += chunk.data();
-    EXPECT_TRUE(reader->Finish().ok());
-    return data;
+    return testing::DownloadArtifact(jobs_.get(), id, name);
   }
 
   static std::string SleepRecipe(int millis_per_tensor) {

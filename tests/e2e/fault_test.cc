@@ -19,6 +19,7 @@
 #include "common/sha256.h"
 #include "compress/v1/compress.grpc.pb.h"
 #include "tests/testing/e2e_models.h"
+#include "tests/testing/job_calls.h"
 #include "tests/testing/job_stream.h"
 #include "tests/testing/postgres.h"
 #include "tests/testing/subprocess.h"
@@ -85,26 +86,10 @@ class FaultTest : public ::testing::Test {
   }
 
   std::string Submit(const std::string& recipe, const std::string& request_id) {
-    v1::SubmitJobRequest request;
-    *request.mutable_spec() = *ParseRecipe(recipe);
-    request.set_request_id(request_id);
-    v1::SubmitJobResponse response;
-    grpc::ClientContext context;
-    grpc::Status status = jobs_->SubmitJob(&context, request, &response);
-    EXPECT_TRUE(status.ok()) << status.error_message();
-    return response.job().id();
+    return testing::SubmitRecipe(jobs_.get(), recipe, request_id);
   }
 
-  absl::StatusOr<Job> Get(const std::string& id) {
-    grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    v1::GetJobRequest request;
-    request.set_job_id(id);
-    Job job;
-    grpc::Status status = jobs_->GetJob(&context, request, &job);
-    if (!status.ok()) return absl::UnavailableError(status.error_message());
-    return job;
-  }
+  absl::StatusOr<Job> Get(const std::string& id) { return testing::GetJob(jobs_.get(), id); }
 
   bool AllEnded(const std::vector<std::string>& ids) {
     for (const std::string& id : ids) {
@@ -115,16 +100,7 @@ class FaultTest : public ::testing::Test {
   }
 
   std::string Download(const std::string& id, const std::string& name) {
-    grpc::ClientContext context;
-    v1::DownloadArtifactRequest request;
-    request.set_job_id(id);
-    request.set_name(name);
-    auto reader = jobs_->DownloadArtifact(&context, request);
-    std::string data;
-    v1::ArtifactChunk chunk;
-    while (reader->Read(&chunk)) data += chunk.data();
-    EXPECT_TRUE(reader->Finish().ok());
-    return data;
+    return testing::DownloadArtifact(jobs_.get(), id, name);
   }
 
   void RestartServer(int signal) {
